@@ -1,0 +1,310 @@
+"""The non-local block of Wang et al., "Non-local Neural Networks" (CVPR 2018).
+
+    y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j),        z_i = W_z y_i + x_i
+
+computed for every pairwise function of the paper without ever building the N x M affinity
+matrix (N query positions, M key positions), neither in the forward nor in the backward pass:
+
+* ``embedded_gaussian`` / ``gaussian``: f = exp(q_i . k_j * scale), C = sum_j f, i.e. a softmax
+  over keys, which is exactly ``torch.nn.functional.scaled_dot_product_attention`` (flash /
+  memory-efficient kernels, linear memory).
+* ``dot_product``: f = theta_i . phi_j, C = M, so y = theta (phi^T g) / M, linear in N and M.
+* ``concatenation``: f = ReLU(w_f^T [theta_i; phi_j]) = ReLU(a_i + b_j) with a_i = w_theta^T theta_i
+  and b_j = w_phi^T phi_j, C = M. For fixed i the keys with a_i + b_j > 0 are those with
+  b_j > -a_i: after sorting the keys by b_j (descending) they form a prefix, so
+  sum_j ReLU(a_i + b_j) g_j = a_i * G[n_i] + BG[n_i] with G, BG prefix sums of g_j and b_j g_j and
+  n_i found by binary search. Exact, O((N + M) log M) time and O((N + M) C) memory, and plain
+  autograd gives the exact gradient (the ReLU kink has measure zero).
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import CNNBlockBase
+from torch import nn
+
+__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS"]
+
+PAIRWISE_FUNCTIONS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+NORMS = ("", "GN", "BN", "SyncBN")
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"NonLocalBlock: {name}={value!r} is not supported; allowed: {list(allowed)}")
+
+
+def _make_norm(norm: str, channels: int, dim: int) -> Optional[nn.Module]:
+    if norm == "":
+        return None
+    if norm == "GN":
+        # Detectron2 uses 32 groups; fall back to a divisor of `channels` for small blocks.
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if norm == "BN":
+        return _BATCHNORMS[dim](channels)
+    return nn.SyncBatchNorm(channels)  # "SyncBN"; plain BN when not distributed
+
+
+class NonLocalBlock(CNNBlockBase):
+    """A non-local block ``z = W_z y + x`` (residual), identity at initialisation.
+
+    It is a Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``) so that it can sit
+    inside a ResNet stage and be frozen with it.
+
+    Sub-module names are part of the checkpoint format: ``theta``, ``phi``, ``g`` (1x1 convs),
+    ``out`` (W_z), ``norm`` (after W_z, when used) and ``concat_project`` (w_f of the concatenation
+    form, its first ``inner_channels`` weights act on theta, the rest on phi). ``gaussian`` has no
+    ``theta``/``phi``: it compares the raw features x_i, x_j.
+
+    Args:
+        in_channels (int): C, channels of the input and of the output.
+        inner_channels (int or None): C_inner, channels of theta, phi and g. Default C // 2.
+        pairwise (str): f, one of ``gaussian``, ``embedded_gaussian`` (default), ``dot_product``,
+            ``concatenation``.
+        dim (int): 1, 2 or 3 for inputs (N, C, L), (N, C, H, W) or (N, C, T, H, W).
+        subsample (bool): max-pool phi and g (and the keys of ``gaussian``) after their convs with
+            window 2 / 2x2 / 1x2x2 (floor for odd sizes; a size-1 axis is left unpooled).
+        use_scale (bool): multiply the dot product inside the exponential forms by 1/sqrt(d), d the
+            length of the dotted vectors (C_inner for embedded Gaussian, C for Gaussian). Used by
+            the authors' code, not mentioned in the paper. Ignored by the other forms.
+        norm (str): normalisation after W_z: ``""`` (none; then W_z starts at zero), ``"GN"``,
+            ``"BN"`` or ``"SyncBN"`` (then its gamma starts at zero). A frozen BN is refused: with
+            gamma = 0 it would output zero forever.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        inner_channels: Optional[int] = None,
+        pairwise: str = "embedded_gaussian",
+        dim: int = 2,
+        subsample: bool = True,
+        use_scale: bool = True,
+        norm: str = "",
+    ):
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
+            raise ValueError(
+                f"NonLocalBlock: in_channels={in_channels!r} is not supported; allowed: an int > 0"
+            )
+        if inner_channels is None:
+            inner_channels = max(in_channels // 2, 1)
+        if (
+            isinstance(inner_channels, bool)
+            or not isinstance(inner_channels, int)
+            or inner_channels <= 0
+        ):
+            raise ValueError(
+                f"NonLocalBlock: inner_channels={inner_channels!r} is not supported; "
+                "allowed: an int > 0, or None for in_channels // 2"
+            )
+        _check_choice("pairwise", pairwise, PAIRWISE_FUNCTIONS)
+        _check_choice("dim", dim, (1, 2, 3))
+        _check_choice("norm", norm, NORMS)
+        super().__init__(in_channels, in_channels, stride=1)
+
+        self.inner_channels = inner_channels
+        self.pairwise = pairwise
+        self.dim = dim
+        self.subsample = bool(subsample)
+        self.use_scale = bool(use_scale)
+        self.norm_name = norm
+        conv = _CONVS[dim]
+
+        self.theta: Optional[nn.Module] = None
+        self.phi: Optional[nn.Module] = None
+        self.concat_project: Optional[nn.Module] = None
+        if pairwise != "gaussian":
+            self.theta = conv(in_channels, inner_channels, kernel_size=1)
+            self.phi = conv(in_channels, inner_channels, kernel_size=1)
+        self.g = conv(in_channels, inner_channels, kernel_size=1)
+        if pairwise == "concatenation":
+            self.concat_project = nn.Linear(2 * inner_channels, 1, bias=False)
+        self.out = conv(inner_channels, in_channels, kernel_size=1, bias=(norm == ""))
+        self.norm: Optional[nn.Module] = _make_norm(norm, in_channels, dim)
+        # d in the 1/sqrt(d) scale: the length of the vectors whose dot product is exponentiated.
+        self.scale = 1.0
+        if use_scale and pairwise in ("gaussian", "embedded_gaussian"):
+            dotted = in_channels if pairwise == "gaussian" else inner_channels
+            self.scale = 1.0 / math.sqrt(dotted)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official initialisation: normal(0, 0.01) embeddings; W_z (or its norm's gamma) zero."""
+        for m in (self.theta, self.phi, self.g):
+            if m is not None:
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        if self.concat_project is not None:
+            nn.init.normal_(self.concat_project.weight, std=0.01)
+        if self.norm is None:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        else:
+            nn.init.normal_(self.out.weight, std=0.01)
+            nn.init.zeros_(self.norm.weight)
+            nn.init.zeros_(self.norm.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"pairwise={self.pairwise}, dim={self.dim}, inner_channels={self.inner_channels}, "
+            f"subsample={self.subsample}, use_scale={self.use_scale}, norm={self.norm_name!r}"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self.dim + 2:
+            raise ValueError(
+                f"NonLocalBlock(dim={self.dim}): input x has shape {list(x.shape)}; allowed: a "
+                f"tensor of rank {self.dim + 2} (N, C, {self.dim} spatial axes)"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"NonLocalBlock(in_channels={self.in_channels}): input x has {x.shape[1]} channels "
+                f"(shape {list(x.shape)}); allowed: {self.in_channels}"
+            )
+
+    def _pool(self, t: torch.Tensor) -> torch.Tensor:
+        """Max-pool the spatial axes by 2 (not time in 3D); axes of size 1 are left alone."""
+        if not self.subsample:
+            return t
+        sizes: List[int] = t.shape[2:]
+        if self.dim == 1:
+            return F.max_pool1d(t, kernel_size=[min(2, sizes[0])])
+        if self.dim == 2:
+            return F.max_pool2d(t, kernel_size=[min(2, sizes[0]), min(2, sizes[1])])
+        return F.max_pool3d(t, kernel_size=[1, min(2, sizes[1]), min(2, sizes[2])])
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+        """Returns theta(x) (N, C_q, L), pooled phi(x) (N, C_k, M) and pooled g(x) (N, C_inner, M),
+        with the pooled spatial shape of the keys."""
+        v = self._pool(self.g(x))
+        theta = self.theta
+        phi = self.phi
+        if theta is not None and phi is not None:
+            q = theta(x)
+            k = self._pool(phi(x))
+        else:  # gaussian: the raw features are compared
+            q = x
+            k = self._pool(x)
+        key_shape: List[int] = k.shape[2:]
+        return q.flatten(2), k.flatten(2), v.flatten(2), key_shape
+
+    def _concat_terms(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """a_i = w_theta . theta_i (N, L) and b_j = w_phi . phi_j (N, M)."""
+        proj = self.concat_project
+        assert proj is not None
+        w = proj.weight.reshape(-1).to(q.dtype)
+        c = self.inner_channels
+        a = torch.einsum("ncl,c->nl", q, w[:c])
+        b = torch.einsum("ncm,c->nm", k, w[c:])
+        return a, b
+
+    def _aggregate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """y = (1/C) sum_j f(q_i, k_j) v_j for (N, C, L) / (N, C, M) inputs; returns (N, L, C_v)."""
+        m = k.shape[2]
+        if self.pairwise == "dot_product":
+            # theta (phi^T g) / M in float32 at least: the C x C product sums M terms.
+            dt = torch.promote_types(q.dtype, torch.float32)
+            kv = torch.bmm(k.to(dt) / m, v.to(dt).transpose(1, 2))  # (N, C_inner, C_inner)
+            return torch.bmm(q.to(dt).transpose(1, 2), kv).to(q.dtype)
+        if self.pairwise == "concatenation":
+            dt = torch.promote_types(q.dtype, torch.float32)
+            a, b = self._concat_terms(q.to(dt), k.to(dt))
+            # keys sorted by b descending: {j : b_j > -a_i} is then a prefix of length n_i.
+            neg_b_sorted, order = torch.sort(-b, dim=1)
+            vt = v.to(dt).transpose(1, 2)  # (N, M, C)
+            v_sorted = torch.gather(vt, 1, order.unsqueeze(2).expand(-1, -1, vt.shape[2]))
+            zero = v_sorted.new_zeros(v_sorted.shape[0], 1, v_sorted.shape[2])
+            g_cum = torch.cat([zero, torch.cumsum(v_sorted, dim=1)], dim=1)
+            bg_cum = torch.cat(
+                [zero, torch.cumsum(v_sorted * (-neg_b_sorted).unsqueeze(2), dim=1)], dim=1
+            )
+            count = torch.searchsorted(neg_b_sorted.detach().contiguous(), a.detach().contiguous())
+            idx = count.unsqueeze(2).expand(-1, -1, vt.shape[2])
+            y = a.unsqueeze(2) * torch.gather(g_cum, 1, idx) + torch.gather(bg_cum, 1, idx)
+            return (y / m).to(q.dtype)
+        # (embedded) Gaussian: softmax over keys == scaled_dot_product_attention. Its fused CPU/CUDA
+        # kernels need 4-D contiguous inputs with equal query/value widths; zero-padding the
+        # narrower side changes neither the dot products nor the kept output columns.
+        qt = q.transpose(1, 2)
+        kt = k.transpose(1, 2)
+        vt = v.transpose(1, 2)
+        cq = qt.shape[2]
+        cv = vt.shape[2]
+        if cq > cv:
+            vt = F.pad(vt, [0, cq - cv])
+        elif cv > cq:
+            qt = F.pad(qt, [0, cv - cq])
+            kt = F.pad(kt, [0, cv - cq])
+        y = F.scaled_dot_product_attention(
+            qt.unsqueeze(1).contiguous(),
+            kt.unsqueeze(1).contiguous(),
+            vt.unsqueeze(1).contiguous(),
+            scale=self.scale,
+        )
+        return y.squeeze(1)[:, :, :cv]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        q, k, v = self._embed(x)[:3]
+        y = self._aggregate(q, k, v)  # (N, L, C_inner)
+        shape = [x.shape[0], self.inner_channels]
+        shape.extend(x.shape[2:])
+        y = y.transpose(1, 2).reshape(shape)
+        z = self.out(y)
+        norm = self.norm
+        if norm is not None:
+            z = norm(z)
+        return z + x
+
+    @torch.jit.unused
+    def attention_for_queries(self, x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Normalised attention weights f(x_i, x_j) / C(x) for chosen query positions only.
+
+        Builds a (Q, M) matrix for the Q chosen queries, never the full (N_pos, M) one.
+
+        Args:
+            x: input of the block, (N, C, *spatial).
+            queries: int64 tensor, either (Q,) flat indices into the spatial positions or (Q, dim)
+                coordinates (in the input's spatial axes, e.g. (y, x) for dim=2).
+
+        Returns:
+            Tensor (N, Q, *key_shape): the weights of every key position (the pooled grid when
+            ``subsample``), summing to 1 over the keys for the Gaussian forms.
+        """
+        self._check_input(x)
+        spatial = list(x.shape[2:])
+        queries = torch.as_tensor(queries, dtype=torch.long, device=x.device)
+        if queries.dim() == 2:
+            if queries.shape[1] != self.dim:
+                raise ValueError(
+                    f"NonLocalBlock.attention_for_queries: queries has shape {list(queries.shape)}; "
+                    f"allowed: (Q,) flat indices or (Q, {self.dim}) coordinates"
+                )
+            flat = torch.zeros_like(queries[:, 0])
+            for axis, size in enumerate(spatial):
+                flat = flat * size + queries[:, axis]
+            queries = flat
+        n_pos = math.prod(spatial)
+        if queries.dim() != 1 or bool(((queries < 0) | (queries >= n_pos)).any()):
+            raise ValueError(
+                f"NonLocalBlock.attention_for_queries: queries {queries.tolist()} outside the "
+                f"{spatial} grid; allowed: flat indices in [0, {n_pos})"
+            )
+        q, k, _, key_shape = self._embed(x)
+        q = q[:, :, queries]  # (N, C_q, Q)
+        m = k.shape[2]
+        if self.pairwise == "dot_product":
+            w = torch.einsum("ncq,ncm->nqm", q, k) / m
+        elif self.pairwise == "concatenation":
+            a, b = self._concat_terms(q, k)
+            w = F.relu(a.unsqueeze(2) + b.unsqueeze(1)) / m
+        else:
+            w = torch.softmax(torch.einsum("ncq,ncm->nqm", q, k) * self.scale, dim=2)
+        return w.reshape([x.shape[0], len(queries)] + list(key_shape))

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Idempotent set-up: creates .venv/ in the repository and installs everything the project needs.
+#
+# Order for detectron2 (see README "Set-up"):
+#   1. an importable detectron2 in the venv (kept as is);
+#   2. the official source install (needs network access to GitHub);
+#   3. fallback: the PyPI redistribution `sal-detectron2` (pure-Python sources, retagged
+#      py3-none-any, its stale compiled `_C` removed; ROIAlign/NMS then come from torchvision).
+# Every step prints what it does; a failing step stops with one line naming it and what to do.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PY_BOOT="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1}"
+TORCHVISION_SPEC="${TORCHVISION_SPEC:-torchvision==0.29.1}"
+D2_GIT="git+https://github.com/facebookresearch/detectron2.git"
+D2_FALLBACK="sal-detectron2==0.7.2"
+# detectron2's own runtime requirements (installed explicitly, since the fallback wheel is
+# installed with --no-deps to avoid its numpy<2 pin).
+D2_DEPS=(Pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard
+  "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.4" hydra-core black packaging
+  "setuptools<81" opencv-python-headless)
+DEV_DEPS=(pytest wheel isort)
+
+say() { printf '[setup] %s\n' "$*"; }
+fail() {
+  printf '[setup] FAILED at step "%s": %s\n' "$1" "$2" >&2
+  exit 1
+}
+
+PY="$VENV/bin/python"
+PIP=(pip_q)
+# pip, quiet, without the local file-store notices ("Location ... is ignored") some machines print.
+pip_q() {
+  "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file" >&2)
+}
+
+# --- fast path: everything already there -------------------------------------------------------
+if [ -x "$PY" ] && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
+import importlib, os, sys
+for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "cv2"):
+    importlib.import_module(m)
+import nonlocal_det
+root = os.path.realpath(sys.argv[1])
+sys.exit(0 if os.path.realpath(nonlocal_det.__file__).startswith(root + os.sep) else 1)
+PYEOF
+then
+  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, nonlocal_det): nothing to do"
+  exit 0
+fi
+
+# --- 1. virtual environment --------------------------------------------------------------------
+if [ ! -x "$PY" ]; then
+  say "creating virtual environment $VENV with $($PY_BOOT --version 2>&1)"
+  "$PY_BOOT" -m venv "$VENV" || fail "venv" "could not create $VENV; install python3-venv (Python >= 3.9) or set PYTHON=/path/to/python3"
+fi
+
+# --- 2. torch + torchvision -------------------------------------------------------------------
+if "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+  say "torch $("$PY" -c 'import torch; print(torch.__version__)') / torchvision $("$PY" -c 'import torchvision; print(torchvision.__version__)') already installed"
+else
+  say "installing $TORCH_SPEC $TORCHVISION_SPEC (large download on machines without a local copy)"
+  "${PIP[@]}" install "$TORCH_SPEC" "$TORCHVISION_SPEC" ||
+    fail "torch" "pip could not install $TORCH_SPEC $TORCHVISION_SPEC; set TORCH_SPEC/TORCHVISION_SPEC to a matching pair available to you and rerun 'make setup'"
+fi
+
+# --- 3. detectron2's requirements and dev tools -------------------------------------------------
+say "installing detectron2's requirements, pycocotools, fvcore, pytest"
+"${PIP[@]}" install "${D2_DEPS[@]}" "${DEV_DEPS[@]}" ||
+  fail "requirements" "pip could not install detectron2's requirements (${D2_DEPS[*]}); check network access to PyPI and rerun 'make setup'"
+
+# --- 4. detectron2 -------------------------------------------------------------------------------
+if "$PY" -c "import detectron2" >/dev/null 2>&1; then
+  say "detectron2: using the importable one ($("$PY" -c 'import detectron2, os; print(detectron2.__version__, os.path.dirname(detectron2.__file__))'))"
+else
+  say "detectron2: trying the official source install ($D2_GIT)"
+  if GIT_TERMINAL_PROMPT=0 timeout 900 "$PY" -m pip -q install --no-build-isolation "$D2_GIT" >/tmp/nonlocal_det_d2_git.log 2>&1; then
+    say "detectron2: installed from the official sources"
+  else
+    say "detectron2: official source install unavailable ($(grep -m1 -iE 'fatal:|could not' /tmp/nonlocal_det_d2_git.log | sed 's/^ *//' | cut -c1-140)); using the PyPI fallback $D2_FALLBACK"
+    TMP="$(mktemp -d)"
+    "${PIP[@]}" download --no-deps --only-binary=:all: --python-version 3.10 -d "$TMP" "$D2_FALLBACK" ||
+      fail "detectron2" "could not download $D2_FALLBACK from PyPI; install detectron2 yourself (see its INSTALL.md) into $VENV and rerun 'make setup'"
+    WHL="$(ls "$TMP"/*.whl | head -n1)"
+    "$PY" -m wheel unpack -d "$TMP/unpacked" "$WHL" >/dev/null || fail "detectron2" "could not unpack $WHL"
+    PKGDIR="$(ls -d "$TMP"/unpacked/*/ | head -n1)"
+    rm -f "$PKGDIR"/detectron2/_C*.so  # a cp310 binary built against another torch
+    sed -i 's/^Tag: .*/Tag: py3-none-any/' "$PKGDIR"/*.dist-info/WHEEL
+    mkdir -p "$TMP/out"
+    "$PY" -m wheel pack -d "$TMP/out" "$PKGDIR" >/dev/null || fail "detectron2" "could not repack the $D2_FALLBACK wheel"
+    "${PIP[@]}" install --no-deps "$TMP"/out/*.whl ||
+      fail "detectron2" "could not install the repacked $D2_FALLBACK wheel"
+    rm -rf "$TMP"
+    say "detectron2: installed from the PyPI fallback $D2_FALLBACK (pure Python, no _C ops)"
+  fi
+fi
+"$PY" -c "import detectron2.model_zoo, detectron2.modeling" ||
+  fail "detectron2" "detectron2 is installed but does not import (see the traceback above)"
+
+# --- 5. the project -----------------------------------------------------------------------------
+say "installing nonlocal_det in editable mode"
+"${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" ||
+  fail "project" "pip install -e $ROOT failed (see above)"
+"$PY" -c "import nonlocal_det" || fail "project" "nonlocal_det does not import after installation"
+say "done: $("$PY" -c 'import torch, detectron2, nonlocal_det; print(f"torch {torch.__version__}, detectron2 {detectron2.__version__}, nonlocal_det {nonlocal_det.__version__}")')"
