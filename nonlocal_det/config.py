@@ -1,0 +1,110 @@
+"""Config keys of nonlocal_det: ``add_nonlocal_config(cfg)`` adds ``cfg.MODEL.NONLOCAL``."""
+
+from detectron2.config import CfgNode as CN
+
+from .layers import NORMS, PAIRWISE_FUNCTIONS
+
+__all__ = ["add_nonlocal_config", "nonlocal_block_kwargs", "PLACEMENTS"]
+
+# Allowed values of MODEL.NONLOCAL.PLACEMENT (see add_nonlocal_config).
+PLACEMENTS = ("none", "paper_1", "paper_5", "paper_10", "custom")
+
+
+def add_nonlocal_config(cfg: CN) -> CN:
+    """Add the ``MODEL.NONLOCAL`` node (non-local blocks, Wang et al. CVPR 2018) to ``cfg``.
+
+    Call it right after ``get_cfg()`` and before ``merge_from_file``. Idempotent.
+
+    Args:
+        cfg: a Detectron2 config (``detectron2.config.get_cfg()``).
+
+    Returns:
+        The same ``cfg``, for chaining.
+    """
+    if "NONLOCAL" in cfg.MODEL:
+        return cfg
+    _C = cfg
+    _C.MODEL.NONLOCAL = CN()
+    # Pairwise function f(x_i, x_j) of the block (paper §3.2). One of:
+    #   "embedded_gaussian": exp(theta_i . phi_j), normalised by sum_j (a softmax; paper default);
+    #   "gaussian":          exp(x_i . x_j), normalised by sum_j (no theta/phi embeddings);
+    #   "dot_product":       theta_i . phi_j, normalised by M (number of key positions);
+    #   "concatenation":     ReLU(w_f . [theta_i; phi_j]), normalised by M.
+    _C.MODEL.NONLOCAL.PAIRWISE = "embedded_gaussian"
+    # C_inner / C: channels of theta, phi and g relative to the block's input (paper: 1/2).
+    # A float in (0, 1].
+    _C.MODEL.NONLOCAL.INNER_RATIO = 0.5
+    # Max-pool phi and g by 2x2 after their 1x1 convs (paper §4.1 "subsampling"); 4x fewer pairs.
+    _C.MODEL.NONLOCAL.SUBSAMPLE = True
+    # Multiply theta . phi by 1/sqrt(d) inside exp() (d = C_inner; C for "gaussian"). Done by the
+    # authors' released code, not written in the paper. Ignored by dot_product / concatenation.
+    _C.MODEL.NONLOCAL.USE_SCALE = True
+    # Normalisation after W_z: "" (none; W_z is then zero-initialised), "GN", "BN" or "SyncBN"
+    # (its gamma is then zero-initialised). Either way the block starts as the identity.
+    # "FrozenBN" is refused: a frozen gamma of 0 would output zero forever.
+    _C.MODEL.NONLOCAL.NORM = ""
+    # Where blocks go in the ResNet (used by the backbones "build_resnet_nonlocal_backbone" and
+    # "build_resnet_nonlocal_fpn_backbone"). One of:
+    #   "none":     no block (the model equals Detectron2's ResNet-FPN);
+    #   "paper_1":  one block right before the last residual block of res4 (paper §6, Table 5:
+    #               after block 4 of 6 for R50, after block 21 of 23 for R101);
+    #   "paper_5":  5 blocks, 3 in res4 and 2 in res3, every other block (paper Table 2d; R50:
+    #               res3 after blocks 1, 3; res4 after 1, 3, 5. Deeper nets: evenly spaced);
+    #   "paper_10": 10 blocks for R50, one after every block of res3 and res4 (paper Table 2d);
+    #   "custom":   exactly the blocks listed in RES2_BLOCKS ... RES5_BLOCKS below.
+    _C.MODEL.NONLOCAL.PLACEMENT = "paper_1"
+    # With PLACEMENT "custom": indices of the residual blocks of each stage AFTER which a non-local
+    # block is inserted. Negative indices count from the end of the stage (-1 = after the last
+    # block, -2 = right before the last block). Must be empty for other placements.
+    _C.MODEL.NONLOCAL.RES2_BLOCKS = []
+    _C.MODEL.NONLOCAL.RES3_BLOCKS = []
+    _C.MODEL.NONLOCAL.RES4_BLOCKS = []
+    _C.MODEL.NONLOCAL.RES5_BLOCKS = []
+    # Keypoint head "NonLocalKRCNNHead" (MODEL.ROI_KEYPOINT_HEAD.NAME): 1-based indices of the
+    # head's 3x3 convs AFTER which a non-local block is inserted (paper §6: 4 blocks in the 8-conv
+    # head, one after every 2 convs). Each in 1..len(MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS).
+    _C.MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS = [2, 4, 6, 8]
+    return cfg
+
+
+def nonlocal_block_kwargs(nl_cfg: CN, channels: int) -> dict:
+    """Validated ``NonLocalBlock`` arguments from ``cfg.MODEL.NONLOCAL`` for ``channels`` inputs.
+
+    Args:
+        nl_cfg: the ``cfg.MODEL.NONLOCAL`` node.
+        channels: C, the input channels of the block.
+
+    Returns:
+        dict: keyword arguments of :class:`nonlocal_det.NonLocalBlock`.
+
+    Raises:
+        ValueError: naming the offending key, its value and the allowed values.
+    """
+    if nl_cfg.PAIRWISE not in PAIRWISE_FUNCTIONS:
+        raise ValueError(
+            f"MODEL.NONLOCAL.PAIRWISE={nl_cfg.PAIRWISE!r} is not supported; allowed: "
+            f"{list(PAIRWISE_FUNCTIONS)}"
+        )
+    if nl_cfg.NORM not in NORMS:
+        raise ValueError(
+            f"MODEL.NONLOCAL.NORM={nl_cfg.NORM!r} is not supported; allowed: {list(NORMS)}"
+        )
+    ratio = nl_cfg.INNER_RATIO
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(
+            f"MODEL.NONLOCAL.INNER_RATIO={ratio!r} is not supported; allowed: a number in (0, 1]"
+        )
+    for key in ("SUBSAMPLE", "USE_SCALE"):
+        if not isinstance(nl_cfg.get(key), bool):
+            raise ValueError(
+                f"MODEL.NONLOCAL.{key}={nl_cfg.get(key)!r} is not supported; allowed: True, False"
+            )
+    return dict(
+        in_channels=channels,
+        inner_channels=max(1, int(round(channels * ratio))),
+        pairwise=nl_cfg.PAIRWISE,
+        dim=2,
+        subsample=nl_cfg.SUBSAMPLE,
+        use_scale=nl_cfg.USE_SCALE,
+        norm=nl_cfg.NORM,
+    )

@@ -1,0 +1,308 @@
+"""The non-local ResNet(-FPN) backbone: placement, checkpoint compatibility, freezing, errors."""
+
+import re
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from utils import load_cfg, small_opts
+
+from nonlocal_det import NonLocalBlock
+from nonlocal_det.modeling import nonlocal_block_names
+
+
+def build_backbone(cfg):
+    return BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, ShapeSpec(channels=3))
+
+
+def placement(backbone):
+    """{stage: [indices]} read off the built model."""
+    out = {}
+    for name in nonlocal_block_names(backbone):
+        m = re.fullmatch(r"(?:bottom_up\.)?(res\d)\.nonlocal(\d+)", name)
+        assert m, name
+        out.setdefault(m.group(1), []).append(int(m.group(2)))
+    return out
+
+
+def test_r50_default_is_one_block_before_last_res4_block():
+    bb = build_backbone(load_cfg("mask_rcnn_R50_NL.yaml"))
+    assert nonlocal_block_names(bb) == ["bottom_up.res4.nonlocal4"]
+    res4 = [n for n, _ in bb.bottom_up.res4.named_children()]
+    assert res4 == ["0", "1", "2", "3", "4", "nonlocal4", "5"]
+    block = bb.bottom_up.res4.nonlocal4
+    assert isinstance(block, NonLocalBlock)
+    assert (block.in_channels, block.inner_channels) == (1024, 512)
+    assert (block.pairwise, block.subsample, block.use_scale) == ("embedded_gaussian", True, True)
+
+
+@pytest.mark.parametrize(
+    "depth,preset,expected",
+    [
+        (101, "paper_1", {"res4": [21]}),
+        (152, "paper_1", {"res4": [34]}),
+        (18, "paper_1", {"res4": [0]}),
+        (50, "paper_5", {"res3": [1, 3], "res4": [1, 3, 5]}),
+        (101, "paper_5", {"res3": [1, 3], "res4": [6, 13, 20]}),
+        (50, "paper_10", {"res3": [0, 1, 2, 3], "res4": [0, 1, 2, 3, 4, 5]}),
+        (50, "none", {}),
+    ],
+)
+def test_presets(depth, preset, expected):
+    opts = ["MODEL.RESNETS.DEPTH", depth, "MODEL.NONLOCAL.PLACEMENT", preset]
+    if depth == 18:
+        opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
+    bb = build_backbone(load_cfg("mask_rcnn_R50_NL.yaml", opts))
+    assert placement(bb) == expected
+    if preset == "paper_5":
+        assert sum(map(len, expected.values())) == 5
+    if preset == "paper_10" and depth == 50:
+        assert sum(map(len, expected.values())) == 10
+
+
+def test_custom_placement_negative_indices_and_channels():
+    cfg = load_cfg(
+        "mask_rcnn_R50_NL.yaml",
+        [
+            "MODEL.NONLOCAL.PLACEMENT",
+            "custom",
+            "MODEL.NONLOCAL.RES2_BLOCKS",
+            [0],
+            "MODEL.NONLOCAL.RES4_BLOCKS",
+            [-1],
+            "MODEL.NONLOCAL.RES5_BLOCKS",
+            [-3, 1],
+            "MODEL.NONLOCAL.PAIRWISE",
+            "dot_product",
+            "MODEL.NONLOCAL.INNER_RATIO",
+            0.25,
+        ],
+    )
+    bb = build_backbone(cfg)
+    assert placement(bb) == {"res2": [0], "res4": [5], "res5": [0, 1]}
+    ch = {
+        n: (m.in_channels, m.inner_channels, m.pairwise)
+        for n, m in bb.named_modules()
+        if isinstance(m, NonLocalBlock)
+    }
+    assert ch["bottom_up.res2.nonlocal0"] == (256, 64, "dot_product")
+    assert ch["bottom_up.res5.nonlocal1"] == (2048, 512, "dot_product")
+    out = bb(torch.randn(1, 3, 64, 64))
+    assert out["p2"].shape == (1, 256, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        [],
+        ["MODEL.RESNETS.DEPTH", 101],
+        ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64],
+        [
+            "MODEL.RESNETS.NUM_GROUPS",
+            32,
+            "MODEL.RESNETS.WIDTH_PER_GROUP",
+            8,
+            "MODEL.RESNETS.STRIDE_IN_1X1",
+            False,
+        ],
+    ],
+)
+def test_same_outputs_and_names_as_detectron2_backbone(opts):
+    cfg_nl = load_cfg("mask_rcnn_R50_NL.yaml", opts)
+    cfg_base = load_cfg("mask_rcnn_R50.yaml", opts)
+    torch.manual_seed(0)
+    nl = build_backbone(cfg_nl).eval()
+    torch.manual_seed(0)
+    base = build_backbone(cfg_base).eval()
+    assert nl.output_shape() == base.output_shape()
+    nl_sd, base_sd = nl.state_dict(), base.state_dict()
+    assert set(base_sd) <= set(nl_sd)
+    extra = set(nl_sd) - set(base_sd)
+    assert extra and all(".nonlocal" in k for k in extra)
+    # The blocks do not disturb the RNG: same seed, same weights everywhere else.
+    for k, v in base_sd.items():
+        assert torch.equal(v, nl_sd[k]), k
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = nl(x), base(x)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_baseline_checkpoint_loads_and_predicts_identically(tmp_path):
+    opts = small_opts(depth=50)
+    torch.manual_seed(1)
+    base = build_model(load_cfg("mask_rcnn_R50.yaml", opts)).eval()
+    DetectionCheckpointer(base, save_dir=str(tmp_path)).save("baseline")
+    torch.manual_seed(2)  # a different init everywhere: only the checkpoint can make them equal
+    nl = build_model(load_cfg("mask_rcnn_R50_NL.yaml", opts)).eval()
+    result = DetectionCheckpointer(nl)._load_model(
+        torch.load(tmp_path / "baseline.pth", weights_only=False)
+    )
+    assert result.missing_keys and all(".nonlocal4." in k for k in result.missing_keys)
+    assert not result.unexpected_keys
+    torch.manual_seed(3)
+    image = (torch.rand(3, 96, 128) * 255).round()
+    # Make the untrained detector fire: a very low score threshold keeps many detections.
+    for m in (base, nl):
+        m.roi_heads.box_predictor.test_score_thresh = 0.0
+    with torch.no_grad():
+        out_b = base([{"image": image}])[0]["instances"]
+        out_n = nl([{"image": image}])[0]["instances"]
+    assert len(out_b) > 0
+    assert torch.equal(out_b.pred_boxes.tensor, out_n.pred_boxes.tensor)
+    assert torch.equal(out_b.scores, out_n.scores)
+    assert torch.equal(out_b.pred_masks, out_n.pred_masks)
+
+
+def _to_c2_name(key):
+    """Detectron2 ResNet name -> the Caffe2 name of an ImageNet ``.pkl`` (inverse of Detectron2's
+    ``convert_basic_c2_names``)."""
+    key = key.replace("stem.conv1.norm.", "res_conv1.norm.").replace("stem.conv1.", "conv1.")
+    for d2, c2 in (
+        ("conv1", "branch2a"),
+        ("conv2", "branch2b"),
+        ("conv3", "branch2c"),
+        ("shortcut", "branch1"),
+    ):
+        key = key.replace(f".{d2}.", f".{c2}.")
+    suffix = {
+        "norm.weight": "bn_s",
+        "norm.bias": "bn_b",
+        "norm.running_mean": "bn_rm",
+        "norm.running_var": "bn_riv",
+        "weight": "w",
+        "bias": "b",
+    }
+    for d2, c2 in suffix.items():
+        if key.endswith("." + d2):
+            return key[: -len(d2)].replace(".", "_") + c2
+    raise AssertionError(key)
+
+
+def test_imagenet_pkl_name_conversion_maps_every_resnet_weight():
+    cfg = load_cfg("mask_rcnn_R50_NL.yaml")
+    torch.manual_seed(0)
+    resnet = BACKBONE_REGISTRY.get("build_resnet_backbone")(cfg, ShapeSpec(channels=3))
+    c2 = {_to_c2_name(k): v.numpy() for k, v in resnet.state_dict().items()}
+    c2["fc1000_w"] = torch.zeros(1000, 2048).numpy()  # ImageNet classifier, unused
+    model_sd = build_model(cfg).state_dict()
+    loaded = align_and_update_state_dicts(model_sd, c2, c2_conversion=True)
+    bottom_up = {k for k in model_sd if k.startswith("backbone.bottom_up.")}
+    expected = {k for k in bottom_up if ".nonlocal" not in k}
+    matched = {k for k in loaded if k.startswith("backbone.")}
+    assert matched == expected, matched ^ expected
+    assert set(loaded) - matched == {"fc1000.weight"}  # the classifier stays unused
+    for k in expected:
+        src = resnet.state_dict()[k[len("backbone.bottom_up.") :]]
+        assert torch.equal(torch.as_tensor(loaded[k]), src), k
+
+
+@pytest.mark.parametrize("freeze_at,frozen", [(2, False), (4, True), (5, True)])
+def test_blocks_in_frozen_stages_are_frozen(freeze_at, frozen):
+    cfg = load_cfg(
+        "mask_rcnn_R50_NL.yaml",
+        ["MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.NONLOCAL.NORM", "BN"],
+    )
+    bb = build_backbone(cfg)
+    block = bb.bottom_up.res4.nonlocal4
+    assert all(p.requires_grad != frozen for p in block.parameters())
+    assert isinstance(block.norm, FrozenBatchNorm2d) == frozen
+    # The residual blocks around it follow the same rule (Detectron2's own freezing).
+    assert all(p.requires_grad != frozen for p in bb.bottom_up.res4[0].parameters())
+    assert all(not p.requires_grad for p in bb.bottom_up.res2.parameters())
+
+
+def test_scripted_backbone_matches_eager():
+    from detectron2.export import scripting_with_instances  # noqa: F401  (scripting patches)
+
+    cfg = load_cfg(
+        "mask_rcnn_R50_NL.yaml", ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
+    )
+    bb = build_backbone(cfg).eval()
+    torch.nn.init.normal_(bb.bottom_up.res4.nonlocal0.out.weight, std=0.1)
+    x = torch.randn(1, 3, 64, 64)
+    scripted = torch.jit.script(bb)
+    traced = torch.jit.trace(bb, x, strict=False, check_trace=False)
+    with torch.no_grad():
+        ref = bb(x)
+        for out in (scripted(x), traced(x)):
+            for k in ref:
+                torch.testing.assert_close(out[k], ref[k])
+
+
+BAD = [
+    (
+        ["MODEL.NONLOCAL.PLACEMENT", "everywhere"],
+        ["MODEL.NONLOCAL.PLACEMENT", "'everywhere'", "paper_1", "custom"],
+    ),
+    (
+        ["MODEL.NONLOCAL.PLACEMENT", "custom", "MODEL.NONLOCAL.RES4_BLOCKS", [6]],
+        ["MODEL.NONLOCAL.RES4_BLOCKS", "res4", "6", "-6..5"],
+    ),
+    (
+        ["MODEL.NONLOCAL.PLACEMENT", "custom", "MODEL.NONLOCAL.RES3_BLOCKS", [-5]],
+        ["MODEL.NONLOCAL.RES3_BLOCKS", "res3", "-5", "-4..3"],
+    ),
+    (
+        ["MODEL.NONLOCAL.RES4_BLOCKS", [1]],
+        ["MODEL.NONLOCAL.RES4_BLOCKS", "PLACEMENT='paper_1'", "custom"],
+    ),
+    (
+        ["MODEL.NONLOCAL.PLACEMENT", "custom", "MODEL.NONLOCAL.RES4_BLOCKS", [1, -5]],
+        ["MODEL.NONLOCAL.RES4_BLOCKS", "twice"],
+    ),
+    (
+        [
+            "MODEL.NONLOCAL.PLACEMENT",
+            "custom",
+            "MODEL.NONLOCAL.RES5_BLOCKS",
+            [0],
+            "MODEL.RESNETS.OUT_FEATURES",
+            ["res2", "res3", "res4"],
+            "MODEL.FPN.IN_FEATURES",
+            ["res2", "res3", "res4"],
+        ],
+        ["MODEL.NONLOCAL.RES5_BLOCKS", "res5", "['res2', 'res3', 'res4']"],
+    ),
+    (
+        [
+            "MODEL.NONLOCAL.PLACEMENT",
+            "paper_5",
+            "MODEL.RESNETS.DEPTH",
+            18,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            64,
+        ],
+        ["MODEL.NONLOCAL.PLACEMENT='paper_5'", "res4", "has 2"],
+    ),
+    (
+        ["MODEL.NONLOCAL.PAIRWISE", "cosine"],
+        ["MODEL.NONLOCAL.PAIRWISE", "'cosine'", "embedded_gaussian", "concatenation"],
+    ),
+    (["MODEL.NONLOCAL.NORM", "FrozenBN"], ["MODEL.NONLOCAL.NORM", "'FrozenBN'", "SyncBN"]),
+    (["MODEL.NONLOCAL.INNER_RATIO", 0.0], ["MODEL.NONLOCAL.INNER_RATIO", "0.0", "(0, 1]"]),
+    (["MODEL.RESNETS.DEPTH", 42], ["MODEL.RESNETS.DEPTH", "42", "50", "101"]),
+]
+
+
+@pytest.mark.parametrize("opts,needles", BAD, ids=[str(b[0][:4]) for b in BAD])
+def test_bad_config_errors_name_key_value_and_allowed(opts, needles):
+    cfg = load_cfg("mask_rcnn_R50_NL.yaml", opts)
+    with pytest.raises(ValueError) as err:
+        build_backbone(cfg)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_missing_add_nonlocal_config_is_explained():
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_nonlocal_fpn_backbone"
+    with pytest.raises(KeyError, match="add_nonlocal_config"):
+        build_backbone(cfg)

@@ -1,0 +1,52 @@
+"""Helpers shared by the tests: configs from the project's YAML files, small models."""
+
+import os
+
+from detectron2.config import get_cfg
+
+from nonlocal_det import add_nonlocal_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def load_cfg(name: str = None, opts=()):
+    """A config from ``configs/<name>`` (or Detectron2's defaults) with the project's keys, on CPU,
+    without pretrained weights."""
+    cfg = get_cfg()
+    add_nonlocal_config(cfg)
+    if name:
+        cfg.merge_from_file(os.path.join(CONFIGS, name))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def small_opts(depth: int = 18):
+    """Overrides that shrink a Mask R-CNN config enough for fast CPU tests."""
+    opts = [
+        "MODEL.RESNETS.DEPTH",
+        depth,
+        "MODEL.FPN.OUT_CHANNELS",
+        32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        64,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM",
+        16,
+        "MODEL.ROI_MASK_HEAD.NUM_CONV",
+        1,
+        "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS",
+        (16,) * 8,
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        50,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        32,
+        "INPUT.MIN_SIZE_TEST",
+        96,
+        "INPUT.MAX_SIZE_TEST",
+        128,
+    ]
+    if depth in (18, 34):
+        opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
+    return opts

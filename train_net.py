@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Train and evaluate Mask R-CNN / Faster R-CNN / Keypoint R-CNN with non-local blocks.
+
+Detectron2's standard training script, plus the project's config keys and datasets:
+
+    python train_net.py --config-file configs/mask_rcnn_R50_NL.yaml --num-gpus 8
+    python train_net.py --config-file configs/mask_rcnn_R50_NL.yaml --eval-only \
+        MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file configs/mask_rcnn_R50_NL.yaml --resume   # after a stop
+
+Trailing ``KEY VALUE`` pairs override the config. Without CUDA it runs on the CPU.
+"""
+
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+
+from nonlocal_det import add_nonlocal_config
+from nonlocal_det.data.builtin import register_datasets_for_config
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with a COCO evaluator (bbox, and segm / keypoints when turned on)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def setup(args):
+    """Config from file + command line, CPU fallback, project datasets, Detectron2 logging."""
+    cfg = get_cfg()
+    add_nonlocal_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cpu_note = None
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        cpu_note = "CUDA is not available: running on the CPU (MODEL.DEVICE=cpu)"
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cpu_note:
+        logging.getLogger("detectron2").warning(cpu_note)
+    register_datasets_for_config(cfg)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
