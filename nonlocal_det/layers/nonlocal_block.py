@@ -35,7 +35,9 @@ _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"NonLocalBlock: {name}={value!r} is not supported; allowed: {list(allowed)}")
+        raise ValueError(
+            f"NonLocalBlock: {name}={value!r} is not supported; allowed: {list(allowed)}"
+        )
 
 
 def _make_norm(norm: str, channels: int, dim: int) -> Optional[nn.Module]:
@@ -193,9 +195,7 @@ class NonLocalBlock(CNNBlockBase):
         key_shape: List[int] = k.shape[2:]
         return q.flatten(2), k.flatten(2), v.flatten(2), key_shape
 
-    def _concat_terms(
-        self, q: torch.Tensor, k: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _concat_terms(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """a_i = w_theta . theta_i (N, L) and b_j = w_phi . phi_j (N, M)."""
         proj = self.concat_project
         assert proj is not None
@@ -256,12 +256,13 @@ class NonLocalBlock(CNNBlockBase):
         y = self._aggregate(q, k, v)  # (N, L, C_inner)
         shape = [x.shape[0], self.inner_channels]
         shape.extend(x.shape[2:])
-        y = y.transpose(1, 2).reshape(shape)
+        # contiguous: a channels-last view here would make the next layers take another kernel path
+        y = y.transpose(1, 2).contiguous().view(shape)
         z = self.out(y)
         norm = self.norm
         if norm is not None:
             z = norm(z)
-        return z + x
+        return x + z
 
     @torch.jit.unused
     def attention_for_queries(self, x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -298,7 +299,9 @@ class NonLocalBlock(CNNBlockBase):
                 f"{spatial} grid; allowed: flat indices in [0, {n_pos})"
             )
         q, k, _, key_shape = self._embed(x)
-        q = q[:, :, queries]  # (N, C_q, Q)
+        # float32 at least: q . k overflows fp16 before the scale at C_inner = 512.
+        dt = torch.promote_types(q.dtype, torch.float32)
+        q, k = q[:, :, queries].to(dt), k.to(dt)  # (N, C_q, Q), (N, C_q, M)
         m = k.shape[2]
         if self.pairwise == "dot_product":
             w = torch.einsum("ncq,ncm->nqm", q, k) / m
@@ -307,4 +310,4 @@ class NonLocalBlock(CNNBlockBase):
             w = F.relu(a.unsqueeze(2) + b.unsqueeze(1)) / m
         else:
             w = torch.softmax(torch.einsum("ncq,ncm->nqm", q, k) * self.scale, dim=2)
-        return w.reshape([x.shape[0], len(queries)] + list(key_shape))
+        return w.reshape([x.shape[0], len(queries)] + list(key_shape)).to(x.dtype)

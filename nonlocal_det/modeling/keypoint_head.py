@@ -31,6 +31,7 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         num_keypoints,
         conv_dims: Sequence[int],
         nonlocal_after: Sequence[int] = (2, 4, 6, 8),
+        nonlocal_inner_ratio: float = 0.5,
         nonlocal_kwargs: dict = None,
         **kwargs,
     ):
@@ -38,8 +39,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         Args:
             input_shape, num_keypoints, conv_dims, kwargs: as ``KRCNNConvDeconvUpsampleHead``.
             nonlocal_after: 1-based indices of the convs followed by a non-local block.
-            nonlocal_kwargs: ``NonLocalBlock`` arguments except ``in_channels`` (taken from the
-                conv before each block).
+            nonlocal_inner_ratio: C_inner / C of each block (C: channels of the conv before it).
+            nonlocal_kwargs: other ``NonLocalBlock`` arguments (pairwise, subsample, ...).
         """
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
         n = len(conv_dims)
@@ -51,7 +52,6 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
                 f"(MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS); allowed: distinct integers in 1..{n}"
             )
         nonlocal_kwargs = dict(nonlocal_kwargs or {})
-        nonlocal_kwargs.pop("in_channels", None)
         children = list(self._modules.items())
         for name, _ in children:
             del self._modules[name]
@@ -60,7 +60,9 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
                 self.add_module(name, module)
                 if name.startswith("conv_fcn_relu") and int(name[len("conv_fcn_relu") :]) in after:
                     k = int(name[len("conv_fcn_relu") :])
-                    block = NonLocalBlock(conv_dims[k - 1], **nonlocal_kwargs)
+                    c = conv_dims[k - 1]
+                    inner = max(1, int(round(c * nonlocal_inner_ratio)))
+                    block = NonLocalBlock(c, inner_channels=inner, **nonlocal_kwargs)
                     self.add_module(f"nonlocal{k}", block)
         self.nonlocal_after = sorted(after)
 
@@ -73,7 +75,10 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
                 "merge_from_file (MODEL.ROI_KEYPOINT_HEAD.NAME='NonLocalKRCNNHead' needs it)"
             )
         ret["nonlocal_after"] = list(cfg.MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS)
-        ret["nonlocal_kwargs"] = nonlocal_block_kwargs(cfg.MODEL.NONLOCAL, 1)
+        kwargs = nonlocal_block_kwargs(cfg.MODEL.NONLOCAL, 1)  # validates the keys
+        del kwargs["in_channels"], kwargs["inner_channels"]
+        ret["nonlocal_inner_ratio"] = cfg.MODEL.NONLOCAL.INNER_RATIO
+        ret["nonlocal_kwargs"] = kwargs
         return ret
 
     def nonlocal_blocks(self) -> List[NonLocalBlock]:

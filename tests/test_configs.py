@@ -1,0 +1,102 @@
+"""Every config in configs/ loads, builds and runs; placements are the paper's."""
+
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
+from detectron2.utils.events import EventStorage
+from utils import CONFIGS, load_cfg
+
+from nonlocal_det import NonLocalBlock
+
+LEAVES = sorted(
+    os.path.relpath(p, CONFIGS)
+    for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-")
+)
+
+# Non-local blocks expected in each config: name -> (in_channels, inner_channels).
+R50_RES4 = {"backbone.bottom_up.res4.nonlocal4": (1024, 512)}
+R101_RES4 = {"backbone.bottom_up.res4.nonlocal21": (1024, 512)}
+KP_HEAD = {f"roi_heads.keypoint_head.nonlocal{k}": (512, 256) for k in (2, 4, 6, 8)}
+EXPECTED = {
+    "mask_rcnn_R50_NL.yaml": R50_RES4,
+    "mask_rcnn_R50_NL_3x.yaml": R50_RES4,
+    "faster_rcnn_R50_NL.yaml": R50_RES4,
+    "mask_rcnn_R101_NL.yaml": R101_RES4,
+    "mask_rcnn_X101_32x8d_NL.yaml": R101_RES4,
+    "keypoint_rcnn_R50_NL.yaml": {**R50_RES4, **KP_HEAD},
+    "keypoint_rcnn_R101_NL.yaml": {**R101_RES4, **KP_HEAD},
+    "keypoint_rcnn_R101_NL_head.yaml": KP_HEAD,
+}
+
+
+def test_every_nl_config_has_a_same_schedule_baseline():
+    for leaf in LEAVES:
+        if "_NL" not in leaf or leaf.startswith("demo"):
+            continue
+        base = leaf.replace("_NL_head", "").replace("_NL", "")
+        assert base in LEAVES, f"{leaf} has no baseline {base}"
+        a, b = load_cfg(leaf), load_cfg(base)
+        raw_a, raw_b = (open(os.path.join(CONFIGS, f)).read() for f in (leaf, base))
+        weights = [line.strip() for line in raw_a.splitlines() if "WEIGHTS" in line]
+        assert weights and weights == [l.strip() for l in raw_b.splitlines() if "WEIGHTS" in l]
+        assert a.SOLVER == b.SOLVER and a.INPUT == b.INPUT and a.DATASETS == b.DATASETS, leaf
+        assert a.MODEL.RESNETS == b.MODEL.RESNETS and a.MODEL.PIXEL_STD == b.MODEL.PIXEL_STD
+    raw = open(os.path.join(CONFIGS, "mask_rcnn_R50_NL.yaml")).read()
+    assert "ImageNetPretrained/MSRA/R-50.pkl" in raw
+
+
+def _gt_instances(cfg, h=64, w=80):
+    """One ground-truth object with box, mask and keypoints, for a training forward."""
+    gt = Instances((h, w))
+    gt.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0]]))
+    gt.gt_classes = torch.tensor([0])
+    gt.gt_masks = BitMasks(
+        torch.zeros(1, h, w, dtype=torch.bool).index_fill_(1, torch.arange(12, 60), True)
+    )
+    k = cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS
+    kp = torch.stack(
+        [torch.linspace(12, 48, k), torch.linspace(14, 58, k), torch.full((k,), 2.0)], 1
+    )
+    gt.gt_keypoints = Keypoints(kp[None])
+    return gt
+
+
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_config_builds_and_runs(leaf):
+    cfg = load_cfg(
+        leaf,
+        [
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            100,
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            100,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            64,
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    blocks = {
+        n: (m.in_channels, m.inner_channels)
+        for n, m in model.named_modules()
+        if isinstance(m, NonLocalBlock)
+    }
+    if not leaf.startswith("demo"):
+        assert blocks == EXPECTED.get(leaf, {}), leaf
+    image = torch.rand(3, 64, 80) * 255
+    with EventStorage():
+        losses = model([{"image": image, "instances": _gt_instances(cfg)}])
+    expected = {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    expected |= {"loss_mask"} if cfg.MODEL.MASK_ON else set()
+    expected |= {"loss_keypoint"} if cfg.MODEL.KEYPOINT_ON else set()
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": image, "height": 64, "width": 80}])[0]["instances"]
+    assert out.image_size == (64, 80) and out.has("pred_boxes") and out.has("scores")
