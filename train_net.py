@@ -15,13 +15,13 @@ import logging
 import os
 
 import torch
+
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
-from nonlocal_det import add_nonlocal_config
+from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data.builtin import register_datasets_for_config
 
 
@@ -32,23 +32,22 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return COCOEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
+        )
 
 
 def setup(args):
-    """Config from file + command line, CPU fallback, project datasets, Detectron2 logging."""
-    cfg = get_cfg()
-    add_nonlocal_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cpu_note = None
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-        cpu_note = "CUDA is not available: running on the CPU (MODEL.DEVICE=cpu)"
+    """Config from file + command line (CPU when CUDA is absent), datasets, Detectron2 logging."""
+    cfg = get_nonlocal_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
-    if cpu_note:
-        logging.getLogger("detectron2").warning(cpu_note)
+    if cfg.MODEL.DEVICE == "cpu":
+        why = "" if torch.cuda.is_available() else ": CUDA is not available"
+        logging.getLogger("detectron2").info(f"Running on the CPU (MODEL.DEVICE=cpu){why}")
     register_datasets_for_config(cfg)
     return cfg
 

@@ -1,10 +1,12 @@
 """Config keys of nonlocal_det: ``add_nonlocal_config(cfg)`` adds ``cfg.MODEL.NONLOCAL``."""
 
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .layers import NORMS, PAIRWISE_FUNCTIONS
 
-__all__ = ["add_nonlocal_config", "nonlocal_block_kwargs", "PLACEMENTS"]
+__all__ = ["add_nonlocal_config", "get_nonlocal_cfg", "nonlocal_block_kwargs", "PLACEMENTS"]
 
 # Allowed values of MODEL.NONLOCAL.PLACEMENT (see add_nonlocal_config).
 PLACEMENTS = ("none", "paper_1", "paper_5", "paper_10", "custom")
@@ -108,3 +110,24 @@ def nonlocal_block_kwargs(nl_cfg: CN, channels: int) -> dict:
         use_scale=nl_cfg.USE_SCALE,
         norm=nl_cfg.NORM,
     )
+
+
+def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
+    """Detectron2's defaults + ``MODEL.NONLOCAL``, merged with a YAML file and ``KEY VALUE`` opts.
+
+    When the config asks for CUDA and none is available, ``MODEL.DEVICE`` becomes ``cpu``.
+
+    Args:
+        config_file: a YAML config (e.g. ``configs/mask_rcnn_R50_NL.yaml``), or "" for defaults.
+        opts: a flat list of overrides ``[KEY, VALUE, ...]`` as on the command line.
+
+    Returns:
+        CfgNode: the (unfrozen) config.
+    """
+    cfg = add_nonlocal_config(get_cfg())
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
