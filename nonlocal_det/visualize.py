@@ -6,6 +6,8 @@
     # chosen block and query pixels (x,y), top 10 keys
     python -m nonlocal_det.visualize ... --block backbone.bottom_up.res4.nonlocal4 \\
         --query 120,80 --query 40,150 --topk 10
+    # an image of a registered dataset (the demo's validation split)
+    python -m nonlocal_det.visualize ... --dataset nl_synthetic_val --index 0 --output att.png
     # space-time: the block's embeddings applied to a clip (T frames); arrows cross frames
     python -m nonlocal_det.visualize ... --input f0.png f1.png f2.png --output clip.png
 
@@ -27,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
@@ -34,6 +37,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 from .config import get_nonlocal_cfg
+from .data.builtin import register_datasets_for_config
 from .layers import NonLocalBlock
 
 __all__ = [
@@ -203,9 +207,10 @@ def draw(frames_rgb: List[np.ndarray], arrows: AttentionArrows, gap: int = 8) ->
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
-    p.add_argument(
-        "--input", nargs="+", required=True, help="an image, or the frames of a clip (or a folder)"
-    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="an image, or the frames of a clip (or a folder)")
+    src.add_argument("--dataset", help="a registered dataset (e.g. nl_synthetic_val); see --index")
+    p.add_argument("--index", type=int, default=0, help="with --dataset: which image")
     p.add_argument("--output", required=True, help="the PNG to write")
     p.add_argument(
         "--block", default="", help="name of a backbone non-local block (default: first)"
@@ -237,7 +242,15 @@ def main(argv: Optional[List[str]] = None) -> AttentionArrows:
     args = _parser().parse_args(argv)
     setup_logger(name="nonlocal_det")
     cfg = get_nonlocal_cfg(args.config_file, args.opts)
+    if args.dataset:
+        cfg.DATASETS.TEST = (args.dataset,)
     cfg.freeze()
+    if args.dataset:
+        register_datasets_for_config(cfg)
+        records = DatasetCatalog.get(args.dataset)
+        if not 0 <= args.index < len(records):
+            raise ValueError(f"--index {args.index}: allowed 0..{len(records) - 1}")
+        args.input = [records[args.index]["file_name"]]
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     names = backbone_blocks(model)

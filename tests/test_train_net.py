@@ -1,0 +1,121 @@
+"""train_net.py end to end on the generated dataset: train, checkpoints, metrics, --eval-only,
+--resume (real subprocesses, as a user runs them)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from utils import CONFIGS, REPO
+
+DEMO = os.path.join(CONFIGS, "demo", "mask_rcnn_R18_NL_demo.yaml")
+FAST = ["DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "10"]
+FAST += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # a barely trained model: keep all its boxes
+
+
+def run(args, env):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_net.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_net")
+    env = dict(os.environ, NONLOCAL_DET_DATASETS=str(root / "datasets"))
+    out = root / "out"
+    log = run(
+        [
+            "--config-file",
+            DEMO,
+            "SOLVER.MAX_ITER",
+            "6",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "3",
+            "OUTPUT_DIR",
+            str(out),
+            *FAST,
+        ],
+        env,
+    )
+    return env, out, log
+
+
+def test_training_writes_checkpoints_metrics_and_events(trained):
+    _, out, log = trained
+    assert "Running on the CPU" in log
+    assert "eta:" in log and "iter: 5" in log  # Detectron2's progress lines
+    for name in (
+        "model_0000002.pth",
+        "model_0000005.pth",
+        "model_final.pth",
+        "last_checkpoint",
+        "config.yaml",
+    ):
+        assert (out / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    records = [json.loads(line) for line in open(out / "metrics.json")]
+    iters = [r["iteration"] for r in records if "total_loss" in r]
+    assert iters and iters[-1] == 5
+    assert all(r["total_loss"] == r["total_loss"] for r in records if "total_loss" in r)  # no NaN
+    assert {"loss_keypoint", "loss_mask", "loss_cls"} <= set(records[0])
+
+
+def test_training_ends_with_coco_evaluation(trained):
+    _, out, log = trained
+    for task in ("bbox", "segm", "keypoints"):
+        assert f"Evaluation results for {task}" in log, task
+    assert "copypaste: Task: keypoints" in log
+    assert (out / "inference" / "nl_synthetic_val" / "coco_instances_results.json").is_file()
+
+
+def test_eval_only_prints_ap_tables(trained):
+    env, out, _ = trained
+    log = run(
+        [
+            "--config-file",
+            DEMO,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+            "OUTPUT_DIR",
+            str(out / "eval"),
+            *FAST,
+        ],
+        env,
+    )
+    for task in ("bbox", "segm", "keypoints"):
+        assert f"Evaluation results for {task}" in log
+    assert re.search(r"\|\s+AP\s+\|\s+AP50\s+\|\s+AP75\s+\|", log)
+
+
+def test_resume_continues_from_last_checkpoint(trained):
+    env, out, _ = trained
+    log = run(
+        [
+            "--config-file",
+            DEMO,
+            "--resume",
+            "SOLVER.MAX_ITER",
+            "8",
+            "OUTPUT_DIR",
+            str(out),
+            "TEST.EVAL_PERIOD",
+            "0",
+            *FAST,
+        ],
+        env,
+    )
+    assert "model_final.pth" in log and "Starting training from iteration 6" in log
+    iters = [json.loads(line).get("iteration") for line in open(out / "metrics.json")]
+    assert 7 in iters
