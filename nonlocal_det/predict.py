@@ -22,8 +22,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from .config import get_nonlocal_cfg
-from .data.builtin import register_datasets_for_config
+from .cli import existing_files, tool_cfg, tool_parser
 
 __all__ = ["draw_predictions", "main"]
 
@@ -61,11 +60,7 @@ def draw_predictions(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config-file", required=True, metavar="FILE")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", help="image files")
-    src.add_argument("--dataset", help="a registered dataset, e.g. nl_synthetic_val")
+    p = tool_parser(__doc__, "image files")
     p.add_argument("--num-images", type=int, default=1, help="with --dataset: how many images")
     p.add_argument("--output", required=True, help="a .png file (one image) or a directory")
     p.add_argument("--confidence-threshold", type=float, default=0.5)
@@ -78,11 +73,7 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     """Command-line entry point; returns the written PNG paths."""
     args = _parser().parse_args(argv)
     setup_logger(name="nonlocal_det")
-    cfg = get_nonlocal_cfg(args.config_file, args.opts)
-    if args.dataset:
-        cfg.DATASETS.TEST = (args.dataset,)
-    cfg.freeze()
-    register_datasets_for_config(cfg)
+    cfg = tool_cfg(args)
     if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.startswith(("detectron2://", "http")):
         if not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise FileNotFoundError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r}: no such file")
@@ -94,10 +85,7 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         records = DatasetCatalog.get(args.dataset)[: args.num_images]
         items = [(r["file_name"], r) for r in records]
     else:
-        missing = [f for f in args.input if not os.path.isfile(f)]
-        if missing:
-            raise FileNotFoundError(f"--input: no such file(s): {missing}")
-        items = [(f, None) for f in args.input]
+        items = [(f, None) for f in existing_files(args.input)]
 
     single = len(items) == 1 and args.output.lower().endswith(".png")
     if not single:

@@ -36,8 +36,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
-from .config import get_nonlocal_cfg
-from .data.builtin import register_datasets_for_config
+from .cli import existing_files, tool_cfg, tool_parser
 from .layers import NonLocalBlock
 
 __all__ = [
@@ -205,11 +204,7 @@ def draw(frames_rgb: List[np.ndarray], arrows: AttentionArrows, gap: int = 8) ->
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config-file", required=True, metavar="FILE")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", help="an image, or the frames of a clip (or a folder)")
-    src.add_argument("--dataset", help="a registered dataset (e.g. nl_synthetic_val); see --index")
+    p = tool_parser(__doc__, "an image, or the frames of a clip (or a folder)")
     p.add_argument("--index", type=int, default=0, help="with --dataset: which image")
     p.add_argument("--output", required=True, help="the PNG to write")
     p.add_argument(
@@ -225,28 +220,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _frames(inputs: List[str]) -> List[str]:
     if len(inputs) == 1 and os.path.isdir(inputs[0]):
-        exts = (".png", ".jpg", ".jpeg", ".bmp")
+        folder, exts = inputs[0], (".png", ".jpg", ".jpeg", ".bmp")
         inputs = sorted(
-            os.path.join(inputs[0], f) for f in os.listdir(inputs[0]) if f.lower().endswith(exts)
+            os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(exts)
         )
         if not inputs:
-            raise FileNotFoundError(f"--input {inputs}: the folder holds no image")
-    missing = [f for f in inputs if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"--input: no such file(s): {missing}")
-    return inputs
+            raise FileNotFoundError(f"--input {folder}: the folder holds no {'/'.join(exts)} image")
+    return existing_files(inputs)
 
 
 def main(argv: Optional[List[str]] = None) -> AttentionArrows:
     """Command-line entry point; writes the PNG and returns the drawn arrows."""
     args = _parser().parse_args(argv)
     setup_logger(name="nonlocal_det")
-    cfg = get_nonlocal_cfg(args.config_file, args.opts)
+    cfg = tool_cfg(args)
     if args.dataset:
-        cfg.DATASETS.TEST = (args.dataset,)
-    cfg.freeze()
-    if args.dataset:
-        register_datasets_for_config(cfg)
         records = DatasetCatalog.get(args.dataset)
         if not 0 <= args.index < len(records):
             raise ValueError(f"--index {args.index}: allowed 0..{len(records) - 1}")

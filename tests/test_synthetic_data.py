@@ -1,0 +1,367 @@
+"""Tests of the synthetic COCO-format dataset (nonlocal_det.data.synthetic)."""
+
+import json
+import math
+import os
+import time
+from itertools import combinations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+
+from nonlocal_det.data import (
+    SYNTHETIC_KEYPOINT_CATEGORY,
+    SYNTHETIC_KEYPOINT_CONNECTION_RULES,
+    SYNTHETIC_KEYPOINT_FLIP_MAP,
+    SYNTHETIC_KEYPOINT_NAMES,
+    SYNTHETIC_KEYPOINT_OKS_SIGMAS,
+    SYNTHETIC_THING_CLASSES,
+    default_dataset_root,
+    generate_synthetic_coco,
+    is_synthetic_coco_complete,
+    prepare_synthetic_coco,
+    register_synthetic_coco,
+)
+from nonlocal_det.data.synthetic import main as synthetic_main
+
+K = len(SYNTHETIC_KEYPOINT_NAMES)
+SMALL = dict(num_train=8, num_val=4)
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    generate_synthetic_coco(root, **SMALL)
+    return root
+
+
+def _load(root, split):
+    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "rb") as f:
+        return f.read()
+
+
+def _images(root, split):
+    names = sorted(os.listdir(os.path.join(root, split)))
+    return names, [cv2.imread(os.path.join(root, split, n), cv2.IMREAD_UNCHANGED) for n in names]
+
+
+def _unique_prefix(request):
+    return "test_syn_" + request.node.name.replace("[", "_").replace("]", "_")
+
+
+def test_deterministic(tmp_path, dataset_root):
+    again = str(tmp_path / "again")
+    other = str(tmp_path / "other")
+    generate_synthetic_coco(again, **SMALL)
+    generate_synthetic_coco(other, seed=1, **SMALL)
+    for split in ("train", "val"):
+        assert _load(again, split) == _load(dataset_root, split)
+        names_a, images_a = _images(again, split)
+        names_b, images_b = _images(dataset_root, split)
+        assert names_a == names_b and len(names_a) == SMALL[f"num_{split}"]
+        for a, b in zip(images_a, images_b):
+            assert a.shape == (192, 192, 3) and a.dtype == np.uint8
+            np.testing.assert_array_equal(a, b)
+    assert _load(other, "train") != _load(dataset_root, "train")
+    assert not np.array_equal(_images(other, "train")[1][0], _images(dataset_root, "train")[1][0])
+
+
+def test_first_images_do_not_depend_on_the_number_of_images(tmp_path, dataset_root):
+    more = str(tmp_path / "more")
+    generate_synthetic_coco(more, num_train=10, num_val=4)
+    a = json.loads(_load(more, "train"))
+    b = json.loads(_load(dataset_root, "train"))
+    assert a["images"][:8] == b["images"]
+    assert a["annotations"][: len(b["annotations"])] == b["annotations"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_coco_validity(dataset_root, split):
+    coco = COCO(os.path.join(dataset_root, "annotations", f"instances_{split}.json"))
+    cats = coco.loadCats(coco.getCatIds())
+    assert sorted(c["id"] for c in cats) == [1, 2, 3, 4]
+    assert [c["name"] for c in sorted(cats, key=lambda c: c["id"])] == list(SYNTHETIC_THING_CLASSES)
+    kp_cats = [c for c in cats if "keypoints" in c]
+    assert len(kp_cats) == 1 and kp_cats[0]["name"] == SYNTHETIC_KEYPOINT_CATEGORY
+    assert kp_cats[0]["keypoints"] == list(SYNTHETIC_KEYPOINT_NAMES)
+    for a, b in kp_cats[0]["skeleton"]:
+        assert 1 <= a <= K and 1 <= b <= K
+    for left, right in SYNTHETIC_KEYPOINT_FLIP_MAP:
+        assert left in SYNTHETIC_KEYPOINT_NAMES and right in SYNTHETIC_KEYPOINT_NAMES
+    for a, b, colour in SYNTHETIC_KEYPOINT_CONNECTION_RULES:
+        assert a in SYNTHETIC_KEYPOINT_NAMES and b in SYNTHETIC_KEYPOINT_NAMES and len(colour) == 3
+    assert len(SYNTHETIC_KEYPOINT_OKS_SIGMAS) == K
+
+    assert len(coco.getImgIds()) == SMALL[f"num_{split}"]
+    for img in coco.loadImgs(coco.getImgIds()):
+        assert os.path.isfile(os.path.join(dataset_root, split, img["file_name"]))
+        assert (img["height"], img["width"]) == (192, 192)
+    present = set()
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        present.add(ann["category_id"])
+        assert ann["iscrowd"] == 0 and ann["area"] > 0
+        assert ann["segmentation"] and all(
+            len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"]
+        )
+        mask = coco.annToMask(ann)
+        ys, xs = np.nonzero(mask)
+        tight = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+        assert np.abs(np.array(ann["bbox"]) - np.array(tight)).max() <= 1, (ann["bbox"], tight)
+        assert abs(int(mask.sum()) - ann["area"]) <= 0.05 * ann["area"] + 2
+        kps = np.array(ann["keypoints"], dtype=float).reshape(-1, 3)
+        assert kps.shape == (K, 3)
+        if ann["category_id"] == 4:
+            assert ann["num_keypoints"] == int((kps[:, 2] > 0).sum())
+            x, y, w, h = ann["bbox"]
+            for kx, ky, v in kps:
+                assert v in (0, 1, 2)
+                if v > 0:
+                    assert x <= kx <= x + w and y <= ky <= y + h
+                else:
+                    assert kx == 0 and ky == 0
+        else:  # plain categories: all-zero keypoints, ignored by COCOeval (num_keypoints == 0)
+            assert ann["num_keypoints"] == 0 and not kps.any()
+    if split == "train":
+        assert present == {1, 2, 3, 4}
+
+
+def test_objects_overlap_and_keypoints_are_labelled(dataset_root):
+    coco = COCO(os.path.join(dataset_root, "annotations", "instances_train.json"))
+    overlapping = 0
+    visibilities = set()
+    for img_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[img_id]))
+        for a, b in combinations(anns, 2):
+            ax, ay, aw, ah = a["bbox"]
+            bx, by, bw, bh = b["bbox"]
+            if min(ax + aw, bx + bw) > max(ax, bx) and min(ay + ah, by + bh) > max(ay, by):
+                overlapping += 1
+        for ann in anns:
+            if ann["category_id"] == 4:
+                visibilities.update(ann["keypoints"][2::3])
+    assert overlapping >= 1
+    assert 2 in visibilities
+    # Masks are the visible parts: two annotations of one image never share a pixel.
+    for img_id in coco.getImgIds():
+        masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=[img_id]))]
+        if masks:
+            assert np.stack(masks).sum(axis=0).max() <= 1
+
+
+def test_polygons_decode_to_the_visible_mask(tmp_path):
+    # The polygons follow pixel edges: they decode to masks that do not overlap and whose areas
+    # are exactly the stored pixel areas.
+    root = str(tmp_path / "d")
+    generate_synthetic_coco(root, num_train=4, num_val=1, seed=3)
+    coco = COCO(os.path.join(root, "annotations", "instances_train.json"))
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        rle = mask_util.merge(mask_util.frPyObjects(ann["segmentation"], 192, 192))
+        assert int(mask_util.area(rle)) == ann["area"]
+
+
+def test_idempotent_and_interrupted(tmp_path):
+    root = str(tmp_path / "d")
+    info = generate_synthetic_coco(root, **SMALL)
+    assert info["generated"] and is_synthetic_coco_complete(root, **SMALL)
+    files = [
+        os.path.join(dirpath, name)
+        for dirpath, _, names in os.walk(root)
+        for name in names
+        if name != ".lock"
+    ]
+    mtimes = {f: os.stat(f).st_mtime_ns for f in files}
+    start = time.perf_counter()
+    info = generate_synthetic_coco(root, **SMALL)
+    assert not info["generated"]
+    assert time.perf_counter() - start < 0.5
+    assert {f: os.stat(f).st_mtime_ns for f in files} == mtimes
+    reference = _load(root, "train")
+
+    # Other parameters: regenerated.
+    assert not is_synthetic_coco_complete(root, num_train=8, num_val=4, seed=5)
+
+    # Interrupted generation (no marker, a missing image): detected and redone identically.
+    os.remove(os.path.join(root, "_COMPLETE"))
+    os.remove(os.path.join(root, "train", "000003.png"))
+    assert not is_synthetic_coco_complete(root, **SMALL)
+    info = generate_synthetic_coco(root, **SMALL)
+    assert info["generated"] and is_synthetic_coco_complete(root, **SMALL)
+    assert os.path.isfile(os.path.join(root, "train", "000003.png"))
+    assert _load(root, "train") == reference
+    with open(os.path.join(root, "_COMPLETE")) as f:
+        marker = json.load(f)
+    assert marker["params"]["num_train"] == 8 and marker["params_hash"]
+
+    # A missing image with the marker present is also detected.
+    os.remove(os.path.join(root, "val", "000001.png"))
+    assert not is_synthetic_coco_complete(root, **SMALL)
+    assert generate_synthetic_coco(root, **SMALL)["generated"]
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("NONLOCAL_DET_DATASETS", str(tmp_path))
+    assert default_dataset_root() == os.path.join(str(tmp_path), "synthetic_coco_v1")
+    monkeypatch.delenv("NONLOCAL_DET_DATASETS")
+    expected = os.path.expanduser("~/.cache/nonlocal_det/datasets/synthetic_coco_v1")
+    assert default_dataset_root() == os.path.abspath(expected)
+
+
+def test_bad_parameters(tmp_path):
+    with pytest.raises(ValueError, match="num_train"):
+        generate_synthetic_coco(str(tmp_path), num_train=0)
+    with pytest.raises(ValueError, match="seed"):
+        generate_synthetic_coco(str(tmp_path), seed=-1)
+
+
+def test_registration(dataset_root, tmp_path, request):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    prefix = _unique_prefix(request)
+    train, val = register_synthetic_coco(dataset_root, name_prefix=prefix)
+    assert (train, val) == (f"{prefix}_train", f"{prefix}_val")
+    assert register_synthetic_coco(dataset_root, name_prefix=prefix) == (train, val)  # no-op
+
+    other = str(tmp_path / "other")
+    generate_synthetic_coco(other, num_train=2, num_val=1)
+    with pytest.raises(ValueError, match=train):
+        register_synthetic_coco(other, name_prefix=prefix)
+
+    for name, split in ((train, "train"), (val, "val")):
+        dicts = DatasetCatalog.get(name)
+        assert len(dicts) == SMALL[f"num_{split}"]
+        n_kp = 0
+        for record in dicts:
+            assert os.path.isfile(record["file_name"])
+            for ann in record["annotations"]:
+                assert len(ann["keypoints"]) == 3 * K
+                assert 0 <= ann["category_id"] < 4
+                if ann["category_id"] != SYNTHETIC_THING_CLASSES.index(SYNTHETIC_KEYPOINT_CATEGORY):
+                    assert not any(ann["keypoints"])
+                else:
+                    n_kp += 1
+        if split == "train":
+            assert n_kp > 0
+        meta = MetadataCatalog.get(name)
+        assert meta.thing_classes == list(SYNTHETIC_THING_CLASSES)
+        assert meta.evaluator_type == "coco"
+        assert os.path.isfile(meta.json_file) and os.path.isdir(meta.image_root)
+        assert meta.keypoint_names == list(SYNTHETIC_KEYPOINT_NAMES)
+        assert [tuple(p) for p in meta.keypoint_flip_map] == list(SYNTHETIC_KEYPOINT_FLIP_MAP)
+        assert len(meta.keypoint_connection_rules) == len(SYNTHETIC_KEYPOINT_CONNECTION_RULES)
+        assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1, 3: 2, 4: 3}
+
+
+def test_register_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="instances_train.json"):
+        register_synthetic_coco(str(tmp_path / "nothing"), name_prefix="test_syn_missing")
+
+
+def test_prepare_and_cli(tmp_path, request, capsys):
+    root = str(tmp_path / "p")
+    prefix = _unique_prefix(request)
+    names = prepare_synthetic_coco(root, name_prefix=prefix, num_train=3, num_val=2)
+    assert names == (f"{prefix}_train", f"{prefix}_val")
+    assert is_synthetic_coco_complete(root, num_train=3, num_val=2)
+    assert synthetic_main(["--root", root, "--num-train", "3", "--num-val", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and "star_person=" in out and "keypoint instances" in out
+
+
+def test_generation_speed(tmp_path):
+    start = time.perf_counter()
+    generate_synthetic_coco(str(tmp_path / "speed"), num_train=40, num_val=5)
+    # Default size (450 images) must take < 20 s: 45 images well under 2 s on a slow CPU.
+    assert time.perf_counter() - start < 4.0
+
+
+def _tiny_cfg(train_name, val_name):
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.KEYPOINT_ON = True
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 128
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 64
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 4
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1
+    cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = K
+    cfg.MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS = (64, 64)
+    cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE = 1
+    cfg.INPUT.MIN_SIZE_TRAIN = (192,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 192
+    cfg.INPUT.MIN_SIZE_TEST = 192
+    cfg.INPUT.MAX_SIZE_TEST = 192
+    cfg.INPUT.RANDOM_FLIP = "horizontal"
+    cfg.DATASETS.TRAIN = (train_name,)
+    cfg.DATASETS.TEST = (val_name,)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.BASE_LR = 0.001
+    cfg.TEST.KEYPOINT_OKS_SIGMAS = list(SYNTHETIC_KEYPOINT_OKS_SIGMAS)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # an untrained model still predicts something
+    cfg.TEST.DETECTIONS_PER_IMAGE = 20
+    return cfg
+
+
+@pytest.mark.slow
+def test_detectron2_trains_and_evaluates(dataset_root, tmp_path, request):
+    from detectron2.data import build_detection_test_loader, build_detection_train_loader
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)
+    train, val = register_synthetic_coco(dataset_root, name_prefix=_unique_prefix(request))
+    cfg = _tiny_cfg(train, val)
+    model = build_model(cfg)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.SOLVER.BASE_LR, momentum=0.9)
+    data = iter(build_detection_train_loader(cfg))  # horizontal flip needs the flip map
+    with EventStorage(0):
+        for _ in range(2):
+            batch = next(data)
+            assert all(b["instances"].has("gt_keypoints") for b in batch)
+            losses = model(batch)
+            assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_keypoint"} <= set(losses)
+            for name, value in losses.items():
+                assert math.isfinite(float(value)), name
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+
+    model.eval()
+    evaluator = COCOEvaluator(
+        val,
+        tasks=("bbox", "segm", "keypoints"),
+        output_dir=str(tmp_path / "eval"),
+        use_fast_impl=False,
+        kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
+    )
+    results = inference_on_dataset(model, build_detection_test_loader(cfg, val), evaluator)
+    assert {"bbox", "segm", "keypoints"} <= set(results), results
+    assert "AP" in results["keypoints"]
