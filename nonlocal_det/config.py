@@ -27,6 +27,9 @@ def add_nonlocal_config(cfg: CN) -> CN:
         return cfg
     _C = cfg
     _C.MODEL.NONLOCAL = CN()
+    # Master switch: False removes every non-local block (backbone and keypoint head) whatever the
+    # keys below say, e.g. to run a config's baseline with one command-line override.
+    _C.MODEL.NONLOCAL.ENABLED = True
     # Pairwise function f(x_i, x_j) of the block (paper §3.2). One of:
     #   "embedded_gaussian": exp(theta_i . phi_j), normalised by sum_j (a softmax; paper default);
     #   "gaussian":          exp(x_i . x_j), normalised by sum_j (no theta/phi embeddings);

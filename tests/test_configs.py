@@ -100,3 +100,17 @@ def test_config_builds_and_runs(leaf):
     with torch.no_grad():
         out = model([{"image": image, "height": 64, "width": 80}])[0]["instances"]
     assert out.image_size == (64, 80) and out.has("pred_boxes") and out.has("scores")
+
+
+def test_one_override_turns_every_block_off():
+    cfg = load_cfg("demo/mask_rcnn_R18_NL_demo.yaml", ["MODEL.NONLOCAL.ENABLED", False])
+    model = build_model(cfg)
+    assert not any(isinstance(m, NonLocalBlock) for m in model.modules())
+    on = build_model(load_cfg("demo/mask_rcnn_R18_NL_demo.yaml"))
+    names = [n for n, m in on.named_modules() if isinstance(m, NonLocalBlock)]
+    assert names == [
+        "backbone.bottom_up.res4.nonlocal0",
+        "roi_heads.keypoint_head.nonlocal2",
+        "roi_heads.keypoint_head.nonlocal4",
+    ]
+    assert set(model.state_dict()) == {k for k in on.state_dict() if ".nonlocal" not in k}

@@ -71,6 +71,8 @@ def resolve_placement(nl_cfg, lengths: Dict[str, int], built: List[str]) -> Dict
         ValueError: naming the offending key, its value and what is allowed.
     """
     placement = nl_cfg.PLACEMENT
+    if not nl_cfg.ENABLED:
+        return {}
     if placement not in PLACEMENTS:
         raise ValueError(
             f"MODEL.NONLOCAL.PLACEMENT={placement!r} is not supported; allowed: {list(PLACEMENTS)}"
@@ -205,7 +207,11 @@ def build_resnet_nonlocal_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
             ", ".join(names),
         )
     else:
-        logger.info("Non-local blocks: none (MODEL.NONLOCAL.PLACEMENT=%r)", nl_cfg.PLACEMENT)
+        logger.info(
+            "Non-local blocks in the backbone: none (MODEL.NONLOCAL.ENABLED=%s, PLACEMENT=%r)",
+            nl_cfg.ENABLED,
+            nl_cfg.PLACEMENT,
+        )
     return resnet
 
 

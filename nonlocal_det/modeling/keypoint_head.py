@@ -74,7 +74,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
                 "cfg.MODEL.NONLOCAL is missing: call nonlocal_det.add_nonlocal_config(cfg) before "
                 "merge_from_file (MODEL.ROI_KEYPOINT_HEAD.NAME='NonLocalKRCNNHead' needs it)"
             )
-        ret["nonlocal_after"] = list(cfg.MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS)
+        enabled = cfg.MODEL.NONLOCAL.ENABLED
+        ret["nonlocal_after"] = list(cfg.MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS) if enabled else []
         kwargs = nonlocal_block_kwargs(cfg.MODEL.NONLOCAL, 1)  # validates the keys
         del kwargs["in_channels"], kwargs["inner_channels"]
         ret["nonlocal_inner_ratio"] = cfg.MODEL.NONLOCAL.INNER_RATIO
