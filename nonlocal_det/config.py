@@ -6,7 +6,13 @@ from detectron2.config import get_cfg
 
 from .layers import NORMS, PAIRWISE_FUNCTIONS
 
-__all__ = ["add_nonlocal_config", "get_nonlocal_cfg", "nonlocal_block_kwargs", "PLACEMENTS"]
+__all__ = [
+    "add_nonlocal_config",
+    "get_nonlocal_cfg",
+    "inner_channels_for",
+    "nonlocal_block_kwargs",
+    "PLACEMENTS",
+]
 
 # Allowed values of MODEL.NONLOCAL.PLACEMENT (see add_nonlocal_config).
 PLACEMENTS = ("none", "paper_1", "paper_5", "paper_10", "custom")
@@ -72,6 +78,11 @@ def add_nonlocal_config(cfg: CN) -> CN:
     return cfg
 
 
+def inner_channels_for(channels: int, ratio: float) -> int:
+    """C_inner of a block with ``channels`` inputs and ``MODEL.NONLOCAL.INNER_RATIO`` ``ratio``."""
+    return max(1, int(round(channels * ratio)))
+
+
 def nonlocal_block_kwargs(nl_cfg: CN, channels: int) -> dict:
     """Validated ``NonLocalBlock`` arguments from ``cfg.MODEL.NONLOCAL`` for ``channels`` inputs.
 
@@ -106,7 +117,7 @@ def nonlocal_block_kwargs(nl_cfg: CN, channels: int) -> dict:
             )
     return dict(
         in_channels=channels,
-        inner_channels=max(1, int(round(channels * ratio))),
+        inner_channels=inner_channels_for(channels, ratio),
         pairwise=nl_cfg.PAIRWISE,
         dim=2,
         subsample=nl_cfg.SUBSAMPLE,

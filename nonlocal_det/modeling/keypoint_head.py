@@ -6,7 +6,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
 
-from ..config import nonlocal_block_kwargs
+from ..config import inner_channels_for, nonlocal_block_kwargs
 from ..layers import NonLocalBlock
 
 __all__ = ["NonLocalKRCNNHead"]
@@ -61,7 +61,7 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
                 if name.startswith("conv_fcn_relu") and int(name[len("conv_fcn_relu") :]) in after:
                     k = int(name[len("conv_fcn_relu") :])
                     c = conv_dims[k - 1]
-                    inner = max(1, int(round(c * nonlocal_inner_ratio)))
+                    inner = inner_channels_for(c, nonlocal_inner_ratio)
                     block = NonLocalBlock(c, inner_channels=inner, **nonlocal_kwargs)
                     self.add_module(f"nonlocal{k}", block)
         self.nonlocal_after = sorted(after)
