@@ -8,7 +8,8 @@ Detectron2's standard training script, plus the project's config keys and datase
         MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file configs/mask_rcnn_R50_NL.yaml --resume   # after a stop
 
-Trailing ``KEY VALUE`` pairs override the config. Without CUDA it runs on the CPU.
+Trailing ``KEY VALUE`` pairs override the config (``DATASETS.TRAIN_JSON FILE DATASETS.TRAIN_IMAGES
+DIR``: your own COCO-format data). Without CUDA it runs on the CPU.
 """
 
 import logging
@@ -20,6 +21,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data.builtin import register_datasets_for_config
@@ -45,6 +47,9 @@ def setup(args):
     cfg = get_nonlocal_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(
+        cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nonlocal_det", abbrev_name="nl"
+    )
     if cfg.MODEL.DEVICE == "cpu":
         why = "" if torch.cuda.is_available() else ": CUDA is not available"
         logging.getLogger("detectron2").info(f"Running on the CPU (MODEL.DEVICE=cpu){why}")
