@@ -10,25 +10,26 @@ Detectron2's standard training script, plus the project's config keys and datase
 
 Trailing ``KEY VALUE`` pairs override the config (``DATASETS.TRAIN_JSON FILE DATASETS.TRAIN_IMAGES
 DIR``: your own COCO-format data). Without CUDA it runs on the CPU.
+Checkpoints are written atomically; ``--resume`` continues from the last one.
 """
 
 import logging
 import os
 
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data.builtin import register_datasets_for_config
+from nonlocal_det.engine import NonLocalTrainer
 
 
-class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with a COCO evaluator (bbox, and segm / keypoints when turned on)."""
+class Trainer(NonLocalTrainer):
+    """``NonLocalTrainer`` with a COCO evaluator (bbox, and segm / keypoints when turned on)."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -43,7 +44,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Config from file + command line (CPU when CUDA is absent), datasets, Detectron2 logging."""
+    """Checked config from file + command line (CPU when CUDA is absent), datasets, logging."""
     cfg = get_nonlocal_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)

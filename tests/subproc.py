@@ -49,3 +49,15 @@ def run_train_net(args: List[str], env: dict, ok: Optional[bool] = True, timeout
     if ok is not None:
         assert (proc.returncode == 0) == ok, f"exit status {proc.returncode}:\n{log[-5000:]}"
     return log
+
+
+def load_train_net():
+    """``train_net.py`` imported as a module (for in-process ``setup`` / ``Trainer``)."""
+    import importlib.util
+
+    if "train_net" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["train_net"] = module
+    return sys.modules["train_net"]
