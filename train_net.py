@@ -9,7 +9,8 @@ Detectron2's standard training script, plus the project's config keys and datase
     python train_net.py --config-file configs/mask_rcnn_R50_NL.yaml --resume   # after a stop
 
 Trailing ``KEY VALUE`` pairs override the config (``DATASETS.TRAIN_JSON FILE DATASETS.TRAIN_IMAGES
-DIR``: your own COCO-format data). Without CUDA it runs on the CPU.
+DIR``: your own COCO-format data). Without CUDA it runs on the CPU. The config and the datasets
+are checked before any training work starts.
 Checkpoints are written atomically; ``--resume`` continues from the last one.
 """
 
@@ -23,6 +24,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from nonlocal_det.checks import check_config, check_datasets
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data.builtin import register_datasets_for_config
 from nonlocal_det.engine import NonLocalTrainer
@@ -46,6 +48,7 @@ class Trainer(NonLocalTrainer):
 def setup(args):
     """Checked config from file + command line (CPU when CUDA is absent), datasets, logging."""
     cfg = get_nonlocal_cfg(args.config_file, args.opts)
+    check_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(
@@ -55,6 +58,7 @@ def setup(args):
         why = "" if torch.cuda.is_available() else ": CUDA is not available"
         logging.getLogger("detectron2").info(f"Running on the CPU (MODEL.DEVICE=cpu){why}")
     register_datasets_for_config(cfg)
+    check_datasets(cfg)
     return cfg
 
 

@@ -196,7 +196,7 @@ def register_coco_json_datasets(cfg) -> Optional[List[str]]:
     """Register :data:`TRAIN_NAME` / :data:`TEST_NAME` for the config's ``DATASETS.*_JSON`` files
     and check their images (on the first process of each machine).
 
-    Registering the same file again does nothing; another file replaces the registration.
+    Registering the same files again does nothing; other files replace the registration.
 
     Args:
         cfg: the config, after :func:`configure_coco_json_datasets`.
@@ -227,7 +227,8 @@ def register_coco_json_datasets(cfg) -> Optional[List[str]]:
             raise error
         names.append(name)
         if name in DatasetCatalog.list():
-            if MetadataCatalog.get(name).get("source_json") == json_file:
+            meta = MetadataCatalog.get(name)
+            if (meta.get("source_json"), meta.get("image_root")) == (json_file, image_root):
                 continue
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)

@@ -4,16 +4,21 @@ What it changes, nothing else:
 
 * checkpoints and the ``last_checkpoint`` tag are written atomically (:class:`AtomicCheckpointer`);
 * ``resume_or_load(resume=True)`` trims ``metrics.json`` back to the checkpoint's iteration
-  (:func:`trim_metrics_after`), so the file stays valid JSON lines without duplicate iterations.
+  (:func:`trim_metrics_after`), so the file stays valid JSON lines without duplicate iterations;
+* data loaders whose errors name the image being loaded (:class:`NamedErrorsMapper`), and the
+  training datasets checked again against the config once loaded (class count).
 """
 
 import logging
 import os
 import weakref
 
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
+from ..checks import check_datasets
+from ..data.mapper import NamedErrorsMapper
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
 
@@ -44,3 +49,18 @@ class NonLocalTrainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         if resume and self.checkpointer.has_checkpoint() and comm.is_main_process():
             trim_metrics_after(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.iter)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's train loader (errors name the image); once its dataset dicts are loaded,
+        the datasets are checked against the config again (:func:`check_datasets`): a lazily
+        registered dataset knows its classes only now."""
+        mapper = NamedErrorsMapper(DatasetMapper(cfg, True))
+        loader = build_detection_train_loader(cfg, mapper=mapper)
+        check_datasets(cfg, keys=("TRAIN",))
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = NamedErrorsMapper(DatasetMapper(cfg, False), dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
