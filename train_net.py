@@ -9,8 +9,8 @@ Detectron2's standard training script, plus the project's config keys and datase
     python train_net.py --config-file configs/mask_rcnn_R50_NL.yaml --resume   # after a stop
 
 Trailing ``KEY VALUE`` pairs override the config (``DATASETS.TRAIN_JSON FILE DATASETS.TRAIN_IMAGES
-DIR``: your own COCO-format data). Without CUDA it runs on the CPU. The config and the datasets
-are checked before any training work starts.
+DIR``: your own COCO-format data). Without CUDA it runs on the CPU, and ``--num-gpus N`` starts N
+CPU processes. The config and the datasets are checked before any training work starts.
 Checkpoints are written atomically; ``--resume`` continues from the last one.
 """
 

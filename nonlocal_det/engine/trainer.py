@@ -1,20 +1,27 @@
-"""``NonLocalTrainer``: Detectron2's ``DefaultTrainer`` made safe to interrupt.
+"""``NonLocalTrainer``: Detectron2's ``DefaultTrainer`` made safe to interrupt and runnable on CPU.
 
 What it changes, nothing else:
 
 * checkpoints and the ``last_checkpoint`` tag are written atomically (:class:`AtomicCheckpointer`);
 * ``resume_or_load(resume=True)`` trims ``metrics.json`` back to the checkpoint's iteration
   (:func:`trim_metrics_after`), so the file stays valid JSON lines without duplicate iterations;
+* several processes on CPU (``launch`` with the gloo backend, ``--num-gpus N`` without CUDA):
+  Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which PyTorch's
+  ``DistributedDataParallel`` refuses for a CPU model; here it gets ``device_ids=None``;
 * data loaders whose errors name the image being loaded (:class:`NamedErrorsMapper`), and the
   training datasets checked again against the config once loaded (class count).
 """
 
+import contextlib
 import logging
 import os
 import weakref
+from typing import Iterator
+from unittest import mock
 
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 from ..checks import check_datasets
@@ -27,6 +34,22 @@ __all__ = ["NonLocalTrainer"]
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _cpu_ddp(cfg) -> Iterator[None]:
+    """Inside: Detectron2's ``create_ddp_model`` wraps CPU models with ``device_ids=None``."""
+    if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
+        yield
+        return
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model):
+        yield
+
+
 class NonLocalTrainer(DefaultTrainer):
     """``DefaultTrainer`` with the changes listed in the module docstring; ``build_evaluator`` is
     left to the subclass, as in Detectron2.
@@ -34,6 +57,10 @@ class NonLocalTrainer(DefaultTrainer):
     Args:
         cfg: a frozen config (``nonlocal_det.config.get_nonlocal_cfg``).
     """
+
+    def __init__(self, cfg):
+        with _cpu_ddp(cfg):
+            super().__init__(cfg)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a plain DetectionCheckpointer right before calling this;
