@@ -2,6 +2,6 @@
 
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
-from .trainer import NonLocalTrainer
+from .trainer import CPUAutocast, NonLocalTrainer
 
-__all__ = ["AtomicCheckpointer", "NonLocalTrainer", "trim_metrics_after"]
+__all__ = ["AtomicCheckpointer", "CPUAutocast", "NonLocalTrainer", "trim_metrics_after"]

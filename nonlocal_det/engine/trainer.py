@@ -8,6 +8,9 @@ What it changes, nothing else:
 * several processes on CPU (``launch`` with the gloo backend, ``--num-gpus N`` without CUDA):
   Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which PyTorch's
   ``DistributedDataParallel`` refuses for a CPU model; here it gets ``device_ids=None``;
+* ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA (fp16 autocast + grad
+  scaler); on CPU the training forward runs under bfloat16 autocast instead (bf16 has the range
+  of fp32, so no grad scaler is needed), and evaluation runs in fp32;
 * data loaders whose errors name the image being loaded (:class:`NamedErrorsMapper`), and the
   training datasets checked again against the config once loaded (class count).
 """
@@ -19,19 +22,47 @@ import weakref
 from typing import Iterator
 from unittest import mock
 
+import torch
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
+from torch import nn
 
 from ..checks import check_datasets
 from ..data.mapper import NamedErrorsMapper
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
 
-__all__ = ["NonLocalTrainer"]
+__all__ = ["NonLocalTrainer", "CPUAutocast"]
 
 logger = logging.getLogger(__name__)
+
+
+class CPUAutocast(nn.Module):
+    """Runs the wrapped model's training forward under CPU autocast (eval forward unchanged).
+
+    The losses are returned in float32. Only the trainer sees this wrapper: checkpoints hold the
+    wrapped model's own parameter names.
+
+    Args:
+        model: the detector (or its ``DistributedDataParallel``).
+        dtype: the autocast dtype (default ``torch.bfloat16``).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, *args, **kwargs):
+        if not self.training:
+            return self.model(*args, **kwargs)
+        with torch.autocast("cpu", dtype=self.dtype):
+            out = self.model(*args, **kwargs)
+        if isinstance(out, dict):
+            out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
+        return out
 
 
 @contextlib.contextmanager
@@ -61,6 +92,10 @@ class NonLocalTrainer(DefaultTrainer):
     def __init__(self, cfg):
         with _cpu_ddp(cfg):
             super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+            old = self._trainer
+            self._trainer = SimpleTrainer(CPUAutocast(old.model), old.data_loader, old.optimizer)
+            logger.info("SOLVER.AMP.ENABLED on CPU: training forward under bfloat16 autocast")
 
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a plain DetectionCheckpointer right before calling this;
