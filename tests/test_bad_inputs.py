@@ -307,14 +307,17 @@ def test_train_net_stops_before_training(data, tmp_path):
 
 def test_tiny_and_elongated_images_run(data):
     """Images smaller than the network stride (12x12; stride 32 at res5, 64 at p6) and a 1:17
-    image 12 px high: training losses and inference outputs are finite (non-local blocks on
-    feature maps of 1 and 2 positions included). The empty image is skipped in training."""
+    image 12 px high: training losses and inference outputs (one image per batch, as in
+    evaluation) are finite; the res4 non-local block sees 2x2 and 2x14 positions (inputs padded
+    to a multiple of 32). The empty image is skipped in training."""
     from detectron2.data import get_detection_dataset_dicts
 
     _, files = data
     sizes = ["INPUT.MIN_SIZE_TRAIN", "(12,)", "INPUT.MAX_SIZE_TRAIN", "400"]
     sizes += ["INPUT.MIN_SIZE_TEST", "12", "INPUT.MAX_SIZE_TEST", "400"]
     sizes += ["TEST.KEYPOINT_OKS_SIGMAS", "[0.08, 0.08, 0.08]"]
+    # the demo's FPN width: GroupNorm(32 groups) of 1x1 maps needs 2 channels per group
+    sizes += ["MODEL.FPN.OUT_CHANNELS", "64"]
     cfg = prepare([x for kv in files.items() for x in kv] + TINY + sizes)
     assert len(get_detection_dataset_dicts([TRAIN_NAME])) == 6  # of 7: the empty one is dropped
     records = [d for d in DatasetCatalog.get(TRAIN_NAME) if d["height"] in (12, 24)]
@@ -322,6 +325,9 @@ def test_tiny_and_elongated_images_run(data):
     cfg.INPUT.RANDOM_FLIP = "none"
     torch.manual_seed(0)
     model = build_model(cfg)
+    block = model.backbone.bottom_up.res4.nonlocal0
+    seen = []
+    block.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[2:])))
     batch = [DatasetMapper(cfg, True)(r) for r in records]
     assert sorted(tuple(b["image"].shape[1:]) for b in batch) == [(12, 12), (12, 200)]
     with EventStorage():
@@ -329,9 +335,11 @@ def test_tiny_and_elongated_images_run(data):
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     model.eval()
-    with torch.no_grad():
-        outputs = model([DatasetMapper(cfg, False)(r) for r in records])
-    for out, r in zip(outputs, records):
+    seen.clear()
+    for r in records:
+        with torch.no_grad():
+            (out,) = model([DatasetMapper(cfg, False)(r)])
         inst = out["instances"]
         assert inst.image_size == (r["height"], r["width"])
         assert torch.isfinite(inst.pred_boxes.tensor).all()
+    assert sorted(seen) == [(2, 2), (2, 14)]
