@@ -8,25 +8,30 @@ Detectron2's standard training script, plus the project's config keys and datase
         MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file configs/mask_rcnn_R50_NL.yaml --resume   # after a stop
 
-Trailing ``KEY VALUE`` pairs override the config. Without CUDA it runs on the CPU.
+Trailing ``KEY VALUE`` pairs override the config (``DATASETS.TRAIN_JSON FILE DATASETS.TRAIN_IMAGES
+DIR``: your own COCO-format data). Without CUDA it runs on the CPU, and ``--num-gpus N`` starts N
+CPU processes. The config and the datasets are checked before any training work starts.
+Checkpoints are written atomically; ``--resume`` continues from the last one.
 """
 
 import logging
 import os
 
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
+from nonlocal_det.checks import check_config, check_datasets
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data.builtin import register_datasets_for_config
+from nonlocal_det.engine import NonLocalTrainer
 
 
-class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with a COCO evaluator (bbox, and segm / keypoints when turned on)."""
+class Trainer(NonLocalTrainer):
+    """``NonLocalTrainer`` with a COCO evaluator (bbox, and segm / keypoints when turned on)."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -41,14 +46,19 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Config from file + command line (CPU when CUDA is absent), datasets, Detectron2 logging."""
+    """Checked config from file + command line (CPU when CUDA is absent), datasets, logging."""
     cfg = get_nonlocal_cfg(args.config_file, args.opts)
+    check_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(
+        cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nonlocal_det", abbrev_name="nl"
+    )
     if cfg.MODEL.DEVICE == "cpu":
         why = "" if torch.cuda.is_available() else ": CUDA is not available"
         logging.getLogger("detectron2").info(f"Running on the CPU (MODEL.DEVICE=cpu){why}")
     register_datasets_for_config(cfg)
+    check_datasets(cfg)
     return cfg
 
 

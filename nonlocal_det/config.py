@@ -7,6 +7,7 @@ from detectron2.config import get_cfg
 from .layers import NORMS, PAIRWISE_FUNCTIONS
 
 __all__ = [
+    "ConfigKeyError",
     "add_nonlocal_config",
     "get_nonlocal_cfg",
     "inner_channels_for",
@@ -19,7 +20,8 @@ PLACEMENTS = ("none", "paper_1", "paper_5", "paper_10", "custom")
 
 
 def add_nonlocal_config(cfg: CN) -> CN:
-    """Add the ``MODEL.NONLOCAL`` node (non-local blocks, Wang et al. CVPR 2018) to ``cfg``.
+    """Add the ``MODEL.NONLOCAL`` node (non-local blocks, Wang et al. CVPR 2018) to ``cfg``, and
+    the ``DATASETS.{TRAIN,TEST}_{JSON,IMAGES}`` keys (your own COCO-format files).
 
     Call it right after ``get_cfg()`` and before ``merge_from_file``. Idempotent.
 
@@ -29,9 +31,18 @@ def add_nonlocal_config(cfg: CN) -> CN:
     Returns:
         The same ``cfg``, for chaining.
     """
+    _C = cfg
+    if "TRAIN_JSON" not in _C.DATASETS:
+        # Your own COCO-format dataset, no Python needed: a COCO instances JSON file and the folder
+        # its "file_name"s are relative to. When set, DATASETS.TRAIN / DATASETS.TEST become
+        # "nl_coco_train" / "nl_coco_test" (registered from these files), and the class count
+        # (MODEL.ROI_HEADS.NUM_CLASSES) and keypoint count come from the file. Empty: unused.
+        _C.DATASETS.TRAIN_JSON = ""
+        _C.DATASETS.TRAIN_IMAGES = ""
+        _C.DATASETS.TEST_JSON = ""
+        _C.DATASETS.TEST_IMAGES = ""
     if "NONLOCAL" in cfg.MODEL:
         return cfg
-    _C = cfg
     _C.MODEL.NONLOCAL = CN()
     # Master switch: False removes every non-local block (backbone and keypoint head) whatever the
     # keys below say, e.g. to run a config's baseline with one command-line override.
@@ -129,7 +140,9 @@ def nonlocal_block_kwargs(nl_cfg: CN, channels: int) -> dict:
 def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
     """Detectron2's defaults + ``MODEL.NONLOCAL``, merged with a YAML file and ``KEY VALUE`` opts.
 
-    When the config asks for CUDA and none is available, ``MODEL.DEVICE`` becomes ``cpu``.
+    When the config asks for CUDA and none is available, ``MODEL.DEVICE`` becomes ``cpu``. With
+    ``DATASETS.TRAIN_JSON`` / ``TEST_JSON`` set, the files are checked and the config adapted to
+    them (:func:`nonlocal_det.data.coco_json.configure_coco_json_datasets`).
 
     Args:
         config_file: a YAML config (e.g. ``configs/mask_rcnn_R50_NL.yaml``), or "" for defaults.
@@ -137,11 +150,60 @@ def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
 
     Returns:
         CfgNode: the (unfrozen) config.
+
+    Raises:
+        KeyError: an unknown key, with the keys allowed at that place.
     """
+    from .data.coco_json import configure_coco_json_datasets
+
     cfg = add_nonlocal_config(get_cfg())
     if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:  # yacs: "Non-existent config key: A.B.C"
+            msg = str(e.args[0]) if e.args else ""
+            key = msg.split(":", 1)[1].strip() if msg.startswith("Non-existent") else None
+            if key is None:
+                raise
+            raise _unknown_key_error(cfg, key, config_file) from None
+    opts = list(opts)
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, AssertionError):  # an assert in yacs (a KeyError when run with -O)
+        unknown = [k for k in opts[0::2] if not _has_key(cfg, k)]
+        if not unknown:
+            raise
+        raise _unknown_key_error(cfg, unknown[0], "the command line") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    configure_coco_json_datasets(cfg)
     return cfg
+
+
+class ConfigKeyError(KeyError):
+    """An unknown config key (``str()`` is the message itself, not its ``repr``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _has_key(cfg: CN, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return cfg.key_is_deprecated(key)
+        node = node[part]
+    return True
+
+
+def _unknown_key_error(cfg: CN, key: str, source: str) -> KeyError:
+    """The unknown ``key`` (from ``source``), with the keys that do exist where it points."""
+    node, parent = cfg, []
+    for part in key.split(".")[:-1]:
+        if not isinstance(node, CN) or part not in node:
+            break
+        node, parent = node[part], parent + [part]
+    where = ".".join(parent) or "the top level"
+    return ConfigKeyError(
+        f"{key} (in {source}) is not a config key; allowed keys under {where}: {sorted(node)}"
+    )

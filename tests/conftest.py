@@ -13,3 +13,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _datasets_cache(tmp_path_factory):
+    """Files the package caches (generated data, evaluation copies of COCO files) go to a temporary
+    folder, not ~/.cache, unless NONLOCAL_DET_DATASETS is set."""
+    if os.environ.get("NONLOCAL_DET_DATASETS"):
+        yield
+        return
+    os.environ["NONLOCAL_DET_DATASETS"] = str(tmp_path_factory.mktemp("nonlocal_det_datasets"))
+    yield
+    del os.environ["NONLOCAL_DET_DATASETS"]

@@ -299,15 +299,17 @@ class NonLocalBlock(CNNBlockBase):
                 f"{spatial} grid; allowed: flat indices in [0, {n_pos})"
             )
         q, k, _, key_shape = self._embed(x)
-        # float32 at least: q . k overflows fp16 before the scale at C_inner = 512.
+        # float32 at least: q . k overflows fp16 before the scale at C_inner = 512 (and autocast
+        # off, or it would run the products in fp16 again).
         dt = torch.promote_types(q.dtype, torch.float32)
         q, k = q[:, :, queries].to(dt), k.to(dt)  # (N, C_q, Q), (N, C_q, M)
         m = k.shape[2]
-        if self.pairwise == "dot_product":
-            w = torch.einsum("ncq,ncm->nqm", q, k) / m
-        elif self.pairwise == "concatenation":
-            a, b = self._concat_terms(q, k)
-            w = F.relu(a.unsqueeze(2) + b.unsqueeze(1)) / m
-        else:
-            w = torch.softmax(torch.einsum("ncq,ncm->nqm", q, k) * self.scale, dim=2)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.pairwise == "dot_product":
+                w = torch.einsum("ncq,ncm->nqm", q, k) / m
+            elif self.pairwise == "concatenation":
+                a, b = self._concat_terms(q, k)
+                w = F.relu(a.unsqueeze(2) + b.unsqueeze(1)) / m
+            else:
+                w = torch.softmax(torch.einsum("ncq,ncm->nqm", q, k) * self.scale, dim=2)
         return w.reshape([x.shape[0], len(queries)] + list(key_shape)).to(x.dtype)

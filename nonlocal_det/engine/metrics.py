@@ -1,0 +1,77 @@
+"""Keep ``metrics.json`` consistent with the checkpoint a run resumes from.
+
+Detectron2's ``JSONWriter`` appends one JSON object per line. After a crash, the file may end
+with records of iterations the resumed run will redo (their model state was never saved), and a
+kill in the middle of a write may leave a torn last line; appending after either gives duplicate
+iterations or an invalid file. :func:`trim_metrics_after` moves that tail to a side file and
+truncates ``metrics.json`` right after the last record of the checkpoint's iteration or before.
+"""
+
+import json
+import logging
+import os
+from typing import Tuple
+
+__all__ = ["trim_metrics_after", "INTERRUPTED_SUFFIX"]
+
+logger = logging.getLogger(__name__)
+
+# The tail removed from metrics.json goes to metrics.json + this suffix (appended, never lost).
+INTERRUPTED_SUFFIX = ".interrupted"
+
+
+def _iteration(line: bytes):
+    """The record's iteration, or None for a line that is not a complete JSON object."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("iteration") if isinstance(record, dict) else None
+
+
+def trim_metrics_after(path: str, iteration: int) -> Tuple[int, int]:
+    """Remove from the end of ``path`` the records after ``iteration`` and any torn line.
+
+    Scans from the end and stops at the first complete record whose iteration is ``<=
+    iteration``: everything before it is kept byte for byte. The removed lines are appended to
+    ``path + INTERRUPTED_SUFFIX`` (written and fsynced before the truncation, so nothing is lost
+    if this is interrupted too). The truncation is done in place, so a writer that already holds
+    the file open in append mode writes after the kept part.
+
+    Args:
+        path: a JSON-lines metrics file (missing: nothing to do).
+        iteration: the iteration stored in the checkpoint being resumed.
+
+    Returns:
+        (kept, moved): numbers of lines.
+    """
+    if not os.path.isfile(path):
+        return 0, 0
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    cut = len(lines)
+    while cut > 0:
+        it = _iteration(lines[cut - 1])
+        if it is not None and it <= iteration:
+            break
+        cut -= 1
+    kept, moved = lines[:cut], lines[cut:]
+    if moved:
+        with open(path + INTERRUPTED_SUFFIX, "ab") as f:
+            f.write(b"".join(m if m.endswith(b"\n") else m + b"\n" for m in moved))
+            f.flush()
+            os.fsync(f.fileno())
+    size = sum(len(x) for x in kept)
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        if kept and not kept[-1].endswith(b"\n"):
+            f.seek(size)
+            f.write(b"\n")  # a complete last record without its newline
+        f.flush()
+        os.fsync(f.fileno())
+    if moved:
+        logger.info(
+            f"{path}: moved {len(moved)} line(s) written after iteration {iteration} (the "
+            f"checkpoint resumed from) or torn by the interruption to {path}{INTERRUPTED_SUFFIX}"
+        )
+    return len(kept), len(moved)

@@ -1,0 +1,128 @@
+"""``NonLocalTrainer``: Detectron2's ``DefaultTrainer`` made safe to interrupt and runnable on CPU.
+
+What it changes, nothing else:
+
+* checkpoints and the ``last_checkpoint`` tag are written atomically (:class:`AtomicCheckpointer`);
+* ``resume_or_load(resume=True)`` trims ``metrics.json`` back to the checkpoint's iteration
+  (:func:`trim_metrics_after`), so the file stays valid JSON lines without duplicate iterations;
+* several processes on CPU (``launch`` with the gloo backend, ``--num-gpus N`` without CUDA):
+  Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which PyTorch's
+  ``DistributedDataParallel`` refuses for a CPU model; here it gets ``device_ids=None``;
+* ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA (fp16 autocast + grad
+  scaler); on CPU the training forward runs under bfloat16 autocast instead (bf16 has the range
+  of fp32, so no grad scaler is needed), and evaluation runs in fp32;
+* data loaders whose errors name the image being loaded (:class:`NamedErrorsMapper`), and the
+  training datasets checked again against the config once loaded (class count).
+"""
+
+import contextlib
+import logging
+import os
+import weakref
+from typing import Iterator
+from unittest import mock
+
+import torch
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
+from torch import nn
+
+from ..checks import check_datasets
+from ..data.mapper import NamedErrorsMapper
+from .checkpoint import AtomicCheckpointer
+from .metrics import trim_metrics_after
+
+__all__ = ["NonLocalTrainer", "CPUAutocast"]
+
+logger = logging.getLogger(__name__)
+
+
+class CPUAutocast(nn.Module):
+    """Runs the wrapped model's training forward under CPU autocast (eval forward unchanged).
+
+    The losses are returned in float32. Only the trainer sees this wrapper: checkpoints hold the
+    wrapped model's own parameter names.
+
+    Args:
+        model: the detector (or its ``DistributedDataParallel``).
+        dtype: the autocast dtype (default ``torch.bfloat16``).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, *args, **kwargs):
+        if not self.training:
+            return self.model(*args, **kwargs)
+        with torch.autocast("cpu", dtype=self.dtype):
+            out = self.model(*args, **kwargs)
+        if isinstance(out, dict):
+            out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
+        return out
+
+
+@contextlib.contextmanager
+def _cpu_ddp(cfg) -> Iterator[None]:
+    """Inside: Detectron2's ``create_ddp_model`` wraps CPU models with ``device_ids=None``."""
+    if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
+        yield
+        return
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model):
+        yield
+
+
+class NonLocalTrainer(DefaultTrainer):
+    """``DefaultTrainer`` with the changes listed in the module docstring; ``build_evaluator`` is
+    left to the subclass, as in Detectron2.
+
+    Args:
+        cfg: a frozen config (``nonlocal_det.config.get_nonlocal_cfg``).
+    """
+
+    def __init__(self, cfg):
+        with _cpu_ddp(cfg):
+            super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+            old = self._trainer
+            self._trainer = SimpleTrainer(CPUAutocast(old.model), old.data_loader, old.optimizer)
+            logger.info("SOLVER.AMP.ENABLED on CPU: training forward under bfloat16 autocast")
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates a plain DetectionCheckpointer right before calling this;
+        # replace it before the checkpoint hook takes a reference to it.
+        self.checkpointer = AtomicCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+    def resume_or_load(self, resume: bool = True):
+        """As ``DefaultTrainer.resume_or_load``; when resuming a checkpoint, ``metrics.json`` is
+        trimmed back to the checkpoint's iteration first (main process)."""
+        super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint() and comm.is_main_process():
+            trim_metrics_after(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.iter)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's train loader (errors name the image); once its dataset dicts are loaded,
+        the datasets are checked against the config again (:func:`check_datasets`): a lazily
+        registered dataset knows its classes only now."""
+        mapper = NamedErrorsMapper(DatasetMapper(cfg, True))
+        loader = build_detection_train_loader(cfg, mapper=mapper)
+        check_datasets(cfg, keys=("TRAIN",))
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = NamedErrorsMapper(DatasetMapper(cfg, False), dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)

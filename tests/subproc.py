@@ -1,0 +1,63 @@
+"""Running ``train_net.py`` as a user does, in a subprocess (shared by the end-to-end tests)."""
+
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+from utils import CONFIGS, REPO
+
+DEMO = os.path.join(CONFIGS, "demo", "mask_rcnn_R18_NL_demo.yaml")
+TRAIN_NET = os.path.join(REPO, "train_net.py")
+# A smaller, faster demo model; evaluation keeps every box of a barely trained model.
+TINY = [
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+    "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", "(16, 16, 16, 16)",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+]  # fmt: skip
+
+
+def env_for(datasets_dir: str, threads: int = 1) -> dict:
+    """The environment of a subprocess: the generated data under ``datasets_dir``; asserts off
+    (Detectron2's keypoint decoding asserts on the near-flat heatmaps of untrained heads)."""
+    return dict(
+        os.environ,
+        NONLOCAL_DET_DATASETS=str(datasets_dir),
+        PYTHONOPTIMIZE="1",
+        OMP_NUM_THREADS=str(threads),
+    )
+
+
+def command(args: List[str]) -> List[str]:
+    return [sys.executable, TRAIN_NET, *[str(a) for a in args]]
+
+
+def run_train_net(args: List[str], env: dict, ok: Optional[bool] = True, timeout: int = 300) -> str:
+    """Run ``train_net.py args``; returns stdout + stderr. ``ok``: expected success (None: any)."""
+    proc = subprocess.run(
+        command(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    log = proc.stdout + proc.stderr
+    if ok is not None:
+        assert (proc.returncode == 0) == ok, f"exit status {proc.returncode}:\n{log[-5000:]}"
+    return log
+
+
+def load_train_net():
+    """``train_net.py`` imported as a module (for in-process ``setup`` / ``Trainer``)."""
+    import importlib.util
+
+    if "train_net" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["train_net"] = module
+    return sys.modules["train_net"]

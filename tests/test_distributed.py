@@ -1,0 +1,48 @@
+"""``train_net.py --num-gpus 2`` on CPU: two processes (gloo backend) train on the generated data,
+one set of checkpoints and metrics is written, and evaluation gathers both ranks' results."""
+
+import json
+import math
+import os
+
+import pytest
+from subproc import DEMO, TINY, env_for, run_train_net
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_and_evaluate(tmp_path):
+    out = tmp_path / "out"
+    args = ["--config-file", DEMO, "--num-gpus", "2", "--dist-url", "auto", *TINY]
+    args += ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    args += ["OUTPUT_DIR", out]
+    log = run_train_net(args, env_for(tmp_path / "datasets"))
+
+    # both ranks ran and trained (rank 1 logs to its own file)
+    assert "Rank of current process: 0. World size: 2" in log
+    rank1 = (out / "log.txt.rank1").read_text()
+    assert "Rank of current process: 1. World size: 2" in rank1
+    for text in (log, rank1):
+        assert "Starting training from iteration 0" in text
+    # one set of checkpoints and metrics, written by rank 0
+    files = sorted(os.listdir(out))
+    assert [f for f in files if f.endswith(".pth")] == [
+        "model_0000001.pth",
+        "model_0000003.pth",
+        "model_final.pth",
+    ]
+    assert [f for f in files if f.startswith("metrics")] == ["metrics.json"]
+    records = [json.loads(line) for line in open(out / "metrics.json")]
+    losses = [r["total_loss"] for r in records if "total_loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    # evaluation: each rank ran inference on its half, rank 0 evaluated the gathered results
+    assert "Start inference on 25 batches" in log
+    with open(out / "inference" / "nl_synthetic_val" / "coco_instances_results.json") as f:
+        ids = {r["image_id"] for r in json.load(f)}
+    with open(
+        tmp_path / "datasets" / "synthetic_coco_v1" / "annotations" / "instances_val.json"
+    ) as f:
+        all_ids = sorted(im["id"] for im in json.load(f)["images"])
+    assert ids & set(all_ids[:25]) and ids & set(all_ids[25:])  # both ranks' images
+    assert len(ids) == 50
+    for task in ("bbox", "segm", "keypoints"):
+        assert f"Evaluation results for {task}" in log
