@@ -7,6 +7,7 @@ import os
 
 import pytest
 from subproc import DEMO, TINY, env_for, run_train_net
+from nonlocal_det.data.synthetic import SYNTHETIC_DATASET_VERSION
 
 
 @pytest.mark.slow
@@ -38,9 +39,8 @@ def test_two_cpu_processes_train_and_evaluate(tmp_path):
     assert "Start inference on 25 batches" in log
     with open(out / "inference" / "nl_synthetic_val" / "coco_instances_results.json") as f:
         ids = {r["image_id"] for r in json.load(f)}
-    with open(
-        tmp_path / "datasets" / "synthetic_coco_v1" / "annotations" / "instances_val.json"
-    ) as f:
+    dirname = f"synthetic_coco_v{SYNTHETIC_DATASET_VERSION}"
+    with open(tmp_path / "datasets" / dirname / "annotations" / "instances_val.json") as f:
         all_ids = sorted(im["id"] for im in json.load(f)["images"])
     assert ids & set(all_ids[:25]) and ids & set(all_ids[25:])  # both ranks' images
     assert len(ids) == 50

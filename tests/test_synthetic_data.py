@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import time
 from itertools import combinations
 
 import cv2
@@ -26,6 +25,7 @@ from nonlocal_det.data import (
     prepare_synthetic_coco,
     register_synthetic_coco,
 )
+from nonlocal_det.data.synthetic import SYNTHETIC_DATASET_VERSION
 from nonlocal_det.data.synthetic import main as synthetic_main
 
 K = len(SYNTHETIC_KEYPOINT_NAMES)
@@ -174,10 +174,8 @@ def test_idempotent_and_interrupted(tmp_path):
         if name != ".lock"
     ]
     mtimes = {f: os.stat(f).st_mtime_ns for f in files}
-    start = time.perf_counter()
     info = generate_synthetic_coco(root, **SMALL)
     assert not info["generated"]
-    assert time.perf_counter() - start < 0.5
     assert {f: os.stat(f).st_mtime_ns for f in files} == mtimes
     reference = _load(root, "train")
 
@@ -204,9 +202,10 @@ def test_idempotent_and_interrupted(tmp_path):
 
 def test_default_root(monkeypatch, tmp_path):
     monkeypatch.setenv("NONLOCAL_DET_DATASETS", str(tmp_path))
-    assert default_dataset_root() == os.path.join(str(tmp_path), "synthetic_coco_v1")
+    dirname = f"synthetic_coco_v{SYNTHETIC_DATASET_VERSION}"
+    assert default_dataset_root() == os.path.join(str(tmp_path), dirname)
     monkeypatch.delenv("NONLOCAL_DET_DATASETS")
-    expected = os.path.expanduser("~/.cache/nonlocal_det/datasets/synthetic_coco_v1")
+    expected = os.path.expanduser(f"~/.cache/nonlocal_det/datasets/{dirname}")
     assert default_dataset_root() == os.path.abspath(expected)
 
 
@@ -269,13 +268,6 @@ def test_prepare_and_cli(tmp_path, request, capsys):
     assert synthetic_main(["--root", root, "--num-train", "3", "--num-val", "2"]) == 0
     out = capsys.readouterr().out
     assert "already complete" in out and "star_person=" in out and "keypoint instances" in out
-
-
-def test_generation_speed(tmp_path):
-    start = time.perf_counter()
-    generate_synthetic_coco(str(tmp_path / "speed"), num_train=40, num_val=5)
-    # Default size (450 images) must take < 20 s: 45 images well under 2 s on a slow CPU.
-    assert time.perf_counter() - start < 4.0
 
 
 def _tiny_cfg(train_name, val_name):
