@@ -1,8 +1,10 @@
 """Datasets a config may name without any registration code of its own."""
 
+from types import SimpleNamespace
+
 from detectron2.utils import comm
 
-__all__ = ["SYNTHETIC_PREFIX", "register_datasets_for_config"]
+__all__ = ["SYNTHETIC_PREFIX", "register_datasets_for_config", "synthetic_dataset"]
 
 # Dataset names starting with this prefix are the project's generated demo data
 # (``nl_synthetic_train`` / ``nl_synthetic_val``), made on first use in a cache directory.
@@ -29,3 +31,25 @@ def register_datasets_for_config(cfg) -> None:
         generate_synthetic_coco(root)
     comm.synchronize()
     register_synthetic_coco(root, name_prefix=SYNTHETIC_PREFIX)
+
+
+def synthetic_dataset(split: str) -> str:
+    """Name of a split of the generated demo dataset, generated and registered on first use.
+
+    For LazyConfig files, which have no training script to register their datasets: the dataset
+    is made when the config is instantiated, not when it is loaded, e.g.
+    ``L(get_detection_dataset_dicts)(names=L(synthetic_dataset)(split="train"))``.
+
+    Args:
+        split: ``"train"`` or ``"val"``.
+
+    Returns:
+        str: ``"nl_synthetic_train"`` or ``"nl_synthetic_val"``.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(
+            f"synthetic_dataset: split={split!r} is not supported; allowed: train, val"
+        )
+    name = f"{SYNTHETIC_PREFIX}_{split}"
+    register_datasets_for_config(SimpleNamespace(DATASETS=SimpleNamespace(TRAIN=[name], TEST=[])))
+    return name
