@@ -3,7 +3,7 @@
     python -m nonlocal_det.export --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
         --output output/export MODEL.WEIGHTS output/demo/model_final.pth
     python -m nonlocal_det.export --config-file configs/mask_rcnn_R50_NL.yaml --image photo.jpg \\
-        --method scripting tracing --output output/export MODEL.WEIGHTS model_final.pth
+        --method scripting,tracing --output output/export MODEL.WEIGHTS model_final.pth
 
 Uses Detectron2's own export machinery: ``scripting_with_instances`` (scripting) and
 ``TracingAdapter`` (tracing, and ONNX through the TorchScript-based ``torch.onnx.export``). The
@@ -214,11 +214,26 @@ def _sample_image(cfg, path: Optional[str]) -> torch.Tensor:
     return (torch.rand(3, size, size, generator=generator) * 255).round()
 
 
+def _methods(text: str) -> List[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown method(s) {bad}; allowed: a comma-separated list of {list(METHODS)}"
+        )
+    return methods
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--output", required=True, help="directory for the exported files")
-    p.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument(
+        "--method",
+        type=_methods,
+        default=list(METHODS),
+        help=f"comma-separated, from {','.join(METHODS)} (default: all)",
+    )
     p.add_argument(
         "--image",
         help="sample image (read in INPUT.FORMAT, not resized: pass it at the size the exported "
