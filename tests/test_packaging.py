@@ -114,15 +114,18 @@ def _install(tmp_path, editable):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    # This environment's packages (torch, detectron2, ...) seen from the new one, after its own.
+    # This environment's packages (torch, detectron2, ...) seen from the new one, after its own:
+    # its site-packages folders, including any it adds through .pth files of its own.
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
+    parent = [sysconfig.get_paths()["purelib"]]
+    parent += [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
     with open(os.path.join(purelib, "parent_environment.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
+        f.write("\n".join(dict.fromkeys(parent)) + "\n")
     pip = [sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check"]
     target = ["-e", src] if editable else [src]
     proc = subprocess.run(

@@ -41,7 +41,8 @@ def baseline_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["pkl", "pth"])
 def test_only_nonlocal_keys_missing_and_identical_predictions(baseline_checkpoints, kind):
     cfg = load_cfg(DEMO, ["MODEL.WEIGHTS", baseline_checkpoints[kind]])
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # an untrained model: keep all its detections
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # an untrained model: keep its detections,
+    cfg.TEST.DETECTIONS_PER_IMAGE = 20  # the 20 best
     r = check_warm_start(cfg)
     assert r["nonlocal_keys"] and all(".nonlocal" in k for k in r["nonlocal_keys"])
     assert r["missing"] == r["nonlocal_keys"]  # every block's parameters, nothing else
@@ -53,7 +54,7 @@ def test_only_nonlocal_keys_missing_and_identical_predictions(baseline_checkpoin
 def test_warm_start_command(baseline_checkpoints, capsys):
     status = main(
         ["--config-file", os.path.join(CONFIGS, DEMO), "MODEL.WEIGHTS", baseline_checkpoints["pkl"]]
-        + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+        + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20"]
     )
     out = capsys.readouterr().out
     assert status == 0, out
@@ -61,6 +62,7 @@ def test_warm_start_command(baseline_checkpoints, capsys):
     assert "with and without the non-local blocks" in out and out.rstrip().endswith("yes")
     # A checkpoint that lacks more than the blocks is caught.
     cfg = load_cfg(DEMO, ["MODEL.WEIGHTS", baseline_checkpoints["pkl"]])
+    cfg.TEST.DETECTIONS_PER_IMAGE = 20
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5  # the class-specific layers no longer fit
     r = check_warm_start(cfg)
     assert not r["only_nonlocal_missing"] and r["wrong_shape"]
