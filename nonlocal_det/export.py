@@ -31,6 +31,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes, Instances
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from .config import get_nonlocal_cfg
@@ -79,9 +80,25 @@ def _inference(model: GeneralizedRCNN, inputs):
     return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
 
 
+def _plain_containers(model: nn.Module) -> None:
+    """Turn omegaconf lists/dicts held by modules into Python ones, in place.
+
+    A model built from a LazyConfig keeps list arguments (``out_features``, ``in_features``...) as
+    omegaconf ``ListConfig``, which TorchScript cannot type; the values are unchanged.
+    """
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, (DictConfig, ListConfig)):
+                setattr(module, name, OmegaConf.to_container(value))
+
+
 def script_model(model: GeneralizedRCNN) -> torch.jit.ScriptModule:
     """TorchScript by scripting (``scripting_with_instances``): input a tuple of
-    ``{"image": CHW tensor}``, output one dict of prediction tensors per image."""
+    ``{"image": CHW tensor}``, output one dict of prediction tensors per image.
+
+    Works for models built from YAML configs and from LazyConfig files (whose omegaconf list
+    attributes are first turned into Python lists, see :func:`_plain_containers`)."""
+    _plain_containers(model)
     return scripting_with_instances(_ScriptableInference(model).eval(), INSTANCE_FIELDS)
 
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from utils import CONFIGS, REPO, load_cfg
 
@@ -37,7 +38,10 @@ def tiny_model(*opts):
     untrained, with every non-local block made non-trivial and peaky keypoint heatmaps (Detectron2's
     keypoint decoding asserts on near-flat ones)."""
     torch.manual_seed(0)
-    model = build_model(load_cfg(DEMO, list(opts))).eval()
+    return _nontrivial(build_model(load_cfg(DEMO, list(opts))).eval())
+
+
+def _nontrivial(model):
     for m in model.modules():
         if isinstance(m, NonLocalBlock):
             torch.nn.init.normal_(m.out.weight, std=0.05)
@@ -81,6 +85,20 @@ def test_scripted_model_matches_eager(model, tmp_path):
         with torch.no_grad():
             out = scripted(({"image": img},))[0]
         assert_same({k: out[k] for k in ref}, ref)
+
+
+def test_model_built_from_a_lazy_config_scripts():
+    """LazyConfig models keep list arguments as omegaconf lists, which TorchScript cannot type
+    (Detectron2's own LazyConfig models fail the same way); script_model converts them."""
+    torch.manual_seed(0)
+    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py"))
+    model = _nontrivial(instantiate(cfg.model).eval())
+    scripted = script_model(model)
+    img = image()
+    ref = eager(model, img)
+    with torch.no_grad():
+        out = scripted(({"image": img},))[0]
+    assert_same({k: out[k] for k in ref}, ref)
 
 
 def test_traced_model_matches_eager(model, tmp_path):
