@@ -65,7 +65,9 @@ def test_every_lazy_config_is_checked():
 
 
 @pytest.mark.parametrize("path", LAZY, ids=os.path.basename)
-def test_lazy_config_instantiates_and_runs(path):
+def test_lazy_config_instantiates_and_runs(path, monkeypatch):
+    # Detectron2's keypoint decoding asserts on near-flat heatmaps of untrained heads now and then.
+    monkeypatch.setattr(keypoint_head, "heatmaps_to_keypoints", _first_position)
     cfg = load(os.path.basename(path), SMALLER)
     assert {"model", "dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg)
     torch.manual_seed(0)
