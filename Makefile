@@ -25,8 +25,8 @@ bench: setup
 	$(PY) benchmarks/bench_nonlocal.py
 
 format: setup
-	$(PY) -m black --line-length 100 nonlocal_det tests benchmarks train_net.py
-	$(PY) -m isort nonlocal_det tests benchmarks train_net.py
+	$(PY) -m black --line-length 100 nonlocal_det tests benchmarks examples configs/lazy train_net.py
+	$(PY) -m isort nonlocal_det tests benchmarks examples configs/lazy train_net.py
 
 clean-venv:
 	rm -rf .venv

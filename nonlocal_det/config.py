@@ -1,5 +1,7 @@
 """Config keys of nonlocal_det: ``add_nonlocal_config(cfg)`` adds ``cfg.MODEL.NONLOCAL``."""
 
+from typing import Callable
+
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -9,6 +11,7 @@ from .layers import NORMS, PAIRWISE_FUNCTIONS
 __all__ = [
     "ConfigKeyError",
     "add_nonlocal_config",
+    "cfg_key_name",
     "get_nonlocal_cfg",
     "inner_channels_for",
     "nonlocal_block_kwargs",
@@ -94,12 +97,21 @@ def inner_channels_for(channels: int, ratio: float) -> int:
     return max(1, int(round(channels * ratio)))
 
 
-def nonlocal_block_kwargs(nl_cfg: CN, channels: int) -> dict:
+def cfg_key_name(key: str) -> str:
+    """How errors name a ``MODEL.NONLOCAL`` key: ``"PAIRWISE"`` -> ``"MODEL.NONLOCAL.PAIRWISE"``."""
+    return f"MODEL.NONLOCAL.{key}"
+
+
+def nonlocal_block_kwargs(
+    nl_cfg: CN, channels: int, key_name: Callable[[str], str] = cfg_key_name
+) -> dict:
     """Validated ``NonLocalBlock`` arguments from ``cfg.MODEL.NONLOCAL`` for ``channels`` inputs.
 
     Args:
         nl_cfg: the ``cfg.MODEL.NONLOCAL`` node.
         channels: C, the input channels of the block.
+        key_name: maps a key (``"PAIRWISE"``) to the name errors use for it (default
+            ``MODEL.NONLOCAL.PAIRWISE``; LazyConfig users see their argument names instead).
 
     Returns:
         dict: keyword arguments of :class:`nonlocal_det.NonLocalBlock`.
@@ -109,22 +121,22 @@ def nonlocal_block_kwargs(nl_cfg: CN, channels: int) -> dict:
     """
     if nl_cfg.PAIRWISE not in PAIRWISE_FUNCTIONS:
         raise ValueError(
-            f"MODEL.NONLOCAL.PAIRWISE={nl_cfg.PAIRWISE!r} is not supported; allowed: "
+            f"{key_name('PAIRWISE')}={nl_cfg.PAIRWISE!r} is not supported; allowed: "
             f"{list(PAIRWISE_FUNCTIONS)}"
         )
     if nl_cfg.NORM not in NORMS:
         raise ValueError(
-            f"MODEL.NONLOCAL.NORM={nl_cfg.NORM!r} is not supported; allowed: {list(NORMS)}"
+            f"{key_name('NORM')}={nl_cfg.NORM!r} is not supported; allowed: {list(NORMS)}"
         )
     ratio = nl_cfg.INNER_RATIO
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(
-            f"MODEL.NONLOCAL.INNER_RATIO={ratio!r} is not supported; allowed: a number in (0, 1]"
+            f"{key_name('INNER_RATIO')}={ratio!r} is not supported; allowed: a number in (0, 1]"
         )
     for key in ("SUBSAMPLE", "USE_SCALE"):
         if not isinstance(nl_cfg.get(key), bool):
             raise ValueError(
-                f"MODEL.NONLOCAL.{key}={nl_cfg.get(key)!r} is not supported; allowed: True, False"
+                f"{key_name(key)}={nl_cfg.get(key)!r} is not supported; allowed: True, False"
             )
     return dict(
         in_channels=channels,

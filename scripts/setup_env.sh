@@ -21,7 +21,8 @@ D2_FALLBACK="sal-detectron2==0.7.2"
 D2_DEPS=(Pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard
   "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.4" hydra-core black packaging
   "setuptools<81" opencv-python-headless)
-DEV_DEPS=(pytest wheel isort)
+# onnx + onnxruntime: the ONNX export tests run the exported graphs.
+DEV_DEPS=(pytest wheel isort onnx onnxruntime)
 
 say() { printf '[setup] %s\n' "$*"; }
 fail() {
@@ -39,14 +40,15 @@ pip_q() {
 # --- fast path: everything already there -------------------------------------------------------
 if [ -x "$PY" ] && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
 import importlib, os, sys
-for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "cv2"):
+for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "cv2",
+          "onnx", "onnxruntime"):
     importlib.import_module(m)
 import nonlocal_det
 root = os.path.realpath(sys.argv[1])
 sys.exit(0 if os.path.realpath(nonlocal_det.__file__).startswith(root + os.sep) else 1)
 PYEOF
 then
-  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, nonlocal_det): nothing to do"
+  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, onnxruntime, nonlocal_det): nothing to do"
   exit 0
 fi
 
@@ -66,7 +68,7 @@ else
 fi
 
 # --- 3. detectron2's requirements and dev tools -------------------------------------------------
-say "installing detectron2's requirements, pycocotools, fvcore, pytest"
+say "installing detectron2's requirements, pycocotools, fvcore, pytest, onnx, onnxruntime"
 "${PIP[@]}" install "${D2_DEPS[@]}" "${DEV_DEPS[@]}" ||
   fail "requirements" "pip could not install detectron2's requirements (${D2_DEPS[*]}); check network access to PyPI and rerun 'make setup'"
 

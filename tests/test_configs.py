@@ -25,6 +25,7 @@ KP_HEAD = {f"roi_heads.keypoint_head.nonlocal{k}": (512, 256) for k in (2, 4, 6,
 EXPECTED = {
     "mask_rcnn_R50_NL.yaml": R50_RES4,
     "mask_rcnn_R50_NL_3x.yaml": R50_RES4,
+    "mask_rcnn_R50_NL_warmstart.yaml": R50_RES4,
     "faster_rcnn_R50_NL.yaml": R50_RES4,
     "mask_rcnn_R101_NL.yaml": R101_RES4,
     "mask_rcnn_X101_32x8d_NL.yaml": R101_RES4,

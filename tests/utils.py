@@ -50,3 +50,11 @@ def small_opts(depth: int = 18):
     if depth in (18, 34):
         opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
     return opts
+
+
+def shared_datasets_dir(tmp_path_factory) -> str:
+    """One ``NONLOCAL_DET_DATASETS`` folder for the whole test session: the generated dataset is
+    made once (generation is idempotent and locked), whichever test needs it first."""
+    path = tmp_path_factory.getbasetemp() / "nl_datasets"
+    path.mkdir(exist_ok=True)
+    return str(path)

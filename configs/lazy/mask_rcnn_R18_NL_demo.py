@@ -1,0 +1,120 @@
+"""The CPU demo as a LazyConfig: the twin of configs/demo/mask_rcnn_R18_NL_demo.yaml.
+
+Mask R-CNN + keypoints, ResNet-18-FPN (64 channels), slim heads, from scratch, one non-local block
+in res4 and two in the keypoint head, on the project's generated dataset (made and registered on
+first use when the config is instantiated). Small enough to run Detectron2's LazyConfig tools end
+to end on a laptop CPU:
+
+    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py
+    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
+        --eval-only train.init_checkpoint=output/demo_lazy/model_final.pth
+"""
+
+import torch
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.data.detection_utils import create_keypoint_hflip_indices
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.solver import WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from nonlocal_det.data.builtin import synthetic_dataset
+from nonlocal_det.data.synthetic import SYNTHETIC_KEYPOINT_OKS_SIGMAS
+from nonlocal_det.modeling import NonLocalKRCNNHead, NonLocalResNet
+from nonlocal_det.solver import optimizer_with_gradient_clipping
+
+_base = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
+model = _base.model
+dataloader = _base.dataloader
+train = _base.train
+
+# ---- model (MODEL.*) ---------------------------------------------------------------------------
+model.pixel_std = [57.375, 57.120, 58.395]  # normalised inputs: the network trains from scratch
+_bottom_up = model.backbone.bottom_up
+_bottom_up._target_ = NonLocalResNet
+_bottom_up.freeze_at = 0
+_bottom_up.stem.norm = "BN"
+_bottom_up.stages.update(depth=18, norm="BN")
+_bottom_up.stages.pop("stride_in_1x1")  # a bottleneck option; ResNet-18 has basic blocks
+_bottom_up.update(nonlocal_placement="paper_1")  # ResNet-18: after block 0 of res4's 2 blocks
+model.backbone.update(out_channels=64, norm="GN")
+
+_rpn = model.proposal_generator
+_rpn.head.in_channels = 64
+_rpn.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
+_rpn.pre_nms_topk = (1000, 500)  # (train, test)
+_rpn.post_nms_topk = (300, 200)
+
+_heads = model.roi_heads
+_heads.num_classes = 4
+_heads.batch_size_per_image = 64
+_heads.box_pooler.sampling_ratio = 2  # torchvision's CPU ROIAlign backward is slow with adaptive
+_heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
+_heads.box_head.fc_dims = [256, 256]
+_heads.box_predictor.input_shape = ShapeSpec(channels=256)
+_heads.mask_pooler.sampling_ratio = 2
+_heads.mask_head.input_shape = ShapeSpec(channels=64, width=14, height=14)
+_heads.mask_head.conv_dims = [64, 64, 64]  # 2 convs + the deconv
+_heads.update(
+    keypoint_in_features=["p2", "p3", "p4", "p5"],
+    keypoint_pooler=L(ROIPooler)(
+        output_size=14,
+        scales=(1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32),
+        sampling_ratio=2,
+        pooler_type="ROIAlignV2",
+    ),
+    keypoint_head=L(NonLocalKRCNNHead)(
+        input_shape=ShapeSpec(channels=64, width=14, height=14),
+        num_keypoints=5,
+        conv_dims=[64, 64, 64, 64],
+        loss_weight=0.2,  # its loss is ~10x the others early on
+        loss_normalizer="visible",
+        nonlocal_after=[2, 4],
+        nonlocal_inner_ratio=0.5,
+        nonlocal_kwargs=dict(pairwise="embedded_gaussian", subsample=True, use_scale=True, norm=""),
+    ),
+)
+
+# ---- data (DATASETS.*, DATALOADER.*, INPUT.*) --------------------------------------------------
+dataloader.train.dataset.names = L(synthetic_dataset)(split="train")
+dataloader.train.total_batch_size = 4
+dataloader.train.num_workers = 0
+dataloader.train.mapper.augmentations[0].update(short_edge_length=(192,), max_size=192)
+dataloader.train.mapper.update(
+    use_keypoint=True,
+    keypoint_hflip_indices=L(create_keypoint_hflip_indices)(dataset_names="${...dataset.names}"),
+)
+dataloader.test.dataset.names = L(synthetic_dataset)(split="val")
+dataloader.test.num_workers = 0
+dataloader.test.mapper.augmentations[0].update(short_edge_length=192, max_size=192)
+dataloader.evaluator.kpt_oks_sigmas = list(SYNTHETIC_KEYPOINT_OKS_SIGMAS)
+
+# ---- solver (SOLVER.*) -------------------------------------------------------------------------
+optimizer = L(optimizer_with_gradient_clipping)(
+    optimizer="torch.optim.SGD",
+    clip_type="norm",  # SOLVER.CLIP_GRADIENTS: each parameter's gradient norm <= 1
+    clip_value=1.0,
+    params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
+    lr=0.02,
+    momentum=0.9,
+    weight_decay=1e-4,
+)
+train.max_iter = 700
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1, 0.01], milestones=[525, 650], num_updates=train.max_iter
+    ),
+    warmup_length=50 / train.max_iter,
+    warmup_method="linear",
+    warmup_factor=0.001,
+)
+
+# ---- training loop (train.*) -------------------------------------------------------------------
+train.init_checkpoint = ""
+train.output_dir = "output/demo_lazy"
+train.checkpointer.period = 200
+train.eval_period = 0  # evaluate once, at the end
+train.seed = 42
+train.device = "cuda" if torch.cuda.is_available() else "cpu"

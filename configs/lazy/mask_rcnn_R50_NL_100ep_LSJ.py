@@ -1,0 +1,31 @@
+"""Mask R-CNN R50-FPN + 1 non-local block, Detectron2's new baseline recipe (100 epochs, large-scale
+jitter, SyncBN, from scratch): ``new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py`` with its ResNet
+swapped for :class:`NonLocalResNet`.
+
+The recipe trains every norm (SyncBN), so the block gets a norm after W_z whose gamma starts at
+zero, as in the authors' code. Not trained by this project (it needs 64 images per batch).
+
+    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL_100ep_LSJ.py \\
+        --num-gpus 8 --num-machines 8 ...
+"""
+
+from detectron2 import model_zoo
+
+from nonlocal_det.modeling import NonLocalResNet
+
+_base = model_zoo.get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
+dataloader = _base.dataloader
+lr_multiplier = _base.lr_multiplier
+optimizer = _base.optimizer
+train = _base.train
+model = _base.model
+
+model.backbone.bottom_up._target_ = NonLocalResNet
+model.backbone.bottom_up.update(
+    nonlocal_placement="paper_1",
+    nonlocal_pairwise="embedded_gaussian",
+    nonlocal_inner_ratio=0.5,
+    nonlocal_subsample=True,
+    nonlocal_use_scale=True,
+    nonlocal_norm="SyncBN",  # like the rest of this recipe's backbone; gamma starts at zero
+)

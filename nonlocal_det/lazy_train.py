@@ -1,0 +1,131 @@
+"""Train or evaluate any LazyConfig ``.py`` file: ``python -m nonlocal_det.lazy_train``.
+
+    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --num-gpus 8
+    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --eval-only \\
+        train.init_checkpoint=output/model_final.pth
+    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
+        train.max_iter=100 train.output_dir=output/demo_lazy
+
+Detectron2 ships such a script only in its source tree (``tools/lazyconfig_train_net.py``), not
+in the installed package, so the project carries this one. It expects the usual LazyConfig
+layout (``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``, ``lr_multiplier`` and
+``train`` as in Detectron2's ``configs/common/train.py``) and works with any such file, with or
+without non-local blocks. Trailing ``key=value`` pairs override the config. Without CUDA,
+``train.device`` falls back to the CPU (logged).
+"""
+
+import logging
+from typing import Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+__all__ = ["setup", "evaluate", "train", "main", "cli"]
+
+logger = logging.getLogger("detectron2")
+
+
+def setup(args):
+    """The config of ``--config-file`` with the overrides, a usable device, and logging."""
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    device = cfg.train.get("device", "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    default_setup(cfg, args)
+    if cfg.train.device != device:
+        logger.info(f"Running on the CPU (train.device={device!r} but CUDA is not available)")
+    return cfg
+
+
+def evaluate(cfg, model) -> Optional[dict]:
+    """Run ``dataloader.evaluator`` on ``dataloader.test``; None if the config has no evaluator."""
+    if "evaluator" not in cfg.dataloader:
+        return None
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def train(cfg, resume: bool = False) -> None:
+    """Train ``cfg.model`` for ``train.max_iter`` iterations with Detectron2's trainer and hooks
+    (checkpoints, LR schedule, evaluation every ``train.eval_period`` and at the end, metrics)."""
+    model = instantiate(cfg.model).to(cfg.train.device)
+    logger.info(f"Model:\n{model}")
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    data = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
+    trainer = trainer_class(model, data, optimizer)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    main_process = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if main_process
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if main_process
+                else None
+            ),
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    # A checkpoint stores the iteration that just finished.
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args) -> Optional[dict]:
+    """Train, or with ``--eval-only`` evaluate ``train.init_checkpoint``."""
+    cfg = setup(args)
+    if not args.eval_only:
+        train(cfg, resume=args.resume)
+        return None
+    model = instantiate(cfg.model).to(cfg.train.device)
+    model = create_ddp_model(model)
+    DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    return evaluate(cfg, model)
+
+
+def cli(argv=None) -> None:
+    """Parse Detectron2's standard arguments and :func:`main` on every process."""
+    args = default_argument_parser(epilog=__doc__).parse_args(argv)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
