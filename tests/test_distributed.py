@@ -7,6 +7,7 @@ import os
 
 import pytest
 from subproc import DEMO, TINY, env_for, run_train_net
+
 from nonlocal_det.data.synthetic import SYNTHETIC_DATASET_VERSION
 
 
