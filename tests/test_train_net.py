@@ -4,29 +4,16 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
-from utils import CONFIGS, REPO
+from subproc import DEMO, run_train_net
 
-DEMO = os.path.join(CONFIGS, "demo", "mask_rcnn_R18_NL_demo.yaml")
 FAST = ["DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "10"]
 FAST += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # a barely trained model: keep all its boxes
 
 
 def run(args, env):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_net.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    return log
+    return run_train_net(args, env, timeout=600)
 
 
 @pytest.fixture(scope="module")

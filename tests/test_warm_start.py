@@ -5,14 +5,13 @@ command says so, and train_net.py fine-tunes from it."""
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from utils import CONFIGS, REPO, load_cfg, shared_datasets_dir
+from subproc import run_train_net
+from utils import CONFIGS, load_cfg, shared_datasets_dir
 
 from nonlocal_det.warm_start import check_warm_start, main
 
@@ -79,16 +78,7 @@ def test_fine_tune_from_a_zoo_checkpoint_with_train_net(baseline_checkpoints, tm
     args = ["--config-file", os.path.join(CONFIGS, DEMO), "MODEL.WEIGHTS"]
     args += [baseline_checkpoints["pkl"], "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "0"]
     args += ["DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_net.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = run_train_net(args, env, timeout=600)
     # Detectron2 lists the parameters the checkpoint did not have: the blocks', and only those.
     missing = log.split("Some model parameters or buffers are not found in the checkpoint:")[1]
     missing = missing.split("\n[")[0].split("\nWARNING")[0]
