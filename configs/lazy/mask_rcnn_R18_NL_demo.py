@@ -44,25 +44,28 @@ model.backbone.update(out_channels=64, norm="GN")
 _rpn = model.proposal_generator
 _rpn.head.in_channels = 64
 _rpn.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
-_rpn.pre_nms_topk = (1000, 500)  # (train, test)
-_rpn.post_nms_topk = (300, 200)
+_rpn.pre_nms_topk = (500, 500)  # (train, test)
+_rpn.post_nms_topk = (150, 200)
 
 _heads = model.roi_heads
 _heads.num_classes = 4
-_heads.batch_size_per_image = 64
+_heads.batch_size_per_image = 48
+_heads.positive_fraction = 0.5  # twice the positives per step for every head
 _heads.box_pooler.sampling_ratio = 2  # torchvision's CPU ROIAlign backward is slow with adaptive
 _heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
 _heads.box_head.fc_dims = [256, 256]
 _heads.box_predictor.input_shape = ShapeSpec(channels=256)
-_heads.mask_pooler.sampling_ratio = 2
+_heads.box_predictor.cls_agnostic_bbox_reg = True
+_heads.mask_pooler.sampling_ratio = 1
 _heads.mask_head.input_shape = ShapeSpec(channels=64, width=14, height=14)
-_heads.mask_head.conv_dims = [64, 64, 64]  # 2 convs + the deconv
+_heads.mask_head.conv_dims = [64, 64, 64, 64, 64]  # 4 convs + the deconv
+_heads.mask_head.num_classes = 1  # class-agnostic masks
 _heads.update(
     keypoint_in_features=["p2", "p3", "p4", "p5"],
     keypoint_pooler=L(ROIPooler)(
         output_size=14,
         scales=(1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32),
-        sampling_ratio=2,
+        sampling_ratio=1,
         pooler_type="ROIAlignV2",
     ),
     keypoint_head=L(NonLocalKRCNNHead)(
@@ -101,10 +104,10 @@ optimizer = L(optimizer_with_gradient_clipping)(
     momentum=0.9,
     weight_decay=1e-4,
 )
-train.max_iter = 700
+train.max_iter = 800
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[525, 650], num_updates=train.max_iter
+        values=[1.0, 0.1, 0.01], milestones=[600, 750], num_updates=train.max_iter
     ),
     warmup_length=50 / train.max_iter,
     warmup_method="linear",
