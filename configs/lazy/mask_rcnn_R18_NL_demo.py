@@ -104,10 +104,10 @@ optimizer = L(optimizer_with_gradient_clipping)(
     momentum=0.9,
     weight_decay=1e-4,
 )
-train.max_iter = 800
+train.max_iter = 750
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[600, 750], num_updates=train.max_iter
+        values=[1.0, 0.1, 0.01], milestones=[560, 700], num_updates=train.max_iter
     ),
     warmup_length=50 / train.max_iter,
     warmup_method="linear",
