@@ -15,9 +15,9 @@ DEMO_OUT := output/demo
 # and the attention of the non-local block on a validation image.
 demo: setup
 	$(PY) train_net.py --config-file $(DEMO_CFG) OUTPUT_DIR $(DEMO_OUT)
-	$(PY) -m nonlocal_det.predict --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
+	$(PY) -m nonlocal_det.tools.predict --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
 		--num-images 1 --output $(DEMO_OUT)/predictions.png MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
-	$(PY) -m nonlocal_det.visualize --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
+	$(PY) -m nonlocal_det.tools.visualize --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
 		--index 0 --output $(DEMO_OUT)/attention.png MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
 	@echo "demo: COCO metrics above; pictures in $(DEMO_OUT)/predictions.png and $(DEMO_OUT)/attention.png"
 
@@ -25,8 +25,8 @@ bench: setup
 	$(PY) benchmarks/bench_nonlocal.py
 
 format: setup
-	$(PY) -m black --line-length 100 nonlocal_det tests benchmarks examples configs/lazy train_net.py
-	$(PY) -m isort nonlocal_det tests benchmarks examples configs/lazy train_net.py
+	$(PY) -m black --line-length 100 nonlocal_det tests benchmarks configs/lazy train_net.py
+	$(PY) -m isort nonlocal_det tests benchmarks configs/lazy train_net.py
 
 clean-venv:
 	rm -rf .venv

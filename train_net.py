@@ -24,10 +24,14 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from nonlocal_det.checks import check_config, check_datasets
 from nonlocal_det.config import get_nonlocal_cfg
-from nonlocal_det.data.builtin import register_datasets_for_config
-from nonlocal_det.engine import NonLocalTrainer
+from nonlocal_det.data import (
+    check_datasets,
+    configure_coco_json_datasets,
+    register_datasets_for_config,
+)
+from nonlocal_det.engine import NonLocalTrainer, fall_back_to_cpu
+from nonlocal_det.modeling import check_model_config
 
 
 class Trainer(NonLocalTrainer):
@@ -46,18 +50,21 @@ class Trainer(NonLocalTrainer):
 
 
 def setup(args):
-    """Checked config from file + command line (CPU when CUDA is absent), datasets, logging."""
+    """The checked config, logging and the registered datasets; a bad key, value or dataset file
+    stops here, before any training work."""
     cfg = get_nonlocal_cfg(args.config_file, args.opts)
-    check_config(cfg)
+    on_cpu = fall_back_to_cpu(cfg)  # MODEL.DEVICE cpu when CUDA is absent
+    configure_coco_json_datasets(cfg)  # DATASETS.*_JSON: files checked, classes taken from them
+    check_model_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(
         cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nonlocal_det", abbrev_name="nl"
     )
     if cfg.MODEL.DEVICE == "cpu":
-        why = "" if torch.cuda.is_available() else ": CUDA is not available"
+        why = ": CUDA is not available" if on_cpu or not torch.cuda.is_available() else ""
         logging.getLogger("detectron2").info(f"Running on the CPU (MODEL.DEVICE=cpu){why}")
-    register_datasets_for_config(cfg)
+    register_datasets_for_config(cfg)  # the generated demo data (made on first use), own files
     check_datasets(cfg)
     return cfg
 

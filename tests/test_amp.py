@@ -15,12 +15,12 @@ import torch
 from coco_files import write_split
 from subproc import DEMO, TINY
 from test_nonlocal_block import GAUSSIAN_FORMS, _large_activation_block, _large_input, reference
+from utils import train_cfg
 
-from nonlocal_det.checks import check_config
-from nonlocal_det.config import get_nonlocal_cfg
-from nonlocal_det.data.builtin import register_datasets_for_config
+from nonlocal_det.data import register_datasets_for_config
 from nonlocal_det.engine import CPUAutocast, NonLocalTrainer
 from nonlocal_det.layers import PAIRWISE_FUNCTIONS, NonLocalBlock
+from nonlocal_det.modeling import check_model_config
 
 
 def _autocast_forward(block, x, device, dtype):
@@ -77,8 +77,8 @@ def data(tmp_path_factory):
 def _trainer(data, tmp_path, extra=()):
     opts = ["DATASETS.TRAIN_JSON", data["json"], "DATASETS.TRAIN_IMAGES", data["images"], *TINY]
     opts += ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path), *extra]
-    cfg = get_nonlocal_cfg(DEMO, opts)
-    check_config(cfg)
+    cfg = train_cfg(DEMO, opts)
+    check_model_config(cfg)
     cfg.freeze()
     register_datasets_for_config(cfg)
     torch.manual_seed(0)

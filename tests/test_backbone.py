@@ -11,17 +11,20 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from utils import load_cfg, small_opts
 
 from nonlocal_det import NonLocalBlock
-from nonlocal_det.modeling import nonlocal_block_names
 
 
 def build_backbone(cfg):
     return BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, ShapeSpec(channels=3))
 
 
+def _block_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, NonLocalBlock)]
+
+
 def placement(backbone):
     """{stage: [indices]} read off the built model."""
     out = {}
-    for name in nonlocal_block_names(backbone):
+    for name in _block_names(backbone):
         m = re.fullmatch(r"(?:bottom_up\.)?(res\d)\.nonlocal(\d+)", name)
         assert m, name
         out.setdefault(m.group(1), []).append(int(m.group(2)))
@@ -30,7 +33,7 @@ def placement(backbone):
 
 def test_r50_default_is_one_block_before_last_res4_block():
     bb = build_backbone(load_cfg("mask_rcnn_R50_NL.yaml"))
-    assert nonlocal_block_names(bb) == ["bottom_up.res4.nonlocal4"]
+    assert _block_names(bb) == ["bottom_up.res4.nonlocal4"]
     res4 = [n for n, _ in bb.bottom_up.res4.named_children()]
     assert res4 == ["0", "1", "2", "3", "4", "nonlocal4", "5"]
     block = bb.bottom_up.res4.nonlocal4

@@ -18,14 +18,14 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from subproc import DEMO, TINY, env_for, run_train_net
+from utils import train_cfg
 
-from nonlocal_det.checks import check_config, check_datasets
-from nonlocal_det.config import ConfigKeyError, get_nonlocal_cfg
-from nonlocal_det.data.builtin import register_datasets_for_config
+from nonlocal_det.config import ConfigKeyError
+from nonlocal_det.data import check_datasets, register_datasets_for_config
+from nonlocal_det.data.coco import TRAIN_NAME
 from nonlocal_det.data.coco_check import DatasetError
-from nonlocal_det.data.coco_json import TRAIN_NAME
-from nonlocal_det.data.mapper import ImageLoadError, NamedErrorsMapper
-from nonlocal_det.engine import NonLocalTrainer
+from nonlocal_det.engine import ImageLoadError, NamedErrorsMapper, NonLocalTrainer
+from nonlocal_det.modeling import check_model_config
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def _json(files, path, images=None):
 
 def prepare(opts):
     """What train_net.py's setup() does before training, minus logging set-up."""
-    cfg = get_nonlocal_cfg(DEMO, opts)
-    check_config(cfg)
+    cfg = train_cfg(DEMO, opts)
+    check_model_config(cfg)
     cfg.freeze()
     register_datasets_for_config(cfg)
     check_datasets(cfg)

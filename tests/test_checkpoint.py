@@ -16,22 +16,23 @@ from utils import REPO
 
 from nonlocal_det.engine import AtomicCheckpointer, trim_metrics_after
 from nonlocal_det.engine.metrics import INTERRUPTED_SUFFIX
-from nonlocal_det.utils import AtomicFile, atomic_write_bytes, remove_stale_temp_files
+from nonlocal_det.utils import atomic_open, atomic_write_bytes, remove_stale_temp_files
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):
     path = tmp_path / "f.txt"
     atomic_write_bytes(str(path), b"old")
     with pytest.raises(RuntimeError):
-        with AtomicFile(str(path), "w") as f:
+        with atomic_open(str(path), "w") as f:
             f.write("new, half written")
             raise RuntimeError("interrupted")
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.txt"]
-    with AtomicFile(str(path), "w") as f:
+    with atomic_open(str(path), "w") as f:
         f.write("new")
     assert path.read_text() == "new" and oct(path.stat().st_mode & 0o777) == "0o644"
     with pytest.raises(ValueError, match="allowed: 'w', 'wb'"):
-        AtomicFile(str(path), "r")
+        with atomic_open(str(path), "r"):
+            pass
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -92,7 +93,8 @@ _KILLED_SAVE = textwrap.dedent("""
         def open_then_die(path, mode="r", **kwargs):
             f = open_(path, mode, **kwargs)
             if path.endswith("last_checkpoint") and "w" in mode:
-                die()
+                f.__enter__()  # open for writing (as fvcore's `with` does) ...
+                die()  # ... when the process is killed
             return f
         ckpt.path_manager.open = open_then_die
         ckpt.save("model_0000099")

@@ -8,13 +8,13 @@ import os
 import pytest
 from coco_files import CATEGORIES, KEYPOINT_NAMES, write_split
 
+from nonlocal_det.data.coco import keypoint_flip_map
 from nonlocal_det.data.coco_check import (
     DatasetError,
     check_coco_images,
     check_coco_json,
     read_checked_coco_json,
 )
-from nonlocal_det.data.coco_json import keypoint_flip_map
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from coco_files import KEYPOINT_NAMES, write_dataset, write_split
 from subproc import DEMO, TINY, env_for, run_train_net
+from utils import train_cfg
 
-from nonlocal_det.config import get_nonlocal_cfg
-from nonlocal_det.data.builtin import register_datasets_for_config
+from nonlocal_det.data import register_datasets_for_config
+from nonlocal_det.data.coco import TEST_NAME, TRAIN_NAME
 from nonlocal_det.data.coco_check import DatasetError
-from nonlocal_det.data.coco_json import TEST_NAME, TRAIN_NAME
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _opts(values):
 
 
 def test_config_takes_classes_keypoints_and_mask_format_from_the_file(dataset):
-    cfg = get_nonlocal_cfg(DEMO, _opts(dataset) + ["MODEL.ROI_HEADS.NUM_CLASSES", "80"])
+    cfg = train_cfg(DEMO, _opts(dataset) + ["MODEL.ROI_HEADS.NUM_CLASSES", "80"])
     assert cfg.DATASETS.TRAIN == (TRAIN_NAME,) and cfg.DATASETS.TEST == (TEST_NAME,)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3  # the file wins over the config
     assert cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS == 3
@@ -37,7 +37,7 @@ def test_config_takes_classes_keypoints_and_mask_format_from_the_file(dataset):
 def test_train_file_only_means_no_evaluation(dataset):
     opts = ["DATASETS.TRAIN_JSON", dataset["DATASETS.TRAIN_JSON"]]
     opts += ["DATASETS.TRAIN_IMAGES", dataset["DATASETS.TRAIN_IMAGES"]]
-    cfg = get_nonlocal_cfg(DEMO, opts)
+    cfg = train_cfg(DEMO, opts)
     assert cfg.DATASETS.TRAIN == (TRAIN_NAME,) and cfg.DATASETS.TEST == ()
 
 
@@ -45,7 +45,7 @@ def test_register_pads_keypoints_and_keeps_empty_images(dataset, tmp_path, monke
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     monkeypatch.setenv("NONLOCAL_DET_DATASETS", str(tmp_path))
-    cfg = get_nonlocal_cfg(DEMO, _opts(dataset))
+    cfg = train_cfg(DEMO, _opts(dataset))
     register_datasets_for_config(cfg)
     meta = MetadataCatalog.get(TRAIN_NAME)
     assert meta.thing_classes == ["disc", "block", "walker"]
@@ -80,7 +80,7 @@ def test_register_pads_keypoints_and_keeps_empty_images(dataset, tmp_path, monke
 )
 def test_key_errors(dataset, extra, error, substrings):
     with pytest.raises(error) as e:
-        get_nonlocal_cfg(DEMO, _opts(dataset) + extra)
+        train_cfg(DEMO, _opts(dataset) + extra)
     for s in substrings:
         assert s in str(e.value)
 
@@ -97,10 +97,10 @@ def test_model_needs_what_the_file_lacks(dataset, tmp_path):
     path.write_text(json.dumps(data))
     opts = ["DATASETS.TRAIN_JSON", str(path), "DATASETS.TRAIN_IMAGES", str(tmp_path)]
     with pytest.raises(ValueError, match=r"MODEL.MASK_ON=True, but 1 non-crowd annotations"):
-        get_nonlocal_cfg(DEMO, opts)
+        train_cfg(DEMO, opts)
     with pytest.raises(ValueError, match=r"MODEL.KEYPOINT_ON=True, but no category .* lists"):
-        get_nonlocal_cfg(DEMO, opts + ["MODEL.MASK_ON", "False"])
-    cfg = get_nonlocal_cfg(DEMO, opts + ["MODEL.MASK_ON", "False", "MODEL.KEYPOINT_ON", "False"])
+        train_cfg(DEMO, opts + ["MODEL.MASK_ON", "False"])
+    cfg = train_cfg(DEMO, opts + ["MODEL.MASK_ON", "False", "MODEL.KEYPOINT_ON", "False"])
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
 
 
@@ -113,12 +113,12 @@ def test_train_and_test_files_must_share_categories(dataset, tmp_path):
         json.dump(data, f)
     opts = _opts(dataset) + ["DATASETS.TEST_JSON", other["json"]]
     with pytest.raises(ValueError, match="have different categories"):
-        get_nonlocal_cfg(DEMO, opts + ["DATASETS.TEST_IMAGES", other["images"]])
+        train_cfg(DEMO, opts + ["DATASETS.TEST_IMAGES", other["images"]])
 
 
 def test_register_checks_images(dataset, tmp_path):
     opts = _opts(dataset) + ["DATASETS.TRAIN_IMAGES", str(tmp_path)]  # an empty folder
-    cfg = get_nonlocal_cfg(DEMO, opts)
+    cfg = train_cfg(DEMO, opts)
     with pytest.raises(DatasetError, match=r"DATASETS.TRAIN_IMAGES: 7 of 7 images of .* cannot"):
         register_datasets_for_config(cfg)
 

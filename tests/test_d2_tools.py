@@ -1,11 +1,12 @@
 """Detectron2's generic tools on the project's configs: LazyConfig files with Detectron2's own
-scripts, YAML configs through ``python -m nonlocal_det.tools``, and the project's
-``python -m nonlocal_det.lazy_train`` (real subprocesses, as a user runs them).
+scripts, YAML configs through ``python -m nonlocal_det.tools.d2_tool``, and the project's
+``python -m nonlocal_det.tools.lazy_train`` (real subprocesses, as a user runs them).
 
 Detectron2's ``tools/`` scripts are not part of the upstream pip package; the PyPI redistribution
 that ``make setup`` falls back to installs them as the module ``tools``. Tests that run them are
 skipped when that module is absent (with Detectron2 installed from source, run them from its
-checkout the same way: ``python -m nonlocal_det.tools ~/detectron2/tools/analyze_model.py``)."""
+checkout the same way: ``python -m nonlocal_det.tools.d2_tool ~/detectron2/tools/analyze_model.py``).
+"""
 
 import importlib.util
 import json
@@ -60,7 +61,7 @@ def lazy_trained(env, tmp_path_factory):
     log = run(
         [
             "-m",
-            "nonlocal_det.lazy_train",
+            "nonlocal_det.tools.lazy_train",
             "--config-file",
             LAZY_DEMO,
             "train.max_iter=2",
@@ -129,7 +130,7 @@ def test_detectron2_tools_on_yaml_configs_through_the_entry_point(env, tmp_path)
         get_cfg().merge_from_file(yaml_cfg)
     # ... through the entry point it can (module name), from any directory ...
     log = run(
-        ["-m", "nonlocal_det.tools", "tools.analyze_model", "--tasks", "parameter"]
+        ["-m", "nonlocal_det.tools.d2_tool", "tools.analyze_model", "--tasks", "parameter"]
         + ["--config-file", yaml_cfg],
         env,
         cwd=str(tmp_path),
@@ -139,18 +140,30 @@ def test_detectron2_tools_on_yaml_configs_through_the_entry_point(env, tmp_path)
     script = importlib.util.find_spec("tools.visualize_data").origin
     vis = tmp_path / "vis"
     run(
-        ["-m", "nonlocal_det.tools", script, "--source", "annotation", "--config-file", YAML_DEMO]
+        [
+            "-m",
+            "nonlocal_det.tools.d2_tool",
+            script,
+            "--source",
+            "annotation",
+            "--config-file",
+            YAML_DEMO,
+        ]
         + ["--output-dir", str(vis), "DATASETS.TRAIN", '("nl_synthetic_val",)'],
         env,
     )
     assert len(list(vis.glob("*.png"))) == 50
 
 
-def test_entry_point_patches_get_cfg_only_while_the_tool_runs(tmp_path, monkeypatch):
+def test_entry_point_patches_get_cfg_only_while_the_tool_runs(tmp_path, monkeypatch, capsys):
     import detectron2.config
+    import detectron2.config.config
 
-    from nonlocal_det import tools
+    from nonlocal_det.tools import d2_tool
 
+    # What the patch relies on: Detectron2 defines get_cfg in detectron2.config.config and its
+    # tools import it from detectron2.config (one function under both names).
+    assert detectron2.config.get_cfg is detectron2.config.config.get_cfg
     config = os.path.join(CONFIGS, "mask_rcnn_R50_NL.yaml")
     script = tmp_path / "tool.py"
     script.write_text(
@@ -161,9 +174,11 @@ def test_entry_point_patches_get_cfg_only_while_the_tool_runs(tmp_path, monkeypa
         "print('placement', cfg.MODEL.NONLOCAL.PLACEMENT, cfg.MODEL.DEVICE, sys.argv[1:])\n"
     )
     original = detectron2.config.get_cfg
-    monkeypatch.setattr(tools.torch.cuda, "is_available", lambda: False)
-    tools.main([str(script), config])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    d2_tool.main([str(script), config])
+    assert f"placement paper_1 cpu ['{config}']" in capsys.readouterr().out
     assert detectron2.config.get_cfg is original
+    assert detectron2.config.config.get_cfg is original
     assert "NONLOCAL" not in original().MODEL
     with pytest.raises(FileNotFoundError, match="no such file"):
-        tools.main([str(tmp_path / "missing.py")])
+        d2_tool.main([str(tmp_path / "missing.py")])

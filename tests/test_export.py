@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from utils import CONFIGS, REPO, load_cfg
 
 from nonlocal_det import NonLocalBlock
-from nonlocal_det.export import (
+from nonlocal_det.tools.export import (
     export_backbone_onnx,
     export_onnx,
     run_onnx,
@@ -175,7 +175,7 @@ def test_onnx_export_refuses_what_onnx_cannot_express(tmp_path):
 def test_export_command(tmp_path):
     out = tmp_path / "export"
     proc = subprocess.run(
-        [sys.executable, "-m", "nonlocal_det.export", "--config-file"]
+        [sys.executable, "-m", "nonlocal_det.tools.export", "--config-file"]
         + [os.path.join(CONFIGS, DEMO), "--output", str(out), "MODEL.KEYPOINT_ON", "False"],
         cwd=REPO,
         env=dict(os.environ, OMP_NUM_THREADS="1"),

@@ -21,9 +21,9 @@ from torch import nn
 from utils import CONFIGS, load_cfg, shared_datasets_dir
 
 from nonlocal_det import NonLocalBlock
-from nonlocal_det.data.builtin import register_datasets_for_config
+from nonlocal_det.data import register_datasets_for_config
+from nonlocal_det.engine import optimizer_with_gradient_clipping
 from nonlocal_det.modeling import NonLocalResNet
-from nonlocal_det.solver import optimizer_with_gradient_clipping
 
 LAZY = sorted(glob.glob(os.path.join(CONFIGS, "lazy", "*.py")))
 TWINS = [

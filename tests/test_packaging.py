@@ -87,9 +87,11 @@ report = {
     ),
     "shipped": {
         m: importlib.util.find_spec(m) is not None
-        for m in ("nonlocal_det.lazy_train", "nonlocal_det.tools", "nonlocal_det.export",
-                  "nonlocal_det.warm_start", "nonlocal_det.predict", "nonlocal_det.analyze",
-                  "nonlocal_det.visualize", "nonlocal_det.data.synthetic", "nonlocal_det.solver")
+        for m in ("nonlocal_det.tools.lazy_train", "nonlocal_det.tools.d2_tool",
+                  "nonlocal_det.tools.export", "nonlocal_det.tools.warm_start",
+                  "nonlocal_det.tools.predict", "nonlocal_det.tools.analyze",
+                  "nonlocal_det.tools.visualize", "nonlocal_det.tools.generate_data",
+                  "nonlocal_det.data.synthetic", "nonlocal_det.engine")
     },
 }
 print("REPORT " + json.dumps(report))

@@ -1,46 +1,75 @@
-"""The README's Python and YAML examples for other Detectron2 projects run as written."""
+"""README.md and docs/*.md stay true: every Python snippet runs as written, the YAML snippet builds
+a model, and every shell command parses as its program would parse it, with its config and
+overrides loading and passing the model checks (training on COCO itself is not run here)."""
 
+import argparse
 import contextlib
+import glob
+import importlib
 import io
 import os
 import re
+import shlex
 import shutil
 
 import pytest
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from utils import CONFIGS, REPO
 
 from nonlocal_det.config import get_nonlocal_cfg
+from nonlocal_det.modeling import check_model_config
 
-SECTIONS = ("## Using it from another Detectron2 project", "## LazyConfig")
+D2_CHECKOUT = "~/detectron2/"  # where the docs put a Detectron2 source checkout
+PAGES = ["README.md"] + sorted(
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))
+)
 
 
 def _blocks(language):
-    text = open(os.path.join(REPO, "README.md")).read()
     found = []
-    for heading in SECTIONS:
-        body = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
-        found += re.findall(rf"```{language}\n(.*?)```", body, flags=re.S)
+    for page in PAGES:
+        text = open(os.path.join(REPO, page)).read()
+        for i, code in enumerate(re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)):
+            found.append(pytest.param(code, id=f"{page}:{language}{i}"))
     return found
 
 
-PYTHON = _blocks("python")
+def _commands():
+    """(page, command words) of every command line of the bash blocks; ``VAR=value`` lines set
+    variables the later lines use."""
+    out = []
+    for param in _blocks("bash"):
+        (code,) = param.values
+        vars_ = {}
+        for line in code.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            m = re.fullmatch(r"([A-Z0-9_]+)=(\S+)", line)
+            if m:
+                vars_[m[1]] = m[2]
+                continue
+            for name, value in vars_.items():
+                line = line.replace(f"${name}", value)
+            out.append(pytest.param(shlex.split(line), id=f"{param.id}:{line[:60]}"))
+    return out
 
 
-@pytest.mark.parametrize("code", PYTHON, ids=[f"python{i}" for i in range(len(PYTHON))])
-def test_python_example_runs_from_the_repository_root(code, monkeypatch):
+@pytest.mark.parametrize("code", _blocks("python"))
+def test_python_snippets_run_from_the_repository_root(code, monkeypatch):
     monkeypatch.chdir(REPO)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
-    if "print(" in code:
+        exec(compile(code, "snippet", "exec"), {"__name__": "__snippet__"})
+    if "nonlocal4" in code:
         assert out.getvalue().strip() == "['backbone.bottom_up.res4.nonlocal4']"
 
 
-def test_yaml_example_builds_a_nonlocal_model(tmp_path):
-    (yaml_text,) = _blocks("yaml")
+def test_yaml_snippet_builds_a_nonlocal_model(tmp_path):
+    (param,) = _blocks("yaml")
     shutil.copy(os.path.join(CONFIGS, "Base-RCNN-FPN.yaml"), tmp_path)  # "your" base config
-    (tmp_path / "yours.yaml").write_text(yaml_text)
+    (tmp_path / "yours.yaml").write_text(param.values[0])
     cfg = get_nonlocal_cfg(
         str(tmp_path / "yours.yaml"), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
     )
@@ -48,3 +77,47 @@ def test_yaml_example_builds_a_nonlocal_model(tmp_path):
     names = [n for n in model.state_dict() if ".nonlocal" in n]
     assert names and all(n.startswith("backbone.bottom_up.res4.nonlocal4.") for n in names)
     assert model.roi_heads.mask_on
+
+
+def _check_config(args):
+    """A project YAML config with its overrides loads and passes the model checks."""
+    if args.config_file.endswith((".yaml", ".yml")) and args.config_file.startswith("configs/"):
+        cfg = get_nonlocal_cfg(args.config_file, args.opts)
+        check_model_config(cfg)
+
+
+@pytest.mark.parametrize("words", _commands())
+def test_commands_parse_and_their_configs_load(words, monkeypatch):
+    monkeypatch.chdir(REPO)
+    program, args = words[0], words[1:]
+    if program == "make":
+        targets = re.findall(r"^([a-z-]+):", open(os.path.join(REPO, "Makefile")).read(), re.M)
+        assert set(args) <= set(targets), (args, targets)
+        return
+    if program == "pip":
+        assert args[:1] == ["install"]  # tests/test_packaging.py runs both forms
+        return
+    assert program == ".venv/bin/python", words
+    if args[0] == "train_net.py":
+        _check_config(default_argument_parser().parse_args(args[1:]))
+    elif args[0] == "-m" and args[1].startswith("nonlocal_det.tools."):
+        command = importlib.import_module(args[1])
+        parsed = command.parser().parse_args(args[2:])
+        if hasattr(parsed, "config_file"):
+            _check_config(parsed)
+        if hasattr(parsed, "tool_args"):  # d2_tool: a Detectron2 script and its --config-file
+            assert parsed.tool.startswith((D2_CHECKOUT, "tools.")), parsed.tool
+            tool_args = parsed.tool_args
+            config = tool_args[tool_args.index("--config-file") + 1]
+            opts = tool_args[tool_args.index("--opts") + 1 :] if "--opts" in tool_args else []
+            _check_config(argparse.Namespace(config_file=config, opts=opts))
+    elif args[0].startswith("benchmarks/"):
+        name = os.path.splitext(os.path.basename(args[0]))[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, args[0]))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        bench.parse_args(args[1:])
+    elif args[0].startswith(D2_CHECKOUT):  # Detectron2's own scripts, on a LazyConfig of ours
+        assert args[args.index("--config-file") + 1].startswith("configs/lazy/")
+    else:
+        pytest.fail(f"a command this test does not know how to check: {words}")

@@ -12,7 +12,8 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from nonlocal_det.data import (
+from nonlocal_det.data.synthetic import (
+    SYNTHETIC_DATASET_VERSION,
     SYNTHETIC_KEYPOINT_CATEGORY,
     SYNTHETIC_KEYPOINT_CONNECTION_RULES,
     SYNTHETIC_KEYPOINT_FLIP_MAP,
@@ -21,12 +22,9 @@ from nonlocal_det.data import (
     SYNTHETIC_THING_CLASSES,
     default_dataset_root,
     generate_synthetic_coco,
-    is_synthetic_coco_complete,
-    prepare_synthetic_coco,
     register_synthetic_coco,
 )
-from nonlocal_det.data.synthetic import SYNTHETIC_DATASET_VERSION
-from nonlocal_det.data.synthetic import main as synthetic_main
+from nonlocal_det.tools.generate_data import main as generate_data_main
 
 K = len(SYNTHETIC_KEYPOINT_NAMES)
 SMALL = dict(num_train=8, num_val=4)
@@ -163,41 +161,57 @@ def test_polygons_decode_to_the_visible_mask(tmp_path):
         assert int(mask_util.area(rle)) == ann["area"]
 
 
-def test_idempotent_and_interrupted(tmp_path):
+def _files(root):
+    return {
+        os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
+        for d, _, names in os.walk(root)
+        for n in names
+    }
+
+
+def test_a_folder_that_exists_is_complete(tmp_path, monkeypatch):
     root = str(tmp_path / "d")
-    info = generate_synthetic_coco(root, **SMALL)
-    assert info["generated"] and is_synthetic_coco_complete(root, **SMALL)
-    files = [
-        os.path.join(dirpath, name)
-        for dirpath, _, names in os.walk(root)
-        for name in names
-        if name != ".lock"
-    ]
-    mtimes = {f: os.stat(f).st_mtime_ns for f in files}
-    info = generate_synthetic_coco(root, **SMALL)
-    assert not info["generated"]
-    assert {f: os.stat(f).st_mtime_ns for f in files} == mtimes
+    assert generate_synthetic_coco(root, **SMALL) is True
+    files = _files(root)
+    assert len(files) == 2 + SMALL["num_train"] + SMALL["num_val"]  # 2 JSON files + images
+    assert generate_synthetic_coco(root, **SMALL) is False  # nothing written
+    assert _files(root) == files
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # no temporary folder left
+
+    # Interrupted (here: an error while writing the validation split): no dataset folder, no
+    # temporary folder; the next run generates the same files.
+    import nonlocal_det.data.synthetic as synthetic
+
     reference = _load(root, "train")
+    original = synthetic._generate_image
+    calls = []
 
-    # Other parameters: regenerated.
-    assert not is_synthetic_coco_complete(root, num_train=8, num_val=4, seed=5)
+    def failing(rng, size):
+        calls.append(1)
+        if len(calls) > SMALL["num_train"]:
+            raise KeyboardInterrupt
+        return original(rng, size)
 
-    # Interrupted generation (no marker, a missing image): detected and redone identically.
-    os.remove(os.path.join(root, "_COMPLETE"))
-    os.remove(os.path.join(root, "train", "000003.png"))
-    assert not is_synthetic_coco_complete(root, **SMALL)
-    info = generate_synthetic_coco(root, **SMALL)
-    assert info["generated"] and is_synthetic_coco_complete(root, **SMALL)
-    assert os.path.isfile(os.path.join(root, "train", "000003.png"))
-    assert _load(root, "train") == reference
-    with open(os.path.join(root, "_COMPLETE")) as f:
-        marker = json.load(f)
-    assert marker["params"]["num_train"] == 8 and marker["params_hash"]
+    again = str(tmp_path / "again")
+    monkeypatch.setattr(synthetic, "_generate_image", failing)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_coco(again, **SMALL)
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+    monkeypatch.setattr(synthetic, "_generate_image", original)
+    assert generate_synthetic_coco(again, **SMALL) is True
+    assert _load(again, "train") == reference
 
-    # A missing image with the marker present is also detected.
-    os.remove(os.path.join(root, "val", "000001.png"))
-    assert not is_synthetic_coco_complete(root, **SMALL)
-    assert generate_synthetic_coco(root, **SMALL)["generated"]
+
+def test_two_processes_generating_at_once(tmp_path):
+    import multiprocessing
+
+    root = str(tmp_path / "d")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(generate_synthetic_coco, [(root, 6, 2)] * 2)
+    assert sorted(results) in ([False, True], [True, True])
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+    assert len(os.listdir(os.path.join(root, "train"))) == 6
 
 
 def test_default_root(monkeypatch, tmp_path):
@@ -210,10 +224,10 @@ def test_default_root(monkeypatch, tmp_path):
 
 
 def test_bad_parameters(tmp_path):
-    with pytest.raises(ValueError, match="num_train"):
-        generate_synthetic_coco(str(tmp_path), num_train=0)
-    with pytest.raises(ValueError, match="seed"):
-        generate_synthetic_coco(str(tmp_path), seed=-1)
+    with pytest.raises(ValueError, match="num_train=0 is not supported; allowed: an int >= 1"):
+        generate_synthetic_coco(str(tmp_path / "x"), num_train=0)
+    with pytest.raises(ValueError, match="seed=-1"):
+        generate_synthetic_coco(str(tmp_path / "x"), seed=-1)
 
 
 def test_registration(dataset_root, tmp_path, request):
@@ -223,11 +237,6 @@ def test_registration(dataset_root, tmp_path, request):
     train, val = register_synthetic_coco(dataset_root, name_prefix=prefix)
     assert (train, val) == (f"{prefix}_train", f"{prefix}_val")
     assert register_synthetic_coco(dataset_root, name_prefix=prefix) == (train, val)  # no-op
-
-    other = str(tmp_path / "other")
-    generate_synthetic_coco(other, num_train=2, num_val=1)
-    with pytest.raises(ValueError, match=train):
-        register_synthetic_coco(other, name_prefix=prefix)
 
     for name, split in ((train, "train"), (val, "val")):
         dicts = DatasetCatalog.get(name)
@@ -239,7 +248,7 @@ def test_registration(dataset_root, tmp_path, request):
                 assert len(ann["keypoints"]) == 3 * K
                 assert 0 <= ann["category_id"] < 4
                 if ann["category_id"] != SYNTHETIC_THING_CLASSES.index(SYNTHETIC_KEYPOINT_CATEGORY):
-                    assert not any(ann["keypoints"])
+                    assert not any(ann["keypoints"][2::3])  # v=0: Detectron2 zeroes x, y
                 else:
                     n_kp += 1
         if split == "train":
@@ -252,6 +261,14 @@ def test_registration(dataset_root, tmp_path, request):
         assert [tuple(p) for p in meta.keypoint_flip_map] == list(SYNTHETIC_KEYPOINT_FLIP_MAP)
         assert len(meta.keypoint_connection_rules) == len(SYNTHETIC_KEYPOINT_CONNECTION_RULES)
         assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1, 3: 2, 4: 3}
+        assert meta.keypoint_oks_sigmas == list(SYNTHETIC_KEYPOINT_OKS_SIGMAS)
+
+    # Registered again for other files: replaced (as for a user's COCO files).
+    other = str(tmp_path / "other")
+    generate_synthetic_coco(other, num_train=2, num_val=1)
+    register_synthetic_coco(other, name_prefix=prefix)
+    assert len(DatasetCatalog.get(train)) == 2
+    assert MetadataCatalog.get(train).image_root == os.path.join(other, "train")
 
 
 def test_register_missing_files(tmp_path):
@@ -259,15 +276,13 @@ def test_register_missing_files(tmp_path):
         register_synthetic_coco(str(tmp_path / "nothing"), name_prefix="test_syn_missing")
 
 
-def test_prepare_and_cli(tmp_path, request, capsys):
+def test_generate_data_command(tmp_path, capsys):
     root = str(tmp_path / "p")
-    prefix = _unique_prefix(request)
-    names = prepare_synthetic_coco(root, name_prefix=prefix, num_train=3, num_val=2)
-    assert names == (f"{prefix}_train", f"{prefix}_val")
-    assert is_synthetic_coco_complete(root, num_train=3, num_val=2)
-    assert synthetic_main(["--root", root, "--num-train", "3", "--num-val", "2"]) == 0
+    assert generate_data_main(["--root", root, "--num-train", "3", "--num-val", "2"]) == 0
+    assert "generated" in capsys.readouterr().out
+    assert generate_data_main(["--root", root, "--num-train", "3", "--num-val", "2"]) == 0
     out = capsys.readouterr().out
-    assert "already complete" in out and "star_person=" in out and "keypoint instances" in out
+    assert "already there" in out and "train: 3 images" in out and "star_person=" in out
 
 
 def _tiny_cfg(train_name, val_name):

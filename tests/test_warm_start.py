@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 from subproc import run_train_net
 from utils import CONFIGS, load_cfg, shared_datasets_dir
 
-from nonlocal_det.warm_start import check_warm_start, main
+from nonlocal_det.tools.warm_start import check_warm_start, main
 
 DEMO = "demo/mask_rcnn_R18_NL_demo.yaml"
 

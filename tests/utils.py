@@ -5,6 +5,9 @@ import os
 from detectron2.config import get_cfg
 
 from nonlocal_det import add_nonlocal_config
+from nonlocal_det.config import get_nonlocal_cfg
+from nonlocal_det.data import configure_coco_json_datasets
+from nonlocal_det.engine import fall_back_to_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -58,3 +61,12 @@ def shared_datasets_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.getbasetemp() / "nl_datasets"
     path.mkdir(exist_ok=True)
     return str(path)
+
+
+def train_cfg(config_file: str, opts=()):
+    """The unfrozen config as ``train_net.py``'s setup makes it before its checks: the file and
+    overrides, the CPU without CUDA, ``DATASETS.*_JSON`` files checked and taken into account."""
+    cfg = get_nonlocal_cfg(config_file, opts)
+    fall_back_to_cpu(cfg)
+    configure_coco_json_datasets(cfg)
+    return cfg

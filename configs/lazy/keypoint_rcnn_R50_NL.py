@@ -6,7 +6,7 @@ Detectron2's own ``COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.py`` with its ResNet
 with a block after convs 2, 4, 6 and 8). Importing ``nonlocal_det`` here is what lets
 Detectron2's generic LazyConfig tooling use this file unchanged:
 
-    python -m nonlocal_det.lazy_train --config-file configs/lazy/keypoint_rcnn_R50_NL.py --num-gpus 8
+    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/keypoint_rcnn_R50_NL.py --num-gpus 8
 """
 
 from detectron2 import model_zoo
@@ -20,27 +20,19 @@ optimizer = _base.optimizer
 train = _base.train
 model = _base.model
 
-# MODEL.NONLOCAL keys of configs/Base-Keypoint-RCNN-FPN-NL.yaml.
+# MODEL.NONLOCAL keys of configs/Base-Keypoint-RCNN-FPN-NL.yaml, for the backbone and the head.
 _nonlocal = dict(
-    pairwise="embedded_gaussian",
-    subsample=True,  # 2x2 max-pool of phi and g
-    use_scale=True,  # 1/sqrt(C_inner) inside the softmax
-    norm="",  # no norm after W_z; W_z starts at zero (identity block)
+    nonlocal_pairwise="embedded_gaussian",
+    nonlocal_inner_ratio=0.5,  # C_inner = C / 2
+    nonlocal_subsample=True,  # 2x2 max-pool of phi and g
+    nonlocal_use_scale=True,  # 1/sqrt(C_inner) inside the softmax
+    nonlocal_norm="",  # no norm after W_z; W_z starts at zero (identity block)
 )
-_inner_ratio = 0.5  # C_inner = C / 2
 
 # One block right before the last residual block of res4.
 model.backbone.bottom_up._target_ = NonLocalResNet
-model.backbone.bottom_up.update(
-    nonlocal_placement="paper_1",
-    nonlocal_inner_ratio=_inner_ratio,
-    **{f"nonlocal_{k}": v for k, v in _nonlocal.items()},
-)
+model.backbone.bottom_up.update(nonlocal_placement="paper_1", **_nonlocal)
 
 # A block after every 2 of the head's 8 convs (C = 512, 14x14 ROI features).
 model.roi_heads.keypoint_head._target_ = NonLocalKRCNNHead
-model.roi_heads.keypoint_head.update(
-    nonlocal_after=[2, 4, 6, 8],
-    nonlocal_inner_ratio=_inner_ratio,
-    nonlocal_kwargs=_nonlocal,
-)
+model.roi_heads.keypoint_head.update(nonlocal_after=[2, 4, 6, 8], **_nonlocal)

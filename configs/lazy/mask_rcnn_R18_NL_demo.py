@@ -5,8 +5,8 @@ in res4 and two in the keypoint head, on the project's generated dataset (made a
 first use when the config is instantiated). Small enough to run Detectron2's LazyConfig tools end
 to end on a laptop CPU:
 
-    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py
-    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
+    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py
+    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
         --eval-only train.init_checkpoint=output/demo_lazy/model_final.pth
 """
 
@@ -20,10 +20,10 @@ from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from nonlocal_det.data.builtin import synthetic_dataset
+from nonlocal_det.data import synthetic_dataset
 from nonlocal_det.data.synthetic import SYNTHETIC_KEYPOINT_OKS_SIGMAS
+from nonlocal_det.engine import optimizer_with_gradient_clipping
 from nonlocal_det.modeling import NonLocalKRCNNHead, NonLocalResNet
-from nonlocal_det.solver import optimizer_with_gradient_clipping
 
 _base = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
 model = _base.model
@@ -75,8 +75,11 @@ _heads.update(
         loss_weight=0.2,  # its loss is ~10x the others early on
         loss_normalizer="visible",
         nonlocal_after=[2, 4],
+        nonlocal_pairwise="embedded_gaussian",
         nonlocal_inner_ratio=0.5,
-        nonlocal_kwargs=dict(pairwise="embedded_gaussian", subsample=True, use_scale=True, norm=""),
+        nonlocal_subsample=True,
+        nonlocal_use_scale=True,
+        nonlocal_norm="",
     ),
 )
 

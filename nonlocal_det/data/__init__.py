@@ -1,42 +1,22 @@
-"""Datasets of the project: the deterministic synthetic COCO-format demo dataset.
+"""Datasets: the generated demo data, your own COCO files, and their checks."""
 
-The names below live in :mod:`nonlocal_det.data.synthetic`; they are imported lazily (PEP 562) so
-that ``python -m nonlocal_det.data.synthetic`` does not import its own module twice and importing
-this package stays cheap.
-"""
-
-import importlib
-from typing import Any
+from .coco import TEST_NAME, TRAIN_NAME, configure_coco_json_datasets, register_coco_dataset
+from .coco_check import DatasetError, check_coco_images, check_coco_json
+from .datasets import check_datasets, register_datasets_for_config, synthetic_dataset
+from .synthetic import default_dataset_root, generate_synthetic_coco, register_synthetic_coco
 
 __all__ = [
-    "DEFAULT_IMAGE_SIZE",
-    "DEFAULT_NAME_PREFIX",
-    "DEFAULT_NUM_TRAIN",
-    "DEFAULT_NUM_VAL",
-    "SYNTHETIC_CATEGORIES",
-    "SYNTHETIC_DATASET_VERSION",
-    "SYNTHETIC_KEYPOINT_CATEGORY",
-    "SYNTHETIC_KEYPOINT_CONNECTION_RULES",
-    "SYNTHETIC_KEYPOINT_FLIP_MAP",
-    "SYNTHETIC_KEYPOINT_NAMES",
-    "SYNTHETIC_KEYPOINT_OKS_SIGMAS",
-    "SYNTHETIC_THING_CLASSES",
+    "DatasetError",
+    "TEST_NAME",
+    "TRAIN_NAME",
+    "check_coco_images",
+    "check_coco_json",
+    "check_datasets",
+    "configure_coco_json_datasets",
     "default_dataset_root",
     "generate_synthetic_coco",
-    "is_synthetic_coco_complete",
-    "load_synthetic_coco_json",
-    "prepare_synthetic_coco",
+    "register_coco_dataset",
+    "register_datasets_for_config",
     "register_synthetic_coco",
+    "synthetic_dataset",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        value = getattr(importlib.import_module(".synthetic", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))

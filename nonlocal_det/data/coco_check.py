@@ -1,11 +1,6 @@
-"""Check a COCO-format dataset before training: every problem names the file, the entry and the
-field, the bad value and what is allowed.
-
-:func:`check_coco_json` reads a JSON file (instances format: ``images``, ``annotations``,
-``categories``; polygons or RLE masks; optional keypoints) and returns a :class:`CocoSummary`
-(class names, keypoint names, ...). :func:`check_coco_images` checks that every image file exists
-and that its header can be read, with the size the JSON claims. Both raise :class:`DatasetError`
-(a ``ValueError``), or ``FileNotFoundError`` for a missing file or folder.
+"""Checks of a COCO-format dataset before training; every problem names the file, the entry and
+the field, the bad value and what is allowed. :func:`check_coco_json` checks an instances file and
+summarises it (:class:`CocoSummary`); :func:`check_coco_images` checks the image files' headers.
 """
 
 import json
@@ -39,6 +34,7 @@ class CocoSummary:
         categories: ``{"id", "name"}`` of every category, sorted by id (Detectron2's contiguous
             class ``i`` is ``categories[i]``).
         keypoint_names: the keypoint names of the keypoint categories (one shared list), or [].
+        keypoint_classes: the names of the categories that list keypoints.
         num_images: images in the file.
         num_annotations: annotations in the file.
         num_empty_images: images without any annotation.
@@ -52,6 +48,7 @@ class CocoSummary:
     json_file: str
     categories: List[Dict[str, Any]]
     keypoint_names: List[str]
+    keypoint_classes: List[str]
     num_images: int
     num_annotations: int
     num_empty_images: int
@@ -80,39 +77,33 @@ def _where(kind: str, index: int, entry: Any) -> str:
     return f"{kind}[{index}]" + (f" (id {ident!r})" if ident is not None else "")
 
 
+def _listed(head: str, items: List[str]) -> DatasetError:
+    """One error listing the first ``MAX_LISTED`` problems, with their count."""
+    listed = "\n  - ".join(items[:MAX_LISTED])
+    more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return DatasetError(f"{head}:\n  - {listed}{more}")
+
+
 class _Problems:
-    """Collects problems; raises one :class:`DatasetError` listing the first ``MAX_LISTED``."""
+    """Collects the problems of one file."""
 
     def __init__(self, json_file: str, label: str):
         self.head = f"{label + ': ' if label else ''}{json_file} is not a usable COCO-format file"
         self.items: List[str] = []
-
-    def add(self, msg: str) -> None:
-        self.items.append(msg)
+        self.add = self.items.append
 
     def fatal(self, msg: str) -> DatasetError:
         return DatasetError(f"{self.head}: {msg}")
 
     def raise_if_any(self) -> None:
-        if not self.items:
-            return
-        listed = "\n  - ".join(self.items[:MAX_LISTED])
-        more = len(self.items) - MAX_LISTED
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        count = f"{len(self.items)} problem{'s' if len(self.items) > 1 else ''}"
-        raise DatasetError(f"{self.head} ({count}):\n  - {listed}{tail}")
+        n = len(self.items)
+        if n:
+            raise _listed(f"{self.head} ({n} problem{'s' if n > 1 else ''})", self.items)
 
 
 def read_checked_coco_json(json_file: str, label: str = "") -> Dict[str, Any]:
-    """Load ``json_file``: a missing file, a folder, non-UTF-8 or non-JSON text is an error.
-
-    Args:
-        json_file: path of the file.
-        label: what named the file (e.g. ``"DATASETS.TRAIN_JSON"``), put in front of messages.
-
-    Returns:
-        dict: the top-level JSON object (not yet checked for COCO shape).
-    """
+    """The JSON object of ``json_file`` (``label``, e.g. ``"DATASETS.TRAIN_JSON"``, starts the
+    messages): a missing file, a folder, non-UTF-8 or non-JSON text is an error."""
     prefix = f"{label}: " if label else ""
     if not os.path.exists(json_file):
         raise FileNotFoundError(f"{prefix}annotation file {json_file} does not exist")
@@ -133,19 +124,27 @@ def read_checked_coco_json(json_file: str, label: str = "") -> Dict[str, Any]:
         ) from None
 
 
+def _entries(items: List[Any], kind: str, noun: str, p: _Problems, allowed: str):
+    """(where, entry) of the objects of ``items`` with an integer id; the others, and reused ids,
+    are problems."""
+    seen = set()
+    for i, e in enumerate(items):
+        where = _where(kind, i, e)
+        if not isinstance(e, dict):
+            p.add(f"{where} is a {type(e).__name__}; allowed: {allowed}")
+        elif not _is_int(e.get("id")):
+            p.add(f"{where}: 'id' is {e.get('id')!r}; allowed: an integer")
+        else:
+            if e["id"] in seen:
+                p.add(f"{where}: id {e['id']} is used by another {noun}; allowed: unique ids")
+            seen.add(e["id"])
+            yield where, e
+
+
 def _check_categories(cats: List[Any], p: _Problems) -> Dict[int, List[str]]:
     """Returns category id -> its keypoint names ([] when none)."""
     out: Dict[int, List[str]] = {}
-    for i, c in enumerate(cats):
-        where = _where("categories", i, c)
-        if not isinstance(c, dict):
-            p.add(f"{where} is a {type(c).__name__}; allowed: an object with 'id' and 'name'")
-            continue
-        if not _is_int(c.get("id")):
-            p.add(f"{where}: 'id' is {c.get('id')!r}; allowed: an integer")
-            continue
-        if c["id"] in out:
-            p.add(f"{where}: id {c['id']} is used by another category; allowed: unique ids")
+    for where, c in _entries(cats, "categories", "category", p, "an object with 'id' and 'name'"):
         if not isinstance(c.get("name"), str) or not c["name"]:
             p.add(f"{where}: 'name' is {c.get('name')!r}; allowed: a non-empty string")
         kps = c.get("keypoints", [])
@@ -160,22 +159,12 @@ def _check_categories(cats: List[Any], p: _Problems) -> Dict[int, List[str]]:
 
 def _check_images(imgs: List[Any], p: _Problems) -> Dict[int, Dict[str, Any]]:
     out: Dict[int, Dict[str, Any]] = {}
-    for i, im in enumerate(imgs):
-        where = _where("images", i, im)
-        if not isinstance(im, dict):
-            p.add(f"{where} is a {type(im).__name__}; allowed: an object")
-            continue
-        if not _is_int(im.get("id")):
-            p.add(f"{where}: 'id' is {im.get('id')!r}; allowed: an integer")
-            continue
-        if im["id"] in out:
-            p.add(f"{where}: id {im['id']} is used by another image; allowed: unique ids")
+    for where, im in _entries(imgs, "images", "image", p, "an object"):
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             p.add(f"{where}: 'file_name' is {im.get('file_name')!r}; allowed: a relative path")
         for key in ("height", "width"):
-            v = im.get(key)
-            if not _is_int(v) or v <= 0:
-                p.add(f"{where}: '{key}' is {v!r}; allowed: an integer > 0")
+            if not _is_int(im.get(key)) or im[key] <= 0:
+                p.add(f"{where}: '{key}' is {im.get(key)!r}; allowed: an integer > 0")
         out[im["id"]] = im
     return out
 
@@ -336,6 +325,7 @@ def check_coco_json(json_file: str, label: str = "", data: Optional[Dict] = None
         json_file=json_file,
         categories=categories,
         keypoint_names=keypoint_names,
+        keypoint_classes=[c["name"] for c in categories if cat_keypoints[c["id"]]],
         num_images=len(images),
         num_annotations=len(data["annotations"]),
         num_empty_images=len(set(images) - annotated),
@@ -399,12 +389,7 @@ def check_coco_images(
                 f"{im['width']}x{im['height']}"
             )
     if problems:
-        listed = "\n  - ".join(problems[:MAX_LISTED])
-        more = (
-            f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        )
         src = f" of {json_file}" if json_file else ""
-        raise DatasetError(
-            f"{prefix}{len(problems)} of {len(images)} images{src} cannot be used:\n  - "
-            f"{listed}{more}"
+        raise _listed(
+            f"{prefix}{len(problems)} of {len(images)} images{src} cannot be used", problems
         )

@@ -1,54 +1,29 @@
-"""A small, deterministic, COCO-format synthetic dataset for the project's CPU demo.
+"""The generated COCO-format dataset of the CPU demo: small, deterministic, made on first use.
 
-Every image (192x192 RGB by default) shows a smooth random background and 2-4 objects of four
-categories (at least one ``star_person``), 48-100 px across, later objects occluding
-earlier ones:
+Each 192x192 image shows a smooth random background and 2-4 objects of 48-100 px, later ones
+occluding earlier ones: ``circle``, ``square`` and ``triangle`` (rotated), and ``star_person``, an
+upright (+-30 deg) five-pointed star whose tips end in contrasting blobs, its K=5 keypoints
+``head, left_hand, right_hand, left_foot, right_foot`` ("left" = image-left when upright, so a
+horizontal flip swaps them, as for COCO persons). Every image has a star_person.
 
-* three plain categories: ``circle``, ``square`` (rotated) and ``triangle`` (rotated);
-* one keypoint category, ``star_person``: an upright (+-30 deg) five-pointed star whose tips end
-  in round "head", "hand" and "foot" blobs of a contrasting colour. Its K=5 keypoints are the blob
-  centres: ``head, left_hand, right_hand, left_foot, right_foot`` ("left" = image-left when
-  upright, so a horizontal flip swaps left and right, as for COCO persons).
-
-Annotations are standard COCO: ``bbox`` [x, y, w, h] and ``area`` of the visible (occluded and
-clipped) mask, ``segmentation`` polygons traced from that mask (they decode back to exactly the
-mask with pycocotools), ``iscrowd`` 0, category ids 1..4. Keypoints are ``[x, y, v] * K`` in pixel
-indices (Detectron2's ``load_coco_json`` adds 0.5): v=2 visible, v=1 inside the image but covered
-by a later object, v=0 (x=y=0) outside the image.
-
-Keypoints of the plain categories: Detectron2 needs every annotation of an image to carry keypoints
-or none to (``annotations_to_instances``), and both its ``COCOEvaluator`` (which reads the length of
-the *first* ground-truth annotation's ``keypoints``) and pycocotools' OKS (which reads
-``gt["keypoints"]`` of every ground truth in an (image, category) pair that has detections, and the
-keypoint head predicts keypoints for every detected class) need the field on *every* annotation.
-So plain-category annotations carry all-zero keypoints (``[0, 0, 0] * K``, ``num_keypoints`` 0):
-COCOeval ignores them in keypoint evaluation, Detectron2's keypoint loss ignores v=0, and the
-keypoint AP is that of ``star_person`` alone (the only category with non-ignored ground truth).
-:func:`load_synthetic_coco_json` additionally normalises the dataset dicts so that every
-annotation has exactly ``3K`` keypoint values (zeros for the plain categories).
-
-Generation is deterministic (one ``numpy.random.Generator`` per image, seeded from
-``(seed, split, index)``), every file is written atomically, and a ``_COMPLETE`` marker holding a
-hash of the generator version and parameters is written last: an interrupted generation is
-detected and redone, a complete one with the same parameters is left untouched.
-
-Command line::
-
-    python -m nonlocal_det.data.synthetic --root DIR [--num-train N --num-val N]
+Annotations are plain COCO: ``bbox`` and ``area`` of the visible mask, polygons that decode back to
+exactly that mask, keypoints ``[x, y, v] * K`` (v=2 visible, v=1 covered by a later object, v=0
+outside the image). The plain shapes carry all-zero keypoints: pycocotools' OKS and Detectron2 read
+``keypoints`` on every annotation of a keypoint dataset. One ``numpy`` generator per image, seeded
+from ``(seed, split, index)``: the same parameters give byte-identical files.
 """
 
-import argparse
-import contextlib
-import hashlib
 import json
 import os
+import shutil
 import tempfile
-import time
-from collections import Counter
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from .coco import cache_root, register_coco_dataset
+from .coco_check import check_coco_json
 
 __all__ = [
     "SYNTHETIC_DATASET_VERSION",
@@ -59,40 +34,23 @@ __all__ = [
     "SYNTHETIC_KEYPOINT_FLIP_MAP",
     "SYNTHETIC_KEYPOINT_CONNECTION_RULES",
     "SYNTHETIC_KEYPOINT_OKS_SIGMAS",
-    "DEFAULT_NUM_TRAIN",
-    "DEFAULT_NUM_VAL",
-    "DEFAULT_IMAGE_SIZE",
-    "DEFAULT_NAME_PREFIX",
+    "SPLITS",
     "default_dataset_root",
     "generate_synthetic_coco",
-    "is_synthetic_coco_complete",
-    "load_synthetic_coco_json",
     "register_synthetic_coco",
-    "prepare_synthetic_coco",
-    "main",
 ]
 
-# Bump when the generated content changes: it is part of the cache directory name and of the
-# parameter hash in the ``_COMPLETE`` marker (so a stale cache is regenerated).
+# Part of the cache folder's name: bump it when the generated content changes.
 SYNTHETIC_DATASET_VERSION = 2
-# Bump for content changes within a version (changes the parameter hash only).
-_GENERATOR_REVISION = 0
-_DATASET_DIRNAME = f"synthetic_coco_v{SYNTHETIC_DATASET_VERSION}"
-_COMPLETE_MARKER = "_COMPLETE"
-_SPLITS = ("train", "val")
-
-DEFAULT_NUM_TRAIN = 400
-DEFAULT_NUM_VAL = 50
-DEFAULT_IMAGE_SIZE = 192
-DEFAULT_NAME_PREFIX = "nl_synthetic"
+SPLITS = ("train", "val")
 
 SYNTHETIC_KEYPOINT_CATEGORY = "star_person"
 SYNTHETIC_KEYPOINT_NAMES = ("head", "left_hand", "right_hand", "left_foot", "right_foot")
 SYNTHETIC_KEYPOINT_FLIP_MAP = (("left_hand", "right_hand"), ("left_foot", "right_foot"))
-# COCO OKS per-keypoint sigmas (COCO uses 0.025 for eyes .. 0.107 for hips): the blobs are
-# a few pixels wide on 48-100 px objects. Pass as cfg.TEST.KEYPOINT_OKS_SIGMAS.
+# OKS sigma per keypoint (COCO: 0.025 for eyes .. 0.107 for hips): blobs a few px wide on 48-100
+# px objects. Give them as cfg.TEST.KEYPOINT_OKS_SIGMAS.
 SYNTHETIC_KEYPOINT_OKS_SIGMAS = [0.08, 0.08, 0.08, 0.08, 0.08]
-# The star's outline: head - right hand - right foot - left foot - left hand - head.
+# The star's outline, for Detectron2's Visualizer.
 SYNTHETIC_KEYPOINT_CONNECTION_RULES = (
     ("head", "left_hand", (102, 204, 255)),
     ("head", "right_hand", (51, 153, 255)),
@@ -100,35 +58,28 @@ SYNTHETIC_KEYPOINT_CONNECTION_RULES = (
     ("right_hand", "right_foot", (255, 128, 0)),
     ("left_foot", "right_foot", (0, 255, 0)),
 )
-_SKELETON = [
-    [SYNTHETIC_KEYPOINT_NAMES.index(a) + 1, SYNTHETIC_KEYPOINT_NAMES.index(b) + 1]
-    for a, b, _ in SYNTHETIC_KEYPOINT_CONNECTION_RULES
-]
 _NUM_KEYPOINTS = len(SYNTHETIC_KEYPOINT_NAMES)
-
-# COCO categories (ids 1..4); only the keypoint category has "keypoints" and "skeleton".
+_KEYPOINT_CATEGORY_ID = 4
 SYNTHETIC_CATEGORIES = (
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "square", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
     {
-        "id": 4,
+        "id": _KEYPOINT_CATEGORY_ID,
         "name": SYNTHETIC_KEYPOINT_CATEGORY,
         "supercategory": "shape",
         "keypoints": list(SYNTHETIC_KEYPOINT_NAMES),
-        "skeleton": _SKELETON,
+        "skeleton": [
+            [SYNTHETIC_KEYPOINT_NAMES.index(a) + 1, SYNTHETIC_KEYPOINT_NAMES.index(b) + 1]
+            for a, b, _ in SYNTHETIC_KEYPOINT_CONNECTION_RULES
+        ],
     },
 )
 SYNTHETIC_THING_CLASSES = tuple(c["name"] for c in SYNTHETIC_CATEGORIES)
-_KEYPOINT_CATEGORY_ID = 4
 
-# ---- generator settings (part of the content: changing them requires a version bump) ----------
-# One object of every image is a star_person (so that no image is dropped by Detectron2's
-# MIN_KEYPOINTS_PER_IMAGE filter); the others are drawn from all four categories.
-_CATEGORY_PROBS = (0.25, 0.25, 0.25, 0.25)  # circle, square, triangle, star_person
+# ---- generator settings (part of the content: changing them needs a version bump) -------------
+_CATEGORY_PROBS = (0.25, 0.25, 0.25, 0.25)  # of the objects besides the one star_person
 _MIN_OBJECTS, _MAX_OBJECTS = 2, 4
-# v2: larger objects and less occlusion than v1 (24-70 px, 2-5 objects, 30% visible, 35% near):
-# the from-scratch CPU demo learns them within its 10-minute budget.
 _MIN_SIZE, _MAX_SIZE = 48.0, 100.0  # extent of an object, in pixels
 _MAX_TRUNCATION = 0.15  # an object may extend this fraction of its size out of the image
 _MIN_INSIDE_FRACTION = 0.75  # ... but at least this fraction of its area must be inside
@@ -143,160 +94,27 @@ _SHIFT = 4  # cv2 fixed-point bits (sub-pixel drawing)
 _NOISE_STD = 4.0
 
 
-# ------------------------------------------------------------------------------------------------
-# Paths and caching
-# ------------------------------------------------------------------------------------------------
-
-
 def default_dataset_root() -> str:
-    """The cache directory of the synthetic dataset.
-
-    ``$NONLOCAL_DET_DATASETS/synthetic_coco_v<N>`` when the environment variable
-    ``NONLOCAL_DET_DATASETS`` is set (a directory holding the project's datasets, like
-    ``DETECTRON2_DATASETS``), else ``~/.cache/nonlocal_det/datasets/synthetic_coco_v<N>``. The
-    dataset version is part of the name so that a new generator never reuses a stale cache.
-
-    Returns:
-        str: an absolute path (it may not exist yet).
-    """
-    base = os.environ.get("NONLOCAL_DET_DATASETS") or os.path.join(
-        "~", ".cache", "nonlocal_det", "datasets"
-    )
-    return os.path.abspath(os.path.join(os.path.expanduser(base), _DATASET_DIRNAME))
+    """``<cache>/synthetic_coco_v<N>``, the cache being ``$NONLOCAL_DET_DATASETS`` or
+    ``~/.cache/nonlocal_det/datasets``: a new dataset version never reuses a stale folder."""
+    return os.path.join(cache_root(), f"synthetic_coco_v{SYNTHETIC_DATASET_VERSION}")
 
 
-def _params(num_train: int, num_val: int, image_size: int, seed: int) -> Dict[str, Any]:
-    for name, value, low in (
-        ("num_train", num_train, 1),
-        ("num_val", num_val, 1),
-        ("image_size", image_size, 96),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(
-                f"generate_synthetic_coco: {name} must be an int >= {low}, got {value!r}"
-            )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"generate_synthetic_coco: seed must be an int >= 0, got {seed!r}")
-    return {
-        "version": SYNTHETIC_DATASET_VERSION,
-        "revision": _GENERATOR_REVISION,
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "image_size": int(image_size),
-        "seed": int(seed),
-    }
-
-
-def _params_hash(params: Dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
-def _file_name(index: int) -> str:
-    return f"{index:06d}.png"
-
-
-def _json_path(root: str, split: str) -> str:
-    return os.path.join(root, "annotations", f"instances_{split}.json")
-
-
-def _read_marker(root: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(os.path.join(root, _COMPLETE_MARKER), "r", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def is_synthetic_coco_complete(
-    root: str,
-    num_train: int = DEFAULT_NUM_TRAIN,
-    num_val: int = DEFAULT_NUM_VAL,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    seed: int = 0,
-) -> bool:
-    """Whether ``root`` holds a complete dataset generated with exactly these parameters.
-
-    Checks the ``_COMPLETE`` marker's parameter hash and that both annotation files and all image
-    files exist (it does not read them).
-
-    Args:
-        root: dataset directory.
-        num_train: number of training images.
-        num_val: number of validation images.
-        image_size: side of the square images, in pixels.
-        seed: generator seed.
-
-    Returns:
-        bool: True if nothing needs to be generated.
-    """
-    params = _params(num_train, num_val, image_size, seed)
-    marker = _read_marker(root)
-    if marker is None or marker.get("params_hash") != _params_hash(params):
-        return False
-    for split, count in (("train", params["num_train"]), ("val", params["num_val"])):
-        if not os.path.isfile(_json_path(root, split)):
-            return False
-        try:
-            present = set(os.listdir(os.path.join(root, split)))
-        except OSError:
-            return False
-        if any(_file_name(i) not in present for i in range(count)):
-            return False
-    return True
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _generation_lock(root: str) -> Iterator[None]:
-    """An exclusive inter-process lock on ``root`` (no-op where ``fcntl`` is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(os.path.join(root, ".lock"), "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-# ------------------------------------------------------------------------------------------------
-# Drawing
-# ------------------------------------------------------------------------------------------------
-
-
-def _fixed(points: np.ndarray) -> np.ndarray:
-    """Float pixel coordinates on the padded canvas -> cv2 fixed-point int32."""
-    return np.round((np.asarray(points, dtype=np.float64) + _PAD) * (1 << _SHIFT)).astype(np.int32)
-
-
-def _draw_polygon(canvas: np.ndarray, points: np.ndarray) -> None:
-    cv2.fillPoly(canvas, [_fixed(points).reshape(-1, 1, 2)], 1, lineType=cv2.LINE_8, shift=_SHIFT)
-
-
-def _draw_disc(canvas: np.ndarray, center: Sequence[float], radius: float) -> None:
-    c = _fixed(np.asarray(center, dtype=np.float64))
-    r = int(round(radius * (1 << _SHIFT)))
-    cv2.circle(
-        canvas, (int(c[0]), int(c[1])), r, 1, thickness=-1, lineType=cv2.LINE_8, shift=_SHIFT
-    )
+def _rasterize(parts: List[Tuple[str, Any]], padded: int) -> np.ndarray:
+    """A uint8 mask of polygons ``("poly", Nx2)`` and discs ``("disc", (center, radius))`` drawn
+    with sub-pixel precision on the padded canvas."""
+    canvas = np.zeros((padded, padded), dtype=np.uint8)
+    for kind, geometry in parts:
+        if kind == "poly":
+            points = np.round((np.asarray(geometry, dtype=np.float64) + _PAD) * (1 << _SHIFT))
+            pts = [points.astype(np.int32).reshape(-1, 1, 2)]
+            cv2.fillPoly(canvas, pts, 1, lineType=cv2.LINE_8, shift=_SHIFT)
+        else:
+            center, radius = geometry
+            c = np.round((np.asarray(center, dtype=np.float64) + _PAD) * (1 << _SHIFT))
+            r = int(round(radius * (1 << _SHIFT)))
+            cv2.circle(canvas, (int(c[0]), int(c[1])), r, 1, -1, cv2.LINE_8, shift=_SHIFT)
+    return canvas
 
 
 def _rotation(angle_deg: float) -> np.ndarray:
@@ -362,16 +180,6 @@ def _shape_parts(
     return [("poly", np.stack(outline))], accents, keypoints
 
 
-def _rasterize(parts: List[Tuple[str, Any]], padded: int) -> np.ndarray:
-    canvas = np.zeros((padded, padded), dtype=np.uint8)
-    for kind, geometry in parts:
-        if kind == "poly":
-            _draw_polygon(canvas, geometry)
-        else:
-            _draw_disc(canvas, *geometry)
-    return canvas
-
-
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth random RGB background (float32, 0..255): gradient + low-frequency blobs."""
     c0 = rng.uniform(0.0, 255.0, size=3)
@@ -420,15 +228,18 @@ def _mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
 
 
 class _Object:
-    """One placed object (full masks are in-image, before occlusion by later objects)."""
+    """One placed object: in-image uint8 masks (``body``, ``accent`` or None, ``full``, and
+    ``visible`` after occlusion by later objects), keypoints (Kx2) or None."""
 
-    def __init__(self, category_id, body, accent, keypoints, inside_area):
-        self.category_id = category_id
-        self.body = body  # uint8 HxW
-        self.accent = accent  # uint8 HxW or None
+    def __init__(self, category_id, body, accent, keypoints):
+        self.category_id, self.body, self.accent, self.keypoints = (
+            category_id,
+            body,
+            accent,
+            keypoints,
+        )
         self.full = body if accent is None else (body | accent)
-        self.keypoints = keypoints  # Kx2 ints or None
-        self.inside_area = inside_area
+        self.inside_area = int(self.full.sum())
         self.visible = self.full.copy()
         self.kept = True
 
@@ -501,8 +312,7 @@ def _generate_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, Li
             total_area = int(full_pad.sum())
             body = np.ascontiguousarray(body_pad[crop])
             accent = None if accent_pad is None else np.ascontiguousarray(accent_pad[crop])
-            candidate = _Object(category_id, body, accent, keypoints, 0)
-            candidate.inside_area = int(candidate.full.sum())
+            candidate = _Object(category_id, body, accent, keypoints)
             if candidate.inside_area < _MIN_INSIDE_FRACTION * total_area:
                 continue
             # Check what the candidate does to the objects below it.
@@ -572,324 +382,105 @@ def _generate_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, Li
     return image, annotations
 
 
-# ------------------------------------------------------------------------------------------------
-# Generation
-# ------------------------------------------------------------------------------------------------
-
-
-def _generate_split(root: str, split: str, count: int, params: Dict[str, Any]) -> Dict[str, Any]:
-    size = params["image_size"]
-    split_id = _SPLITS.index(split)
-    image_dir = os.path.join(root, split)
-    os.makedirs(image_dir, exist_ok=True)
+def _split_json(folder: str, split: str, count: int, size: int, seed: int) -> Dict[str, Any]:
+    """Write the images of one split into ``folder/split``; return its COCO dict."""
+    os.makedirs(os.path.join(folder, split))
     images, annotations = [], []
     for index in range(count):
-        rng = np.random.default_rng([params["seed"], split_id, index])
+        rng = np.random.default_rng([seed, SPLITS.index(split), index])
         image, anns = _generate_image(rng, size)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        if not ok:  # pragma: no cover
-            raise RuntimeError(f"could not encode image {index} of split {split}")
-        file_name = _file_name(index)
-        _atomic_write_bytes(os.path.join(image_dir, file_name), png.tobytes())
-        image_id = index + 1
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        file_name = f"{index:06d}.png"
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        if not cv2.imwrite(os.path.join(folder, split, file_name), bgr):
+            raise OSError(f"could not write {os.path.join(folder, split, file_name)}")
+        images.append({"id": index + 1, "file_name": file_name, "height": size, "width": size})
         for ann in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
     return {
-        "info": {
-            "description": f"nonlocal_det synthetic shapes ({split})",
-            "version": str(SYNTHETIC_DATASET_VERSION),
-            "params": params,
-        },
-        "licenses": [],
+        "info": {"description": f"nonlocal_det synthetic shapes v{SYNTHETIC_DATASET_VERSION}"},
         "images": images,
         "annotations": annotations,
         "categories": [dict(c) for c in SYNTHETIC_CATEGORIES],
     }
 
 
-def _remove_stale_files(root: str) -> None:
-    """Remove what an earlier (partial or differently parametrised) generation left."""
-    with contextlib.suppress(OSError):
-        os.remove(os.path.join(root, _COMPLETE_MARKER))
-    for split in _SPLITS:
-        with contextlib.suppress(OSError):
-            os.remove(_json_path(root, split))
-    for directory in (root, os.path.join(root, "annotations")) + tuple(
-        os.path.join(root, split) for split in _SPLITS
-    ):
-        if not os.path.isdir(directory):
-            continue
-        for name in os.listdir(directory):
-            stem, ext = os.path.splitext(name)
-            is_image = directory != root and ext == ".png" and stem.isdigit()
-            if is_image or (name.startswith(".") and name.endswith(".tmp")):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(directory, name))
-
-
 def generate_synthetic_coco(
-    root: str,
-    num_train: int = DEFAULT_NUM_TRAIN,
-    num_val: int = DEFAULT_NUM_VAL,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    seed: int = 0,
-) -> Dict[str, Any]:
-    """Generate the synthetic COCO dataset under ``root`` unless it is already there.
+    root: str, num_train: int = 400, num_val: int = 50, image_size: int = 192, seed: int = 0
+) -> bool:
+    """Generate the dataset as ``root/{train,val}/NNNNNN.png`` and
+    ``root/annotations/instances_{train,val}.json``, unless ``root`` already holds it.
 
-    Writes ``root/{train,val}/NNNNNN.png``, ``root/annotations/instances_{train,val}.json`` and
-    last ``root/_COMPLETE`` (version + parameter hash). If ``root`` already holds a complete
-    dataset with the same parameters nothing is written; otherwise (nothing there, an interrupted
-    generation, other parameters) the dataset files are (re)generated. The output depends only on
-    the parameters: the same seed gives byte-identical files.
-
-    Args:
-        root: output directory (created if needed).
-        num_train: number of training images.
-        num_val: number of validation images.
-        image_size: side of the square RGB images, in pixels.
-        seed: generator seed.
+    Everything is written into a hidden temporary folder beside ``root``, renamed to ``root`` (new
+    or empty) at the end: an interrupted run leaves no dataset (the next run starts over), and of
+    two processes generating at once one keeps its folder and the other discards its own.
 
     Returns:
-        dict: ``root``, ``generated`` (False if the dataset was already complete), ``params``,
-        ``params_hash``, ``seconds``, and per split ``{split}_json`` and ``{split}_image_root``.
+        True if generated now, False if ``root`` was already there.
     """
-    params = _params(num_train, num_val, image_size, seed)
+    for name, value, low in (
+        ("num_train", num_train, 1),
+        ("num_val", num_val, 1),
+        ("image_size", image_size, 96),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(
+                f"generate_synthetic_coco: {name}={value!r} is not supported; allowed: an int "
+                f">= {low}"
+            )
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
-    start = time.perf_counter()
-    result: Dict[str, Any] = {
-        "root": root,
-        "params": params,
-        "params_hash": _params_hash(params),
-        "generated": False,
-    }
-    for split in _SPLITS:
-        result[f"{split}_json"] = _json_path(root, split)
-        result[f"{split}_image_root"] = os.path.join(root, split)
-
-    check = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
-    if not is_synthetic_coco_complete(root, **check):
-        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-        with _generation_lock(root):
-            if not is_synthetic_coco_complete(root, **check):  # another process may have done it
-                _remove_stale_files(root)
-                for split in _SPLITS:
-                    data = _generate_split(root, split, params[f"num_{split}"], params)
-                    payload = json.dumps(data, separators=(",", ":")).encode("utf-8")
-                    _atomic_write_bytes(_json_path(root, split), payload)
-                marker = {
-                    "dataset": _DATASET_DIRNAME,
-                    "params": params,
-                    "params_hash": result["params_hash"],
-                }
-                _atomic_write_bytes(
-                    os.path.join(root, _COMPLETE_MARKER),
-                    (json.dumps(marker, sort_keys=True, indent=1) + "\n").encode("utf-8"),
-                )
-                result["generated"] = True
-    result["seconds"] = time.perf_counter() - start
-    return result
+    if os.path.isfile(os.path.join(root, "annotations", "instances_val.json")):
+        return False
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+        raise FileExistsError(
+            f"generate_synthetic_coco: {root} exists and is not a generated dataset; allowed: a "
+            "new or empty folder"
+        )
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.")
+    try:
+        os.makedirs(os.path.join(tmp, "annotations"))
+        for split, count in zip(SPLITS, (num_train, num_val)):
+            data = _split_json(tmp, split, count, image_size, seed)
+            with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
+                json.dump(data, f, separators=(",", ":"))
+        os.chmod(tmp, 0o755)  # mkdtemp makes a 0700 folder
+        try:
+            os.rename(tmp, root)  # replaces an empty folder, fails on a non-empty one
+        except OSError:
+            if not os.path.isfile(os.path.join(root, "annotations", "instances_val.json")):
+                raise
+            return False  # another process finished first
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# Detectron2 registration
-# ------------------------------------------------------------------------------------------------
-
-
-def load_synthetic_coco_json(
-    json_file: str, image_root: str, dataset_name: Optional[str] = None
-) -> List[Dict[str, Any]]:
-    """Detectron2 dataset dicts of one split: ``load_coco_json`` + uniform keypoints.
-
-    Every annotation gets exactly ``3K`` keypoint values: the keypoint category keeps its own
-    (v=0 points zeroed), the plain categories get all zeros (ignored by the keypoint loss).
-    Detectron2's ``annotations_to_instances`` requires that all annotations of an image have
-    keypoints or none do.
-
-    Args:
-        json_file: COCO json of the split.
-        image_root: directory of its images.
-        dataset_name: registered name (sets ``thing_classes`` and the id mapping in its metadata).
-
-    Returns:
-        list[dict]: the dataset dicts.
-    """
-    from detectron2.data.datasets import load_coco_json
-
-    dicts = load_coco_json(json_file, image_root, dataset_name)
-    # With a dataset name the category ids are contiguous (0..3), without they are the json's.
-    keypoint_category = (
-        SYNTHETIC_THING_CLASSES.index(SYNTHETIC_KEYPOINT_CATEGORY)
-        if dataset_name is not None
-        else _KEYPOINT_CATEGORY_ID
-    )
-    zeros = [0.0] * (3 * _NUM_KEYPOINTS)
-    for record in dicts:
-        for ann in record["annotations"]:
-            keypoints = ann.get("keypoints")
-            if ann["category_id"] != keypoint_category or not keypoints:
-                ann["keypoints"] = list(zeros)
-                continue
-            if len(keypoints) != 3 * _NUM_KEYPOINTS:
-                raise ValueError(
-                    f"{json_file}: annotation of image {record['image_id']} has "
-                    f"{len(keypoints) // 3} keypoints, expected {_NUM_KEYPOINTS}"
-                )
-            ann["keypoints"] = [
-                0.0 if keypoints[3 * (i // 3) + 2] == 0 else float(v)
-                for i, v in enumerate(keypoints)
-            ]
-    return dicts
-
-
-def register_synthetic_coco(root: str, name_prefix: str = DEFAULT_NAME_PREFIX) -> Tuple[str, str]:
-    """Register ``{name_prefix}_train`` and ``{name_prefix}_val`` with Detectron2.
-
-    The dataset dicts are loaded lazily (:func:`load_synthetic_coco_json`). The metadata holds
-    ``thing_classes``, ``thing_dataset_id_to_contiguous_id``, ``json_file``, ``image_root``,
-    ``evaluator_type="coco"``, ``keypoint_names``, ``keypoint_flip_map``,
-    ``keypoint_connection_rules``, ``keypoint_oks_sigmas`` and ``dataset_root``. For keypoint
-    evaluation set ``cfg.TEST.KEYPOINT_OKS_SIGMAS = SYNTHETIC_KEYPOINT_OKS_SIGMAS``.
-
-    Registering again with the same root does nothing.
-
-    Args:
-        root: a directory produced by :func:`generate_synthetic_coco`.
-        name_prefix: prefix of the two dataset names.
-
-    Returns:
-        tuple[str, str]: the train and val dataset names.
+def register_synthetic_coco(root: str, name_prefix: str = "nl_synthetic") -> Tuple[str, str]:
+    """Register ``{name_prefix}_train`` and ``{name_prefix}_val`` for a generated ``root``
+    (:func:`nonlocal_det.data.coco.register_coco_dataset`, plus the keypoint connection rules and
+    OKS sigmas in the metadata).
 
     Raises:
-        FileNotFoundError: if an annotation file or image directory is missing.
-        ValueError: if a dataset of that name is registered with another root.
+        FileNotFoundError: ``root`` holds no generated dataset.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     names = []
-    for split in _SPLITS:
-        name = f"{name_prefix}_{split}"
-        json_file = _json_path(root, split)
-        image_root = os.path.join(root, split)
+    for split in SPLITS:
+        json_file = os.path.join(root, "annotations", f"instances_{split}.json")
         if not os.path.isfile(json_file):
             raise FileNotFoundError(
-                f"Cannot register dataset '{name}': annotation file {json_file} not found "
-                "(generate it with nonlocal_det.data.generate_synthetic_coco)"
+                f"{json_file} not found: {root} holds no generated dataset (make it with "
+                "nonlocal_det.data.synthetic.generate_synthetic_coco)"
             )
-        if not os.path.isdir(image_root):
-            raise FileNotFoundError(
-                f"Cannot register dataset '{name}': image directory {image_root} not found"
-            )
-        names.append(name)
-        if name in DatasetCatalog.list():
-            registered = MetadataCatalog.get(name).get("json_file")
-            if registered is not None and os.path.realpath(registered) == os.path.realpath(
-                json_file
-            ):
-                continue
-            raise ValueError(
-                f"Dataset '{name}' is already registered with json_file={registered!r}; "
-                f"cannot register it again for {json_file}. Use another name_prefix."
-            )
-        DatasetCatalog.register(
+        name = f"{name_prefix}_{split}"
+        register_coco_dataset(
             name,
-            lambda j=json_file, r=image_root, n=name: load_synthetic_coco_json(j, r, n),
-        )
-        MetadataCatalog.get(name).set(
-            thing_classes=list(SYNTHETIC_THING_CLASSES),
-            thing_dataset_id_to_contiguous_id={
-                c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)
-            },
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="coco",
-            keypoint_names=list(SYNTHETIC_KEYPOINT_NAMES),
-            keypoint_flip_map=[tuple(p) for p in SYNTHETIC_KEYPOINT_FLIP_MAP],
-            keypoint_connection_rules=[tuple(r) for r in SYNTHETIC_KEYPOINT_CONNECTION_RULES],
+            check_coco_json(json_file),
+            os.path.join(root, split),
+            keypoint_connection_rules=list(SYNTHETIC_KEYPOINT_CONNECTION_RULES),
             keypoint_oks_sigmas=list(SYNTHETIC_KEYPOINT_OKS_SIGMAS),
-            dataset_root=root,
         )
+        names.append(name)
     return names[0], names[1]
-
-
-def prepare_synthetic_coco(
-    root: Optional[str] = None, name_prefix: str = DEFAULT_NAME_PREFIX, **params: Any
-) -> Tuple[str, str]:
-    """Generate the dataset if needed, then register it.
-
-    Args:
-        root: dataset directory; :func:`default_dataset_root` if None.
-        name_prefix: prefix of the registered dataset names.
-        **params: ``num_train``, ``num_val``, ``image_size``, ``seed`` of
-            :func:`generate_synthetic_coco`.
-
-    Returns:
-        tuple[str, str]: the train and val dataset names.
-    """
-    root = default_dataset_root() if root is None else root
-    generate_synthetic_coco(root, **params)
-    return register_synthetic_coco(root, name_prefix=name_prefix)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
-
-def _summary(json_file: str) -> str:
-    with open(json_file, "r", encoding="utf-8") as f:
-        data = json.load(f)
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    per_category = Counter(names[a["category_id"]] for a in data["annotations"])
-    visibility = Counter(
-        v
-        for a in data["annotations"]
-        if a["category_id"] == _KEYPOINT_CATEGORY_ID
-        for v in a["keypoints"][2::3]
-    )
-    counts = ", ".join(f"{names[i]}={per_category.get(names[i], 0)}" for i in sorted(names))
-    return (
-        f"{len(data['images'])} images, {len(data['annotations'])} instances ({counts}); "
-        f"{per_category.get(SYNTHETIC_KEYPOINT_CATEGORY, 0)} keypoint instances, keypoints "
-        f"v=2: {visibility.get(2, 0)}, v=1: {visibility.get(1, 0)}, v=0: {visibility.get(0, 0)}"
-    )
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point: generate the dataset and print a summary.
-
-    Args:
-        argv: arguments (default: ``sys.argv[1:]``).
-
-    Returns:
-        int: the exit status.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m nonlocal_det.data.synthetic",
-        description="Generate the synthetic COCO-format shapes dataset (with keypoints).",
-    )
-    parser.add_argument("--root", default=None, help="output directory (default: %(default)s)")
-    parser.add_argument("--num-train", type=int, default=DEFAULT_NUM_TRAIN)
-    parser.add_argument("--num-val", type=int, default=DEFAULT_NUM_VAL)
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    root = args.root if args.root is not None else default_dataset_root()
-    info = generate_synthetic_coco(
-        root,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
-    state = "generated" if info["generated"] else "already complete"
-    print(f"{info['root']}: {state} in {info['seconds']:.1f} s (params {info['params']})")
-    for split in _SPLITS:
-        print(f"  {split}: {_summary(info[f'{split}_json'])}")
-    print(f"  keypoints ({len(SYNTHETIC_KEYPOINT_NAMES)}): {', '.join(SYNTHETIC_KEYPOINT_NAMES)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

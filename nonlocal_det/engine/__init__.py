@@ -1,7 +1,23 @@
-"""Training engine pieces: a ``DefaultTrainer`` that survives being killed and runs on CPU."""
+"""Training: a ``DefaultTrainer`` that survives being killed and runs on CPU, and its pieces."""
 
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
-from .trainer import CPUAutocast, NonLocalTrainer
+from .solver import optimizer_with_gradient_clipping
+from .trainer import (
+    CPUAutocast,
+    ImageLoadError,
+    NamedErrorsMapper,
+    NonLocalTrainer,
+    fall_back_to_cpu,
+)
 
-__all__ = ["AtomicCheckpointer", "CPUAutocast", "NonLocalTrainer", "trim_metrics_after"]
+__all__ = [
+    "AtomicCheckpointer",
+    "CPUAutocast",
+    "ImageLoadError",
+    "NamedErrorsMapper",
+    "NonLocalTrainer",
+    "fall_back_to_cpu",
+    "optimizer_with_gradient_clipping",
+    "trim_metrics_after",
+]

@@ -5,7 +5,7 @@ Detectron2 (through fvcore) writes ``model_XXXXXXX.pth`` in place and then rewri
 ``last_checkpoint`` tag in place. A process killed during either write leaves a truncated file:
 a truncated ``last_checkpoint`` makes ``--resume`` fail, and a truncated checkpoint that the tag
 already names (``model_final.pth`` saved again by a resumed run) is lost. Here both go through
-:class:`nonlocal_det.utils.AtomicFile`: a kill leaves the previous tag and the file it names.
+:func:`nonlocal_det.utils.atomic_open`: a kill leaves the previous tag and the file it names.
 """
 
 import logging
@@ -14,7 +14,7 @@ from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..utils.atomic import AtomicFile, remove_stale_temp_files
+from ..utils.atomic import atomic_open, remove_stale_temp_files
 
 __all__ = ["AtomicCheckpointer"]
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 class _AtomicWrites:
-    """A path manager that opens local files for writing as :class:`AtomicFile`; every other
+    """A path manager that opens local files for writing with :func:`atomic_open`; every other
     call goes to the wrapped path manager (Detectron2's ``PathManager``)."""
 
     def __init__(self, path_manager: Any):
@@ -33,7 +33,7 @@ class _AtomicWrites:
 
     def open(self, path: str, mode: str = "r", **kwargs: Any):
         if "w" in mode and "://" not in str(path):
-            return AtomicFile(path, mode, **kwargs)
+            return atomic_open(path, mode, **kwargs)
         return self._pm.open(path, mode, **kwargs)
 
 

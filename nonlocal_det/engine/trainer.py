@@ -1,25 +1,24 @@
 """``NonLocalTrainer``: Detectron2's ``DefaultTrainer`` made safe to interrupt and runnable on CPU.
 
-What it changes, nothing else:
+Each change says which Detectron2 behaviour it works around:
 
-* checkpoints and the ``last_checkpoint`` tag are written atomically (:class:`AtomicCheckpointer`);
+* checkpoints and the ``last_checkpoint`` tag are written atomically (fvcore writes them in place:
+  a kill mid-write leaves a truncated file, :class:`AtomicCheckpointer`);
 * ``resume_or_load(resume=True)`` trims ``metrics.json`` back to the checkpoint's iteration
-  (:func:`trim_metrics_after`), so the file stays valid JSON lines without duplicate iterations;
-* several processes on CPU (``launch`` with the gloo backend, ``--num-gpus N`` without CUDA):
-  Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which PyTorch's
-  ``DistributedDataParallel`` refuses for a CPU model; here it gets ``device_ids=None``;
-* ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA (fp16 autocast + grad
-  scaler); on CPU the training forward runs under bfloat16 autocast instead (bf16 has the range
-  of fp32, so no grad scaler is needed), and evaluation runs in fp32;
-* data loaders whose errors name the image being loaded (:class:`NamedErrorsMapper`), and the
-  training datasets checked again against the config once loaded (class count).
+  (Detectron2 appends after the records of iterations it will redo, :func:`trim_metrics_after`);
+* several CPU processes (``--num-gpus N`` without CUDA): Detectron2's ``create_ddp_model`` passes
+  ``device_ids=[local_rank]``, which ``DistributedDataParallel`` refuses for a CPU model;
+* ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA; here the training forward
+  runs under bfloat16 autocast (fp32's range: no grad scaler needed), evaluation in fp32;
+* data loader errors name the image being loaded (Detectron2's often do not, and come from a
+  worker process), and the training datasets are checked again once loaded (class count).
 """
 
 import contextlib
 import logging
 import os
 import weakref
-from typing import Iterator
+from typing import Any, Callable, Dict, Iterator, Optional
 from unittest import mock
 
 import torch
@@ -29,12 +28,17 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from torch import nn
 
-from ..checks import check_datasets
-from ..data.mapper import NamedErrorsMapper
+from ..data import check_datasets
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
 
-__all__ = ["NonLocalTrainer", "CPUAutocast"]
+__all__ = [
+    "CPUAutocast",
+    "ImageLoadError",
+    "NamedErrorsMapper",
+    "NonLocalTrainer",
+    "fall_back_to_cpu",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +69,46 @@ class CPUAutocast(nn.Module):
         return out
 
 
+def fall_back_to_cpu(cfg) -> bool:
+    """``MODEL.DEVICE cpu`` when the (unfrozen) config asks for CUDA and there is none; returns
+    whether it changed."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        return True
+    return False
+
+
+class ImageLoadError(RuntimeError):
+    """An image (or its annotations) of a dataset could not be loaded; names the file."""
+
+
+class NamedErrorsMapper:
+    """Calls ``mapper(dataset_dict)``; an error is re-raised as :class:`ImageLoadError` naming the
+    dataset, the image id and the file, the original error chained."""
+
+    def __init__(self, mapper: Callable[[Dict[str, Any]], Any], dataset_name: Optional[str] = None):
+        self.mapper = mapper
+        self.dataset_name = dataset_name
+
+    def __call__(self, dataset_dict: Dict[str, Any]):
+        try:
+            return self.mapper(dataset_dict)
+        except Exception as e:
+            name = f"dataset {self.dataset_name!r}, " if self.dataset_name else ""
+            raise ImageLoadError(
+                f"cannot load {name}image id {dataset_dict.get('image_id')!r}, file "
+                f"{dataset_dict.get('file_name')}: {type(e).__name__}: {e}; fix or remove this "
+                "image (or its annotations) in the dataset"
+            ) from e
+
+
 @contextlib.contextmanager
 def _cpu_ddp(cfg) -> Iterator[None]:
-    """Inside: Detectron2's ``create_ddp_model`` wraps CPU models with ``device_ids=None``."""
+    """Inside: Detectron2's ``create_ddp_model`` wraps CPU models with ``device_ids=None``.
+
+    The one patch of the project: ``DefaultTrainer.__init__`` calls the module-level
+    ``detectron2.engine.defaults.create_ddp_model`` with no way to pass ``device_ids``
+    (``tests/test_distributed.py`` fails if Detectron2 stops calling it that way)."""
     if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
         yield
         return

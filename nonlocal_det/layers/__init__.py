@@ -1,3 +1,3 @@
-from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
+from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock, check_choice
 
-__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS"]
+__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS", "check_choice"]

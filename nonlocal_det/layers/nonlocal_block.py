@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS"]
+__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS", "check_choice"]
 
 PAIRWISE_FUNCTIONS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 NORMS = ("", "GN", "BN", "SyncBN")
@@ -33,11 +33,11 @@ _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-def _check_choice(name: str, value, allowed) -> None:
+def check_choice(owner: str, name: str, value, allowed) -> None:
+    """ValueError ``"{owner}: {name}={value!r} is not supported; allowed: [...]"`` unless
+    ``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise ValueError(
-            f"NonLocalBlock: {name}={value!r} is not supported; allowed: {list(allowed)}"
-        )
+        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: {list(allowed)}")
 
 
 def _make_norm(norm: str, channels: int, dim: int) -> Optional[nn.Module]:
@@ -103,9 +103,9 @@ class NonLocalBlock(CNNBlockBase):
                 f"NonLocalBlock: inner_channels={inner_channels!r} is not supported; "
                 "allowed: an int > 0, or None for in_channels // 2"
             )
-        _check_choice("pairwise", pairwise, PAIRWISE_FUNCTIONS)
-        _check_choice("dim", dim, (1, 2, 3))
-        _check_choice("norm", norm, NORMS)
+        check_choice("NonLocalBlock", "pairwise", pairwise, PAIRWISE_FUNCTIONS)
+        check_choice("NonLocalBlock", "dim", dim, (1, 2, 3))
+        check_choice("NonLocalBlock", "norm", norm, NORMS)
         super().__init__(in_channels, in_channels, stride=1)
 
         self.inner_channels = inner_channels

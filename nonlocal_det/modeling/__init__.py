@@ -1,20 +1,20 @@
-# Importing these modules registers the backbones (BACKBONE_REGISTRY) and keypoint head.
+# Importing these modules registers the backbones (BACKBONE_REGISTRY) and the keypoint head
+# (ROI_KEYPOINT_HEAD_REGISTRY).
 from .backbone import (
+    PLACEMENTS,
     NonLocalResNet,
     build_resnet_nonlocal_backbone,
     build_resnet_nonlocal_fpn_backbone,
-    insert_nonlocal_blocks,
-    nonlocal_block_names,
-    resolve_placement,
 )
 from .keypoint_head import NonLocalKRCNNHead
+from .model_config import baseline_config, check_model_config
 
 __all__ = [
+    "PLACEMENTS",
     "NonLocalKRCNNHead",
     "NonLocalResNet",
     "build_resnet_nonlocal_backbone",
+    "baseline_config",
     "build_resnet_nonlocal_fpn_backbone",
-    "insert_nonlocal_blocks",
-    "nonlocal_block_names",
-    "resolve_placement",
+    "check_model_config",
 ]

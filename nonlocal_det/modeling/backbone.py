@@ -1,299 +1,174 @@
-"""ResNet and ResNet-FPN backbones with non-local blocks, registered in ``BACKBONE_REGISTRY``.
+"""ResNet and ResNet-FPN with non-local blocks.
 
-The ResNet is Detectron2's own (``build_resnet_backbone``: every ``MODEL.RESNETS`` key is honoured);
-non-local blocks are then inserted into its stages. A stage is an ``nn.Sequential`` whose children
-run in registration order, so a block inserted after residual block ``i`` of ``res4`` is registered
-right after it under the name ``res4.nonlocal{i}``. Every pretrained name stays unchanged
-(``res4.5.conv1.weight`` is still the last block), so ImageNet ``.pkl`` files and baseline
-Detectron2 checkpoints load with only the ``nonlocal`` keys missing.
+:class:`NonLocalResNet` is Detectron2's ``ResNet`` (same arguments) plus explicit ``nonlocal_*``
+arguments; LazyConfig files use it directly. The registered YAML builders build Detectron2's own
+ResNet from ``MODEL.RESNETS`` and hand its stem and stages to :class:`NonLocalResNet` with the
+``MODEL.NONLOCAL`` keys as arguments.
 
-:class:`NonLocalResNet` builds the same network from ``ResNet``'s own arguments, for LazyConfig
-files (``configs/lazy/``).
+A block after residual block ``i`` of stage ``resK`` is registered as ``resK.nonlocal{i}`` right
+after ``resK.{i}`` (a stage is an ``nn.Sequential``: children run in registration order). No
+existing name changes, so ImageNet ``.pkl`` files and baseline checkpoints load with only the new
+keys missing.
 """
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
-from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 from torch import nn
 
-from ..config import PLACEMENTS, cfg_key_name, nonlocal_block_kwargs
-from ..layers import NonLocalBlock
+from ..layers import check_choice
+from .blocks import block_factory, config_block_args, config_wording
 
 __all__ = [
+    "PLACEMENTS",
     "NonLocalResNet",
     "build_resnet_nonlocal_backbone",
     "build_resnet_nonlocal_fpn_backbone",
-    "resolve_placement",
-    "insert_nonlocal_blocks",
-    "nonlocal_block_names",
+    "placement_indices",
 ]
 
 logger = logging.getLogger(__name__)
-_STAGES = ("res2", "res3", "res4", "res5")
+STAGES = ("res2", "res3", "res4", "res5")
+PLACEMENTS = ("none", "paper_1", "paper_5", "paper_10", "custom")
+_DEPTHS = (18, 34, 50, 101, 152)  # what Detectron2's ResNet builds
+_FEATURES = ("stem",) + STAGES
 
 
-def _preset(
-    placement: str, lengths: Dict[str, int], key_name: Callable[[str], str] = cfg_key_name
-) -> Dict[str, List[int]]:
-    """Block indices of the paper's settings, for stages of the given lengths."""
-    if placement == "none":
-        return {}
+def _check_resnet_keys(cfg) -> None:
+    """The ``MODEL.RESNETS`` / ``MODEL.FPN`` values Detectron2 rejects with bare asserts."""
+    r = cfg.MODEL.RESNETS
+    if r.DEPTH not in _DEPTHS:
+        raise ValueError(
+            f"MODEL.RESNETS.DEPTH={r.DEPTH!r} is not supported; allowed: {list(_DEPTHS)}"
+        )
+    if r.DEPTH in (18, 34):
+        for key, need in (("RES2_OUT_CHANNELS", 64), ("RES5_DILATION", 1)):
+            if r.get(key) != need:
+                raise ValueError(
+                    f"MODEL.RESNETS.{key}={r.get(key)!r} is not supported with MODEL.RESNETS."
+                    f"DEPTH={r.DEPTH} (basic blocks); allowed: {need}"
+                )
+    outs = list(r.OUT_FEATURES)
+    if not outs or any(f not in _FEATURES for f in outs):
+        raise ValueError(
+            f"MODEL.RESNETS.OUT_FEATURES={outs} is not supported; allowed: a non-empty list of "
+            f"{list(_FEATURES)}"
+        )
+    missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in outs]
+    if cfg.MODEL.BACKBONE.NAME == "build_resnet_nonlocal_fpn_backbone" and missing:
+        raise ValueError(
+            f"MODEL.FPN.IN_FEATURES={list(cfg.MODEL.FPN.IN_FEATURES)} uses {missing}, which the "
+            f"ResNet does not output (MODEL.RESNETS.OUT_FEATURES={outs}); allowed: features of "
+            f"{outs}"
+        )
+
+
+def _preset(placement: str, lengths: Mapping[str, int]) -> Dict[str, List[int]]:
+    """Block indices of the paper's settings (paper_5: "every other block", evenly spaced)."""
+    stages = ("res4",) if placement == "paper_1" else ("res3", "res4")
+    missing = [s for s in stages if s not in lengths]
+    if missing:
+        raise ValueError(
+            f"NonLocalResNet: nonlocal_placement={placement!r} puts blocks in {missing}, but the "
+            f"backbone builds only {list(lengths)} (out_features, MODEL.RESNETS.OUT_FEATURES); "
+            "allowed: 'none', 'custom'"
+        )
     if placement == "paper_1":
         return {"res4": [lengths["res4"] - 2]}
     if placement == "paper_10":
-        return {s: list(range(lengths[s])) for s in ("res3", "res4")}
-    # paper_5: 2 in res3 and 3 in res4, evenly spaced ("every other block" for R50).
+        return {s: list(range(lengths[s])) for s in stages}
     out = {}
-    for stage, count in (("res3", 2), ("res4", 3)):
+    for stage, count in zip(stages, (2, 3)):
         step = lengths[stage] // count
         if step == 0:
             raise ValueError(
-                f"{key_name('PLACEMENT')}='paper_5' needs at least {count} residual blocks in "
-                f"{stage}, but this ResNet's {stage} has {lengths[stage]}; allowed for this depth: "
-                "'none', 'paper_1', 'paper_10', 'custom'"
+                f"NonLocalResNet: nonlocal_placement={placement!r} needs at least {count} residual "
+                f"blocks in {stage}, but this ResNet's {stage} has {lengths[stage]}; allowed for "
+                "this depth: 'none', 'paper_1', 'paper_10', 'custom'"
             )
         out[stage] = [step * (k + 1) - 1 for k in range(count)]
     return out
 
 
-def resolve_placement(
-    nl_cfg,
-    lengths: Dict[str, int],
-    built: List[str],
-    key_name: Callable[[str], str] = cfg_key_name,
+def placement_indices(
+    placement: str, blocks: Optional[Mapping[str, Sequence[int]]], lengths: Mapping[str, int]
 ) -> Dict[str, List[int]]:
-    """Turn ``MODEL.NONLOCAL`` placement keys into sorted non-negative block indices per stage.
+    """Sorted, non-negative indices of the residual blocks followed by a non-local block.
 
     Args:
-        nl_cfg: the ``cfg.MODEL.NONLOCAL`` node.
-        lengths: number of residual blocks of each stage of the chosen depth (``res2``..``res5``).
-        built: the stages the backbone actually builds (it stops at its last output feature).
-        key_name: maps a key (``"PLACEMENT"``) to the name errors use for it (default
-            ``MODEL.NONLOCAL.PLACEMENT``).
-
-    Returns:
-        dict: stage name -> sorted indices of the residual blocks followed by a non-local block.
+        placement: one of :data:`PLACEMENTS`.
+        blocks: with ``"custom"``, stage name -> indices (negative from the end); else empty.
+        lengths: stage name -> number of residual blocks, for the stages the ResNet builds.
 
     Raises:
-        ValueError: naming the offending key, its value and what is allowed.
+        ValueError: naming the argument, its value and what is allowed.
     """
-    placement = nl_cfg.PLACEMENT
-    if not nl_cfg.ENABLED:
-        return {}
-    if placement not in PLACEMENTS:
+    check_choice("NonLocalResNet", "nonlocal_placement", placement, PLACEMENTS)
+    blocks = {s: list(v) for s, v in (blocks or {}).items()}
+    unknown = sorted(set(blocks) - set(STAGES))
+    if unknown:
         raise ValueError(
-            f"{key_name('PLACEMENT')}={placement!r} is not supported; allowed: {list(PLACEMENTS)}"
+            f"NonLocalResNet: nonlocal_blocks={blocks}: unknown stage(s) {unknown}; allowed keys: "
+            f"{list(STAGES)}"
         )
-    lists = {s: list(nl_cfg.get(f"{s.upper()}_BLOCKS")) for s in _STAGES}
+    given = {s: v for s, v in blocks.items() if v}
     if placement != "custom":
-        given = [f"{key_name(s.upper() + '_BLOCKS')}={v}" for s, v in lists.items() if v]
         if given:
+            named = ", ".join(f"nonlocal_blocks[{s!r}]={v}" for s, v in given.items())
             raise ValueError(
-                f"{', '.join(given)} is only used with {key_name('PLACEMENT')}='custom', but "
-                f"PLACEMENT={placement!r}; set PLACEMENT to 'custom' or empty the list"
+                f"NonLocalResNet: {named} is only used with nonlocal_placement='custom', but "
+                f"nonlocal_placement={placement!r}; set it to 'custom' or empty the list"
             )
-        requested = _preset(placement, lengths, key_name)
-    else:
-        requested = {s: v for s, v in lists.items() if v}
-
-    resolved = {}
-    for stage, indices in requested.items():
-        key = key_name(f"{stage.upper()}_BLOCKS")
-        if stage not in built:
+        return {} if placement == "none" else _preset(placement, lengths)
+    out = {}
+    for stage, indices in given.items():
+        name = f"NonLocalResNet: nonlocal_blocks[{stage!r}]={indices}"
+        if stage not in lengths:
             raise ValueError(
-                f"{key}={indices} (PLACEMENT={placement!r}) asks for a non-local block in {stage}, "
-                f"but the backbone builds only {built} (its out_features: MODEL.RESNETS.OUT_FEATURES "
-                f"in a YAML config); allowed "
-                f"stages: {built}"
+                f"{name} asks for a non-local block in {stage}, but the backbone builds only "
+                f"{list(lengths)} (out_features, MODEL.RESNETS.OUT_FEATURES); allowed stages: "
+                f"{list(lengths)}"
             )
         n = lengths[stage]
-        out = []
-        for i in indices:
-            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
-                raise ValueError(
-                    f"{key}={indices}: index {i!r} is outside {stage}, which has {n} residual "
-                    f"blocks at this depth; allowed indices: {-n}..{n - 1}"
-                )
-            out.append(i % n)
-        if len(set(out)) != len(out):
-            raise ValueError(f"{key}={indices} names the same residual block twice ({out})")
-        resolved[stage] = sorted(out)
-    return resolved
-
-
-def insert_nonlocal_blocks(
-    resnet: ResNet,
-    placement: Dict[str, List[int]],
-    nl_cfg,
-    freeze_at: int = 0,
-    key_name: Callable[[str], str] = cfg_key_name,
-) -> List[str]:
-    """Insert non-local blocks into a built Detectron2 ``ResNet``, in place.
-
-    The block after residual block ``i`` of stage ``resK`` is registered as ``resK.nonlocal{i}``,
-    between ``resK.{i}`` and ``resK.{i+1}``; no existing name changes. Blocks in stages frozen by
-    ``freeze_at`` are frozen too. The global RNG state is restored afterwards, so the rest of the
-    model is initialised exactly as it would be without non-local blocks.
-
-    Args:
-        resnet: the backbone, e.g. from ``build_resnet_backbone``.
-        placement: stage -> residual-block indices, from :func:`resolve_placement`.
-        nl_cfg: the ``cfg.MODEL.NONLOCAL`` node (pairwise function, ratio, norm, ...).
-        freeze_at: ``MODEL.BACKBONE.FREEZE_AT``.
-        key_name: how errors name the keys of ``nl_cfg`` (see :func:`resolve_placement`).
-
-    Returns:
-        list[str]: the names (relative to ``resnet``) of the inserted blocks.
-    """
-    names = []
-    with torch.random.fork_rng(devices=[]):
-        for stage_idx, (name, stage) in enumerate(zip(resnet.stage_names, resnet.stages)):
-            indices = placement.get(name, [])
-            if not indices:
-                continue
-            children = OrderedDict()
-            for child_name, block in stage.named_children():
-                children[child_name] = block
-                if child_name.isdigit() and int(child_name) in indices:
-                    kwargs = nonlocal_block_kwargs(nl_cfg, block.out_channels, key_name)
-                    nl = NonLocalBlock(**kwargs)
-                    if freeze_at >= stage_idx + 2:  # res2 is stage 2, as in ResNet.freeze
-                        nl.freeze()
-                    children[f"nonlocal{child_name}"] = nl
-                    names.append(f"{name}.nonlocal{child_name}")
-            new_stage = nn.Sequential(children)
-            setattr(resnet, name, new_stage)
-            resnet.stages[stage_idx] = new_stage
-    return names
-
-
-def nonlocal_block_names(model: nn.Module) -> List[str]:
-    """Names of every :class:`NonLocalBlock` inside ``model`` (in forward order for a backbone)."""
-    return [n for n, m in model.named_modules() if isinstance(m, NonLocalBlock)]
-
-
-def _stage_lengths(depth: int) -> Dict[str, int]:
-    lengths = {
-        18: [2, 2, 2, 2],
-        34: [3, 4, 6, 3],
-        50: [3, 4, 6, 3],
-        101: [3, 4, 23, 3],
-        152: [3, 8, 36, 3],
-    }
-    if depth not in lengths:
-        raise ValueError(
-            f"MODEL.RESNETS.DEPTH={depth!r} is not supported; allowed: {sorted(lengths)}"
-        )
-    return dict(zip(_STAGES, lengths[depth]))
-
-
-@BACKBONE_REGISTRY.register()
-def build_resnet_nonlocal_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """Detectron2's ResNet (``MODEL.RESNETS.*``) with non-local blocks (``MODEL.NONLOCAL.*``).
-
-    Args:
-        cfg: a Detectron2 config with :func:`nonlocal_det.add_nonlocal_config` applied.
-        input_shape: the image input shape.
-
-    Returns:
-        ResNet: the backbone, with blocks inserted as described in :func:`insert_nonlocal_blocks`.
-    """
-    if "NONLOCAL" not in cfg.MODEL:
-        raise KeyError(
-            "cfg.MODEL.NONLOCAL is missing: call nonlocal_det.add_nonlocal_config(cfg) on the "
-            "config before merge_from_file (MODEL.BACKBONE.NAME="
-            f"{cfg.MODEL.BACKBONE.NAME!r} needs it)"
-        )
-    nl_cfg = cfg.MODEL.NONLOCAL
-    lengths = _stage_lengths(cfg.MODEL.RESNETS.DEPTH)
-    resnet = build_resnet_backbone(cfg, input_shape)
-    placement = resolve_placement(nl_cfg, lengths, list(resnet.stage_names))
-    names = insert_nonlocal_blocks(resnet, placement, nl_cfg, cfg.MODEL.BACKBONE.FREEZE_AT)
-    _log_blocks(names, nl_cfg)
-    return resnet
-
-
-def _log_blocks(names: List[str], nl_cfg) -> None:
-    if names:
-        logger.info(
-            "Non-local blocks (%s, C_inner = %s x C, subsample=%s, scale=%s, norm=%r): %s",
-            nl_cfg.PAIRWISE,
-            nl_cfg.INNER_RATIO,
-            nl_cfg.SUBSAMPLE,
-            nl_cfg.USE_SCALE,
-            nl_cfg.NORM,
-            ", ".join(names),
-        )
-    else:
-        logger.info(
-            "Non-local blocks in the backbone: none (ENABLED=%s, PLACEMENT=%r)",
-            nl_cfg.ENABLED,
-            nl_cfg.PLACEMENT,
-        )
-
-
-@BACKBONE_REGISTRY.register()
-def build_resnet_nonlocal_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """Detectron2's ResNet-FPN with non-local blocks in the ResNet (``MODEL.NONLOCAL.*``).
-
-    Identical to ``build_resnet_fpn_backbone`` (same ``MODEL.FPN.*`` keys, same parameter names)
-    except for the inserted ``resK.nonlocal{i}`` blocks.
-
-    Args:
-        cfg: a Detectron2 config with :func:`nonlocal_det.add_nonlocal_config` applied.
-        input_shape: the image input shape.
-
-    Returns:
-        FPN: the backbone.
-    """
-    return FPN(
-        bottom_up=build_resnet_nonlocal_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
-
-
-def _lazy_key_name(key: str) -> str:
-    """Names of :class:`NonLocalResNet`'s arguments in its errors."""
-    if key.endswith("_BLOCKS"):
-        return f"NonLocalResNet nonlocal_blocks[{key[:4].lower()!r}]"
-    return f"NonLocalResNet nonlocal_{key.lower()}"
+        bad = [
+            i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n
+        ]
+        if bad:
+            raise ValueError(
+                f"{name}: index {bad[0]!r} is outside {stage}, which has {n} residual blocks at "
+                f"this depth; allowed indices: {-n}..{n - 1}"
+            )
+        resolved = sorted(i % n for i in indices)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"{name} names the same residual block twice ({resolved})")
+        out[stage] = resolved
+    return out
 
 
 class NonLocalResNet(ResNet):
-    """Detectron2's ``ResNet`` with non-local blocks, for LazyConfig files.
+    """Detectron2's ``ResNet`` with non-local blocks between residual blocks.
 
-    Takes ``ResNet``'s arguments unchanged (so ``stages=L(ResNet.make_default_stages)(depth=50)``,
-    ``freeze_at`` and the rest of a Detectron2 LazyConfig keep working) plus the ``nonlocal_*``
-    arguments, which mirror the ``MODEL.NONLOCAL`` keys of the YAML configs. The blocks are
-    inserted exactly as by the registered ``build_resnet_nonlocal_backbone`` (same names
-    ``resK.nonlocal{i}``, same initialisation, blocks in frozen stages frozen), so a LazyConfig
-    model and its YAML twin have the same parameters and load the same checkpoints. To add the
-    blocks to a Detectron2 LazyConfig, swap the target of its ResNet::
+    To add the blocks to a Detectron2 LazyConfig, swap the target of its ResNet::
 
         model.backbone.bottom_up._target_ = NonLocalResNet
         model.backbone.bottom_up.nonlocal_placement = "paper_1"
 
+    Blocks are initialised with the RNG state forked (the rest of the model is initialised as
+    without them) and frozen with the stage they sit in (``freeze_at``).
+
     Args:
         stem, stages, num_classes, out_features, freeze_at: as :class:`detectron2.modeling.ResNet`.
-        nonlocal_placement (str): ``MODEL.NONLOCAL.PLACEMENT``: ``"none"``, ``"paper_1"``
-            (default: one block right before the last residual block of res4), ``"paper_5"``,
-            ``"paper_10"`` or ``"custom"``.
-        nonlocal_blocks (dict): with ``"custom"``: stage name (``"res2"`` .. ``"res5"``) -> indices
-            of the residual blocks after which a block goes (negative from the end), like
-            ``MODEL.NONLOCAL.RES{2..5}_BLOCKS``.
+        nonlocal_placement (str): one of :data:`PLACEMENTS` (``MODEL.NONLOCAL.PLACEMENT``).
+        nonlocal_blocks (dict): with ``"custom"``, stage -> indices of the residual blocks after
+            which a block goes, negative from the end (``MODEL.NONLOCAL.RES{2..5}_BLOCKS``).
         nonlocal_pairwise, nonlocal_inner_ratio, nonlocal_subsample, nonlocal_use_scale,
-            nonlocal_norm: ``MODEL.NONLOCAL.{PAIRWISE, INNER_RATIO, SUBSAMPLE, USE_SCALE, NORM}``.
+            nonlocal_norm: the block (``MODEL.NONLOCAL.{PAIRWISE, INNER_RATIO, ...}``).
     """
 
     def __init__(
@@ -313,27 +188,68 @@ class NonLocalResNet(ResNet):
         nonlocal_norm: str = "",
     ):
         super().__init__(stem, stages, num_classes, out_features, freeze_at)
-        blocks = dict(nonlocal_blocks or {})
-        unknown = sorted(set(blocks) - set(_STAGES))
-        if unknown:
-            raise ValueError(
-                f"NonLocalResNet nonlocal_blocks={blocks}: unknown stage(s) {unknown}; allowed "
-                f"keys: {list(_STAGES)}"
-            )
-        nl_cfg = CfgNode(
-            {
-                "ENABLED": True,
-                "PLACEMENT": nonlocal_placement,
-                "PAIRWISE": nonlocal_pairwise,
-                "INNER_RATIO": nonlocal_inner_ratio,
-                "SUBSAMPLE": nonlocal_subsample,
-                "USE_SCALE": nonlocal_use_scale,
-                "NORM": nonlocal_norm,
-                **{f"{s.upper()}_BLOCKS": list(blocks.get(s, [])) for s in _STAGES},
-            }
+        make_block = block_factory(
+            "NonLocalResNet",
+            pairwise=nonlocal_pairwise,
+            inner_ratio=nonlocal_inner_ratio,
+            subsample=nonlocal_subsample,
+            use_scale=nonlocal_use_scale,
+            norm=nonlocal_norm,
         )
-        lengths = {s: 0 for s in _STAGES}
-        lengths.update({n: len(stage) for n, stage in zip(self.stage_names, self.stages)})
-        placement = resolve_placement(nl_cfg, lengths, list(self.stage_names), _lazy_key_name)
-        names = insert_nonlocal_blocks(self, placement, nl_cfg, freeze_at, _lazy_key_name)
-        _log_blocks(names, nl_cfg)
+        lengths = {name: len(stage) for name, stage in zip(self.stage_names, self.stages)}
+        placement = placement_indices(nonlocal_placement, nonlocal_blocks, lengths)
+        names = []
+        with torch.random.fork_rng(devices=[]):
+            for stage_idx, name in enumerate(self.stage_names):
+                if not placement.get(name):
+                    continue
+                children = OrderedDict()
+                for child_name, block in self.stages[stage_idx].named_children():
+                    children[child_name] = block
+                    if int(child_name) in placement[name]:
+                        nl = make_block(block.out_channels)
+                        if freeze_at >= stage_idx + 2:  # res2 is stage 2, as in ResNet.freeze
+                            nl.freeze()
+                        children[f"nonlocal{child_name}"] = nl
+                        names.append(f"{name}.nonlocal{child_name}")
+                stage = nn.Sequential(children)
+                setattr(self, name, stage)
+                self.stages[stage_idx] = stage
+        logger.info(f"Non-local blocks ({nonlocal_pairwise}): {', '.join(names) or 'none'}")
+
+
+def _nonlocal_resnet_args(cfg) -> dict:
+    """The ``nonlocal_*`` arguments of :class:`NonLocalResNet` given by ``cfg.MODEL.NONLOCAL``."""
+    args = config_block_args(cfg)
+    nl = cfg.MODEL.NONLOCAL
+    if not nl.ENABLED:
+        return dict(args, nonlocal_placement="none")
+    blocks = {s: list(nl.get(f"{s.upper()}_BLOCKS")) for s in STAGES}
+    return dict(args, nonlocal_placement=nl.PLACEMENT, nonlocal_blocks=blocks)
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_nonlocal_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """Detectron2's ResNet (every ``MODEL.RESNETS`` key) with the blocks of ``MODEL.NONLOCAL``."""
+    args = _nonlocal_resnet_args(cfg)
+    _check_resnet_keys(cfg)
+    resnet = build_resnet_backbone(cfg, input_shape)
+    stages = [list(stage) for stage in resnet.stages]
+    with config_wording():
+        return NonLocalResNet(
+            resnet.stem, stages, None, resnet._out_features, cfg.MODEL.BACKBONE.FREEZE_AT, **args
+        )
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_nonlocal_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """Detectron2's ResNet-FPN (same ``MODEL.FPN`` keys and names) with non-local blocks in the
+    ResNet (:func:`build_resnet_nonlocal_backbone`)."""
+    return FPN(
+        bottom_up=build_resnet_nonlocal_backbone(cfg, input_shape),
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

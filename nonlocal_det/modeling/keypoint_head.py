@@ -5,22 +5,39 @@ from typing import List, Sequence
 import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
+from torch import nn
 
-from ..config import inner_channels_for, nonlocal_block_kwargs
-from ..layers import NonLocalBlock
+from .blocks import block_factory, config_block_args, config_wording
 
 __all__ = ["NonLocalKRCNNHead"]
+
+
+def _checked_after(after: Sequence[int], conv_dims: Sequence[int]) -> List[int]:
+    n, after = len(conv_dims), list(after)
+    bad = [k for k in after if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n]
+    if bad or len(set(after)) != len(after):
+        raise ValueError(
+            f"NonLocalKRCNNHead: nonlocal_after={after}: the keypoint head has {n} convs "
+            f"(conv_dims, MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS); allowed: distinct integers in 1..{n}"
+        )
+    return after
 
 
 @ROI_KEYPOINT_HEAD_REGISTRY.register()
 class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
     """Detectron2's ``KRCNNConvDeconvUpsampleHead`` with a non-local block after chosen convs.
 
-    The block after conv ``k`` (1-based) is registered as ``nonlocal{k}``, right after
-    ``conv_fcn_relu{k}``, so it runs there (the head is an ``nn.Sequential``) and every name of the
-    parent head stays unchanged: a baseline keypoint checkpoint loads with only ``nonlocal`` keys
-    missing. The blocks are built after the parent's (re-)initialisation of its children, so they
-    start as the identity and the head initially computes exactly what the parent computes.
+    The block after conv ``k`` (1-based) is registered as ``nonlocal{k}`` right after
+    ``conv_fcn_relu{k}`` (the head is an ``nn.Sequential``), so every name of the parent head stays
+    unchanged. The blocks are built after the parent's re-initialisation of its children (which
+    would un-zero W_z), with the RNG state forked: the head starts computing what the parent does.
+
+    Args:
+        input_shape, num_keypoints, conv_dims, kwargs: as ``KRCNNConvDeconvUpsampleHead``.
+        nonlocal_after: 1-based indices of the convs followed by a block
+            (``MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS``).
+        nonlocal_pairwise, nonlocal_inner_ratio, nonlocal_subsample, nonlocal_use_scale,
+            nonlocal_norm: the blocks, as for :class:`NonLocalResNet`.
     """
 
     @configurable
@@ -31,57 +48,44 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         num_keypoints,
         conv_dims: Sequence[int],
         nonlocal_after: Sequence[int] = (2, 4, 6, 8),
+        nonlocal_pairwise: str = "embedded_gaussian",
         nonlocal_inner_ratio: float = 0.5,
-        nonlocal_kwargs: dict = None,
+        nonlocal_subsample: bool = True,
+        nonlocal_use_scale: bool = True,
+        nonlocal_norm: str = "",
         **kwargs,
     ):
-        """
-        Args:
-            input_shape, num_keypoints, conv_dims, kwargs: as ``KRCNNConvDeconvUpsampleHead``.
-            nonlocal_after: 1-based indices of the convs followed by a non-local block.
-            nonlocal_inner_ratio: C_inner / C of each block (C: channels of the conv before it).
-            nonlocal_kwargs: other ``NonLocalBlock`` arguments (pairwise, subsample, ...).
-        """
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
-        n = len(conv_dims)
-        after = list(nonlocal_after)
-        bad = [k for k in after if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n]
-        if bad or len(set(after)) != len(after):
-            raise ValueError(
-                f"MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS={after}: the keypoint head has {n} convs "
-                f"(MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS); allowed: distinct integers in 1..{n}"
-            )
-        nonlocal_kwargs = dict(nonlocal_kwargs or {})
+        make_block = block_factory(
+            "NonLocalKRCNNHead",
+            pairwise=nonlocal_pairwise,
+            inner_ratio=nonlocal_inner_ratio,
+            subsample=nonlocal_subsample,
+            use_scale=nonlocal_use_scale,
+            norm=nonlocal_norm,
+        )
+        after = _checked_after(nonlocal_after, conv_dims)
         children = list(self._modules.items())
         for name, _ in children:
             del self._modules[name]
-        with torch.random.fork_rng(devices=[]):  # keep the parent's init independent of blocks
+        with torch.random.fork_rng(devices=[]):
             for name, module in children:
                 self.add_module(name, module)
-                if name.startswith("conv_fcn_relu") and int(name[len("conv_fcn_relu") :]) in after:
-                    k = int(name[len("conv_fcn_relu") :])
-                    c = conv_dims[k - 1]
-                    inner = inner_channels_for(c, nonlocal_inner_ratio)
-                    block = NonLocalBlock(c, inner_channels=inner, **nonlocal_kwargs)
-                    self.add_module(f"nonlocal{k}", block)
+                k = int(name[len("conv_fcn_relu") :]) if name.startswith("conv_fcn_relu") else 0
+                if k in after:
+                    self.add_module(f"nonlocal{k}", make_block(conv_dims[k - 1]))
         self.nonlocal_after = sorted(after)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        if "NONLOCAL" not in cfg.MODEL:
-            raise KeyError(
-                "cfg.MODEL.NONLOCAL is missing: call nonlocal_det.add_nonlocal_config(cfg) before "
-                "merge_from_file (MODEL.ROI_KEYPOINT_HEAD.NAME='NonLocalKRCNNHead' needs it)"
-            )
-        enabled = cfg.MODEL.NONLOCAL.ENABLED
-        ret["nonlocal_after"] = list(cfg.MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS) if enabled else []
-        kwargs = nonlocal_block_kwargs(cfg.MODEL.NONLOCAL, 1)  # validates the keys
-        del kwargs["in_channels"], kwargs["inner_channels"]
-        ret["nonlocal_inner_ratio"] = cfg.MODEL.NONLOCAL.INNER_RATIO
-        ret["nonlocal_kwargs"] = kwargs
+        ret.update(config_block_args(cfg))
+        nl = cfg.MODEL.NONLOCAL
+        ret["nonlocal_after"] = list(nl.KEYPOINT_HEAD_BLOCKS) if nl.ENABLED else []
+        with config_wording():
+            _checked_after(ret["nonlocal_after"], ret["conv_dims"])
         return ret
 
-    def nonlocal_blocks(self) -> List[NonLocalBlock]:
+    def nonlocal_blocks(self) -> List[nn.Module]:
         """The inserted blocks, in forward order."""
-        return [m for m in self.children() if isinstance(m, NonLocalBlock)]
+        return [m for n, m in self.named_children() if n.startswith("nonlocal")]

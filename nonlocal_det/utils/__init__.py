@@ -1,5 +1,3 @@
-"""Small helpers shared by the package (atomic file writes)."""
+from .atomic import atomic_open, atomic_write_bytes, remove_stale_temp_files
 
-from .atomic import AtomicFile, atomic_write_bytes, remove_stale_temp_files
-
-__all__ = ["AtomicFile", "atomic_write_bytes", "remove_stale_temp_files"]
+__all__ = ["atomic_open", "atomic_write_bytes", "remove_stale_temp_files"]

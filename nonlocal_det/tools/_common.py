@@ -1,20 +1,28 @@
-"""Pieces shared by the project's command-line tools (``predict``, ``visualize``)."""
+"""What the commands share: loading a config as ``train_net.py`` does, and the input options."""
 
 import argparse
 import os
 from typing import List, Sequence
 
-from .config import get_nonlocal_cfg
-from .data.builtin import register_datasets_for_config
+from ..config import get_nonlocal_cfg
+from ..data import configure_coco_json_datasets, register_datasets_for_config
+from ..engine import fall_back_to_cpu
 
-__all__ = ["tool_parser", "tool_cfg", "existing_files"]
+__all__ = ["load_config", "tool_parser", "tool_cfg", "existing_files"]
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """The (unfrozen) config of a file + ``KEY VALUE`` overrides, on the CPU without CUDA, adapted
+    to its ``DATASETS.*_JSON`` files, as ``train_net.py`` sets it up."""
+    cfg = get_nonlocal_cfg(config_file, opts)
+    fall_back_to_cpu(cfg)
+    configure_coco_json_datasets(cfg)
+    return cfg
 
 
 def tool_parser(doc: str, input_help: str) -> argparse.ArgumentParser:
-    """A parser with ``--config-file`` and either ``--input`` files or a registered ``--dataset``.
-
-    Add the tool's own options, then ``opts`` last (see :func:`tool_cfg`).
-    """
+    """A parser with ``--config-file`` and either ``--input`` files or a registered ``--dataset``;
+    add the command's own options, then ``opts`` last."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     src = p.add_mutually_exclusive_group(required=True)
@@ -25,8 +33,8 @@ def tool_parser(doc: str, input_help: str) -> argparse.ArgumentParser:
 
 def tool_cfg(args: argparse.Namespace):
     """The frozen config of ``--config-file`` + ``opts``; with ``--dataset``, that dataset is
-    ``DATASETS.TEST`` and is registered (the project's generated data is made if needed)."""
-    cfg = get_nonlocal_cfg(args.config_file, args.opts)
+    ``DATASETS.TEST`` and is registered (the demo data is generated if needed)."""
+    cfg = load_config(args.config_file, args.opts)
     if args.dataset:
         cfg.DATASETS.TEST = (args.dataset,)
     cfg.freeze()

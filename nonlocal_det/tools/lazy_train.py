@@ -1,9 +1,9 @@
-"""Train or evaluate any LazyConfig ``.py`` file: ``python -m nonlocal_det.lazy_train``.
+"""Train or evaluate any LazyConfig ``.py`` file: ``python -m nonlocal_det.tools.lazy_train``.
 
-    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --num-gpus 8
-    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --eval-only \\
+    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --num-gpus 8
+    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --eval-only \\
         train.init_checkpoint=output/model_final.pth
-    python -m nonlocal_det.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
+    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
         train.max_iter=100 train.output_dir=output/demo_lazy
 
 Detectron2 ships such a script only in its source tree (``tools/lazyconfig_train_net.py``), not
@@ -33,7 +33,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-__all__ = ["setup", "evaluate", "train", "main", "cli"]
+__all__ = ["setup", "evaluate", "train", "main", "cli", "parser"]
 
 logger = logging.getLogger("detectron2")
 
@@ -114,9 +114,14 @@ def main(args) -> Optional[dict]:
     return evaluate(cfg, model)
 
 
+def parser():
+    """Detectron2's standard arguments (``--config-file``, ``--num-gpus``, ``--eval-only``, ...)."""
+    return default_argument_parser(epilog=__doc__)
+
+
 def cli(argv=None) -> None:
     """Parse Detectron2's standard arguments and :func:`main` on every process."""
-    args = default_argument_parser(epilog=__doc__).parse_args(argv)
+    args = parser().parse_args(argv)
     launch(
         main,
         args.num_gpus,

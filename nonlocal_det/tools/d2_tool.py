@@ -1,26 +1,25 @@
-"""Run Detectron2's own tools on the project's YAML configs: ``python -m nonlocal_det.tools``.
+"""Run Detectron2's own tools on the project's YAML configs: ``python -m nonlocal_det.tools.d2_tool``.
 
-    python -m nonlocal_det.tools TOOL [TOOL ARGUMENTS ...]
+    python -m nonlocal_det.tools.d2_tool TOOL [TOOL ARGUMENTS ...]
 
 TOOL is a Detectron2 script, as a file (``~/detectron2/tools/analyze_model.py``,
 ``~/detectron2/demo/demo.py``, ...) or as an importable module (``tools.visualize_data`` where
 the ``tools`` folder is importable). Examples, with a Detectron2 source checkout in ~/detectron2:
 
-    python -m nonlocal_det.tools ~/detectron2/tools/analyze_model.py --tasks parameter \\
+    python -m nonlocal_det.tools.d2_tool ~/detectron2/tools/analyze_model.py --tasks parameter \\
         --config-file configs/mask_rcnn_R50_NL.yaml
-    python -m nonlocal_det.tools ~/detectron2/tools/visualize_data.py --source annotation \\
+    python -m nonlocal_det.tools.d2_tool ~/detectron2/tools/visualize_data.py --source annotation \\
         --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml --output-dir vis
-    python -m nonlocal_det.tools ~/detectron2/demo/demo.py \\
+    python -m nonlocal_det.tools.d2_tool ~/detectron2/demo/demo.py \\
         --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml --input image.png \\
         --output pred.png --opts MODEL.WEIGHTS output/demo/model_final.pth MODEL.DEVICE cpu
 
-Detectron2's tools read a YAML config with a bare ``get_cfg()``, which knows neither the
-``MODEL.NONLOCAL`` keys nor the project's datasets. For the run of TOOL only, in this process
-only, this entry point makes ``detectron2.config.get_cfg`` return Detectron2's defaults plus
-``MODEL.NONLOCAL`` (:func:`nonlocal_det.add_nonlocal_config`; ``MODEL.DEVICE cpu`` without
-CUDA), and registers the datasets the ``--config-file`` names (the generated demo data). Nothing
-else is changed; the tool runs unmodified. LazyConfig ``.py`` files (configs/lazy/) need none of this: they import the package
-themselves, so the tools that accept them can be run directly.
+Detectron2's tools read a YAML config with a bare ``get_cfg()``, which knows neither
+``MODEL.NONLOCAL`` nor the project's datasets. While TOOL runs, in this process only,
+``detectron2.config.get_cfg`` returns Detectron2's defaults plus :func:`add_nonlocal_config`
+(``MODEL.DEVICE cpu`` without CUDA), and the datasets of its ``--config-file`` are registered; the
+tool itself runs unmodified. LazyConfig ``.py`` files (configs/lazy/) import the package themselves
+and need none of this.
 """
 
 import argparse
@@ -29,38 +28,38 @@ import os
 import runpy
 import sys
 from typing import Iterator, List, Optional
+from unittest import mock
 
 import detectron2.config
 import detectron2.config.config
-import torch
 
-from .config import add_nonlocal_config, get_nonlocal_cfg
-from .data.builtin import register_datasets_for_config
+from ..config import add_nonlocal_config
+from ..data import register_datasets_for_config
+from ..engine import fall_back_to_cpu
+from ._common import load_config
 
-__all__ = ["nonlocal_get_cfg", "run_tool", "main"]
+__all__ = ["nonlocal_get_cfg", "run_tool", "main", "parser"]
 
 
 @contextlib.contextmanager
 def nonlocal_get_cfg() -> Iterator[None]:
-    """Within the block, ``detectron2.config.get_cfg()`` includes ``MODEL.NONLOCAL`` (and, when
-    CUDA is not available, defaults to ``MODEL.DEVICE cpu``, as the project's own scripts do)."""
+    """Inside, ``detectron2.config.get_cfg()`` includes ``MODEL.NONLOCAL`` (and ``MODEL.DEVICE cpu``
+    without CUDA).
+
+    A patch, not an override: the tools call the module function ``get_cfg`` (imported from
+    ``detectron2.config``, defined in ``detectron2.config.config``), which has no hook. Both names
+    are patched, and restored afterwards; ``tests/test_d2_tools.py`` fails if Detectron2 moves it.
+    """
     original = detectron2.config.get_cfg
 
     def get_cfg():
         cfg = add_nonlocal_config(original())
-        if not torch.cuda.is_available():
-            cfg.MODEL.DEVICE = "cpu"
+        fall_back_to_cpu(cfg)
         return cfg
 
-    get_cfg.__doc__ = original.__doc__
-    modules = (detectron2.config, detectron2.config.config)
-    for module in modules:
-        module.get_cfg = get_cfg
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.get_cfg = original
+    with mock.patch.object(detectron2.config, "get_cfg", get_cfg):
+        with mock.patch.object(detectron2.config.config, "get_cfg", get_cfg):
+            yield
 
 
 def _register_config_datasets(tool_args: List[str]) -> None:
@@ -69,7 +68,7 @@ def _register_config_datasets(tool_args: List[str]) -> None:
     parser.add_argument("--config-file", default="")
     known, _ = parser.parse_known_args(tool_args)
     if known.config_file.endswith((".yaml", ".yml")):
-        register_datasets_for_config(get_nonlocal_cfg(known.config_file))
+        register_datasets_for_config(load_config(known.config_file))
 
 
 def run_tool(tool: str, tool_args: List[str]) -> None:
@@ -98,15 +97,17 @@ def run_tool(tool: str, tool_args: List[str]) -> None:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("tool", help="a Detectron2 script (path) or module (e.g. tools.analyze_model)")
+    p.add_argument("tool_args", nargs=argparse.REMAINDER, help="the tool's own arguments")
+    return p
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Command-line entry point: ``TOOL [ARGS ...]``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        if not argv:
-            raise SystemExit(2)
-        return
-    run_tool(argv[0], argv[1:])
+    args = parser().parse_args(argv)
+    run_tool(args.tool, args.tool_args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Detectron2's ``SOLVER.CLIP_GRADIENTS`` for LazyConfig files (used by configs/lazy/*_demo.py)."""
+"""Detectron2's ``SOLVER.CLIP_GRADIENTS`` for LazyConfig files (configs/lazy/*_demo.py)."""
 
 from typing import Union
 

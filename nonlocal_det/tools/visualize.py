@@ -1,15 +1,15 @@
-"""Draw what a non-local block attends to (the paper's Figure 3): ``python -m nonlocal_det.visualize``.
+"""Draw what a non-local block attends to (the paper's Figure 3): ``python -m nonlocal_det.tools.visualize``.
 
     # one image; queries: the centres of the 3 most confident detections
-    python -m nonlocal_det.visualize --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
+    python -m nonlocal_det.tools.visualize --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
         --input image.png --output attention.png MODEL.WEIGHTS output/demo/model_final.pth
     # chosen block and query pixels (x,y), top 10 keys
-    python -m nonlocal_det.visualize ... --block backbone.bottom_up.res4.nonlocal4 \\
+    python -m nonlocal_det.tools.visualize ... --block backbone.bottom_up.res4.nonlocal4 \\
         --query 120,80 --query 40,150 --topk 10
     # an image of a registered dataset (the demo's validation split)
-    python -m nonlocal_det.visualize ... --dataset nl_synthetic_val --index 0 --output att.png
+    python -m nonlocal_det.tools.visualize ... --dataset nl_synthetic_val --index 0 --output att.png
     # space-time: the block's embeddings applied to a clip (T frames); arrows cross frames
-    python -m nonlocal_det.visualize ... --input f0.png f1.png f2.png --output clip.png
+    python -m nonlocal_det.tools.visualize ... --input f0.png f1.png f2.png --output clip.png
 
 For every query an arrow goes to each of its ``--topk`` (default 20) most attended key positions,
 mapped back to image pixels; thicker and more opaque arrows carry more weight. The weights come
@@ -36,8 +36,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
-from .cli import existing_files, tool_cfg, tool_parser
-from .layers import NonLocalBlock
+from ..layers import NonLocalBlock
+from ._common import existing_files, tool_cfg, tool_parser
 
 __all__ = [
     "AttentionArrows",
@@ -46,6 +46,7 @@ __all__ = [
     "compute_arrows",
     "draw",
     "main",
+    "parser",
 ]
 
 
@@ -203,7 +204,7 @@ def draw(frames_rgb: List[np.ndarray], arrows: AttentionArrows, gap: int = 8) ->
     return cv2.addWeighted(overlay, 0.8, canvas, 0.2, 0)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = tool_parser(__doc__, "an image, or the frames of a clip (or a folder)")
     p.add_argument("--index", type=int, default=0, help="with --dataset: which image")
     p.add_argument("--output", required=True, help="the PNG to write")
@@ -231,7 +232,7 @@ def _frames(inputs: List[str]) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> AttentionArrows:
     """Command-line entry point; writes the PNG and returns the drawn arrows."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     setup_logger(name="nonlocal_det")
     cfg = tool_cfg(args)
     if args.dataset:

@@ -1,9 +1,9 @@
-"""Draw a model's predictions on images: ``python -m nonlocal_det.predict``.
+"""Draw a model's predictions on images: ``python -m nonlocal_det.tools.predict``.
 
-    python -m nonlocal_det.predict --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
+    python -m nonlocal_det.tools.predict --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
         --dataset nl_synthetic_val --num-images 2 --output output/demo/predictions \\
         MODEL.WEIGHTS output/demo/model_final.pth
-    python -m nonlocal_det.predict --config-file configs/mask_rcnn_R50_NL.yaml \\
+    python -m nonlocal_det.tools.predict --config-file configs/mask_rcnn_R50_NL.yaml \\
         --input photo.jpg --output photo_pred.png MODEL.WEIGHTS model_final.pth
 
 Uses Detectron2's ``DefaultPredictor`` and ``Visualizer``. With ``--dataset`` each PNG shows the
@@ -15,6 +15,7 @@ import os
 from typing import List, Optional
 
 import numpy as np
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -22,9 +23,9 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from .cli import existing_files, tool_cfg, tool_parser
+from ._common import existing_files, tool_cfg, tool_parser
 
-__all__ = ["draw_predictions", "main"]
+__all__ = ["draw_predictions", "main", "parser"]
 
 
 def draw_predictions(
@@ -40,7 +41,8 @@ def draw_predictions(
     Args:
         predictor: a Detectron2 ``DefaultPredictor``.
         image_bgr: HxWx3 uint8 image in BGR order (``read_image(path, "BGR")``).
-        metadata: the dataset's ``MetadataCatalog`` entry (class names, keypoint rules).
+        metadata: the dataset's ``MetadataCatalog`` entry (class names, keypoint rules; keypoints
+            are drawn only on its ``keypoint_classes`` when it lists them).
         threshold: detections scoring below it are not drawn.
         gt_record: a Detectron2 dataset dict; when given its annotations are drawn on the left.
         scale: resize factor of the drawing.
@@ -50,6 +52,13 @@ def draw_predictions(
     """
     instances = predictor(image_bgr)["instances"].to("cpu")
     instances = instances[instances.scores >= threshold]
+    keypoint_classes = metadata.get("keypoint_classes")
+    if instances.has("pred_keypoints") and keypoint_classes is not None:
+        # The head predicts keypoints for every box: hide them (score 0 is below the Visualizer's
+        # threshold) on the classes that have none in the dataset.
+        names = metadata.get("thing_classes", [])
+        has = [names[c] in keypoint_classes for c in instances.pred_classes.tolist()]
+        instances.pred_keypoints[~torch.tensor(has, dtype=torch.bool), :, 2] = 0
     rgb = image_bgr[:, :, ::-1]
     pred = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
     if gt_record is None:
@@ -59,7 +68,7 @@ def draw_predictions(
     return np.concatenate([gt, gap, pred], axis=1)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = tool_parser(__doc__, "image files")
     p.add_argument("--num-images", type=int, default=1, help="with --dataset: how many images")
     p.add_argument("--output", required=True, help="a .png file (one image) or a directory")
@@ -71,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> List[str]:
     """Command-line entry point; returns the written PNG paths."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     setup_logger(name="nonlocal_det")
     cfg = tool_cfg(args)
     if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.startswith(("detectron2://", "http")):

@@ -1,7 +1,7 @@
-"""Check a warm start before spending GPU hours: ``python -m nonlocal_det.warm_start``.
+"""Check a warm start before spending GPU hours: ``python -m nonlocal_det.tools.warm_start``.
 
-    python -m nonlocal_det.warm_start --config-file configs/mask_rcnn_R50_NL_warmstart.yaml
-    python -m nonlocal_det.warm_start --config-file configs/mask_rcnn_R50_NL.yaml \\
+    python -m nonlocal_det.tools.warm_start --config-file configs/mask_rcnn_R50_NL_warmstart.yaml
+    python -m nonlocal_det.tools.warm_start --config-file configs/mask_rcnn_R50_NL.yaml \\
         --image photo.jpg MODEL.WEIGHTS path/to/baseline_model_final.pth
 
 Loads ``MODEL.WEIGHTS`` (a Detectron2 checkpoint without non-local blocks: a model-zoo ``.pkl``
@@ -25,10 +25,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
-from .analyze import baseline_config
-from .config import get_nonlocal_cfg
+from ..modeling import baseline_config
+from ._common import load_config
 
-__all__ = ["load_and_report", "check_warm_start", "main"]
+__all__ = ["load_and_report", "check_warm_start", "main", "parser"]
 
 
 class _ReportingCheckpointer(DetectionCheckpointer):
@@ -104,7 +104,7 @@ def check_warm_start(cfg, image: Optional[np.ndarray] = None) -> dict:
     return report
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--image", help="an image to compare predictions on (default: random)")
@@ -114,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0: both promises hold)."""
-    args = _parser().parse_args(argv)
-    cfg = get_nonlocal_cfg(args.config_file, args.opts)
+    args = parser().parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: give the checkpoint to start from")
     image = read_image(args.image, format=cfg.INPUT.FORMAT) if args.image else None

@@ -1,8 +1,8 @@
 """Export a model with non-local blocks: TorchScript (scripting, tracing) and ONNX.
 
-    python -m nonlocal_det.export --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
+    python -m nonlocal_det.tools.export --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
         --output output/export MODEL.WEIGHTS output/demo/model_final.pth
-    python -m nonlocal_det.export --config-file configs/mask_rcnn_R50_NL.yaml --image photo.jpg \\
+    python -m nonlocal_det.tools.export --config-file configs/mask_rcnn_R50_NL.yaml --image photo.jpg \\
         --method scripting,tracing --output output/export MODEL.WEIGHTS model_final.pth
 
 Uses Detectron2's own export machinery: ``scripting_with_instances`` (scripting) and
@@ -34,8 +34,8 @@ from detectron2.structures import Boxes, Instances
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from .config import get_nonlocal_cfg
-from .layers import NonLocalBlock
+from ..layers import NonLocalBlock
+from ._common import load_config
 
 __all__ = [
     "METHODS",
@@ -46,6 +46,7 @@ __all__ = [
     "export_backbone_onnx",
     "run_onnx",
     "main",
+    "parser",
 ]
 
 METHODS = ("scripting", "tracing", "onnx", "onnx-backbone")
@@ -241,7 +242,7 @@ def _methods(text: str) -> List[str]:
     return methods
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--output", required=True, help="directory for the exported files")
@@ -262,8 +263,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     """Command-line entry point; returns {method: written file}."""
-    args = _parser().parse_args(argv)
-    cfg = get_nonlocal_cfg(args.config_file, ["MODEL.DEVICE", "cpu"] + list(args.opts))
+    args = parser().parse_args(argv)
+    cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu"] + list(args.opts))
     cfg.freeze()
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)

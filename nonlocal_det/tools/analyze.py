@@ -1,7 +1,7 @@
 """Parameters and FLOPs of a config, with and without its non-local blocks.
 
-    python -m nonlocal_det.analyze --config-file configs/mask_rcnn_R50_NL.yaml
-    python -m nonlocal_det.analyze --config-file configs/keypoint_rcnn_R50_NL.yaml --height 800 \\
+    python -m nonlocal_det.tools.analyze --config-file configs/mask_rcnn_R50_NL.yaml
+    python -m nonlocal_det.tools.analyze --config-file configs/keypoint_rcnn_R50_NL.yaml --height 800 \\
         --width 1216
 
 FLOPs are counted by fvcore through Detectron2's ``FlopCountAnalysis`` (one multiply-add = one
@@ -22,10 +22,11 @@ from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from tabulate import tabulate
 
-from .config import get_nonlocal_cfg
-from .layers import NonLocalBlock
+from ..layers import NonLocalBlock
+from ..modeling import baseline_config
+from ._common import load_config
 
-__all__ = ["nonlocal_flop_handles", "count_flops", "baseline_config", "analyze", "main"]
+__all__ = ["nonlocal_flop_handles", "count_flops", "analyze", "main", "parser"]
 
 
 def _shape(value) -> List[int]:
@@ -68,19 +69,6 @@ def count_flops(model: torch.nn.Module, inputs) -> FlopCountAnalysis:
     analysis.set_op_handle(**nonlocal_flop_handles())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return analysis
-
-
-def baseline_config(cfg):
-    """The same config without any non-local block (Detectron2's own backbone and heads)."""
-    base = cfg.clone()
-    base.defrost()
-    if base.MODEL.BACKBONE.NAME == "build_resnet_nonlocal_fpn_backbone":
-        base.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
-    elif base.MODEL.BACKBONE.NAME == "build_resnet_nonlocal_backbone":
-        base.MODEL.BACKBONE.NAME = "build_resnet_backbone"
-    if base.MODEL.ROI_KEYPOINT_HEAD.NAME == "NonLocalKRCNNHead":
-        base.MODEL.ROI_KEYPOINT_HEAD.NAME = "KRCNNConvDeconvUpsampleHead"
-    return base
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -142,15 +130,19 @@ def analyze(cfg, height: int = 800, width: int = 1333, seed: int = 0) -> Tuple[l
     return model_rows, block_rows
 
 
-def main(argv: Optional[List[str]] = None) -> Tuple[list, list]:
-    """Command-line entry point: prints the two tables; returns their rows."""
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--height", type=int, default=800, help="input height (default 800)")
     p.add_argument("--width", type=int, default=1333, help="input width (default 1333)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
-    cfg = get_nonlocal_cfg(args.config_file, args.opts)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> Tuple[list, list]:
+    """Command-line entry point: prints the two tables; returns their rows."""
+    args = parser().parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)
     model_rows, block_rows = analyze(cfg, args.height, args.width)
     with_nl, without = model_rows
     model_rows.append(

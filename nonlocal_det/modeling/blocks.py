@@ -1,0 +1,95 @@
+"""The block arguments shared by the backbone and the keypoint head: checked once, turned into a
+function ``channels -> block``; and how their errors read for a YAML config.
+
+Python and LazyConfig users pass explicit ``nonlocal_*`` arguments and see them named in errors;
+the YAML builders map ``MODEL.NONLOCAL`` onto the same arguments (:func:`config_block_args`) and,
+inside :func:`config_wording`, errors name the config keys instead.
+"""
+
+import contextlib
+import re
+from typing import Callable, Iterator
+
+from torch import nn
+
+from ..layers import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock, check_choice
+
+__all__ = ["block_factory", "config_block_args", "config_wording"]
+
+
+def block_factory(
+    owner: str,
+    *,
+    pairwise: str = "embedded_gaussian",
+    inner_ratio: float = 0.5,
+    subsample: bool = True,
+    use_scale: bool = True,
+    norm: str = "",
+) -> Callable[[int], nn.Module]:
+    """Check the ``nonlocal_*`` arguments of ``owner`` and return ``channels -> NonLocalBlock``
+    (C_inner = ``inner_ratio`` x C, at least 1).
+
+    Raises:
+        ValueError: ``"{owner}: nonlocal_<arg>=<value> is not supported; allowed: ..."``.
+    """
+    check_choice(owner, "nonlocal_pairwise", pairwise, PAIRWISE_FUNCTIONS)
+    check_choice(owner, "nonlocal_norm", norm, NORMS)
+    if isinstance(inner_ratio, bool) or not isinstance(inner_ratio, (int, float)):
+        inner_ratio = None
+    if inner_ratio is None or not 0 < inner_ratio <= 1:
+        raise ValueError(
+            f"{owner}: nonlocal_inner_ratio={inner_ratio!r} is not supported; allowed: a number "
+            "in (0, 1]"
+        )
+    for name, value in (("nonlocal_subsample", subsample), ("nonlocal_use_scale", use_scale)):
+        check_choice(owner, name, value, (True, False))
+
+    def build(channels: int) -> nn.Module:
+        inner = max(1, int(round(channels * inner_ratio)))
+        return NonLocalBlock(channels, inner, pairwise, 2, subsample, use_scale, norm)
+
+    return build
+
+
+def config_block_args(cfg) -> dict:
+    """The ``nonlocal_*`` block arguments given by ``cfg.MODEL.NONLOCAL``."""
+    if "NONLOCAL" not in cfg.MODEL:
+        raise KeyError(
+            "cfg.MODEL.NONLOCAL is missing: call nonlocal_det.add_nonlocal_config(cfg) before "
+            f"merge_from_file (MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r}, "
+            f"MODEL.ROI_KEYPOINT_HEAD.NAME={cfg.MODEL.ROI_KEYPOINT_HEAD.NAME!r})"
+        )
+    nl = cfg.MODEL.NONLOCAL
+    return {
+        "nonlocal_pairwise": nl.PAIRWISE,
+        "nonlocal_inner_ratio": nl.INNER_RATIO,
+        "nonlocal_subsample": nl.SUBSAMPLE,
+        "nonlocal_use_scale": nl.USE_SCALE,
+        "nonlocal_norm": nl.NORM,
+    }
+
+
+# Explicit argument -> the config key it comes from (nonlocal_<key> -> MODEL.NONLOCAL.<KEY>).
+_KEY_OF = {"nonlocal_after": "KEYPOINT_HEAD_BLOCKS"}
+
+
+def _reword(message: str) -> str:
+    message = re.sub(r"^(NonLocalResNet|NonLocalKRCNNHead): ", "", message)
+    message = re.sub(
+        r"nonlocal_blocks\['(res\d)'\]", lambda m: f"MODEL.NONLOCAL.{m[1].upper()}_BLOCKS", message
+    )
+    return re.sub(
+        r"\bnonlocal_(?!det\b)([a-z_]+)",
+        lambda m: "MODEL.NONLOCAL." + _KEY_OF.get(m[0], m[1].upper()),
+        message,
+    )
+
+
+@contextlib.contextmanager
+def config_wording() -> Iterator[None]:
+    """Inside, a ``ValueError`` about ``nonlocal_*`` arguments is re-raised naming the
+    ``MODEL.NONLOCAL`` keys they come from (for the YAML builders and checks)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(_reword(str(e))) from None

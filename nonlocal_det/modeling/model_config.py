@@ -1,0 +1,49 @@
+"""The model side of a YAML config: :func:`check_model_config` reports its errors before any
+training work (naming the key, the bad value and what is allowed, instead of an ``assert`` inside
+Detectron2 minutes later); :func:`baseline_config` is the same config without the blocks."""
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone
+from detectron2.modeling.roi_heads import build_keypoint_head
+
+from .blocks import config_wording
+
+__all__ = ["NONLOCAL_BACKBONES", "baseline_config", "check_model_config"]
+
+NONLOCAL_BACKBONES = ("build_resnet_nonlocal_backbone", "build_resnet_nonlocal_fpn_backbone")
+
+
+def check_model_config(cfg) -> None:
+    """Check the backbone and keypoint head of ``cfg`` where they are this project's.
+
+    The non-local backbone and keypoint head are built on the ``meta`` device (no memory, no
+    arithmetic), so every check of their builders and arguments runs, worded in ``MODEL.*`` keys.
+
+    Raises:
+        ValueError: naming the key, its value and what is allowed.
+        KeyError: ``MODEL.NONLOCAL`` is missing (:func:`nonlocal_det.add_nonlocal_config`).
+    """
+    if "NONLOCAL" not in cfg.MODEL:
+        raise KeyError(
+            "cfg.MODEL.NONLOCAL is missing: call nonlocal_det.add_nonlocal_config(cfg) before "
+            "merge_from_file"
+        )
+    head = cfg.MODEL.ROI_KEYPOINT_HEAD
+    with torch.device("meta"), config_wording():
+        if cfg.MODEL.BACKBONE.NAME in NONLOCAL_BACKBONES:
+            build_backbone(cfg)
+        if cfg.MODEL.KEYPOINT_ON and head.NAME == "NonLocalKRCNNHead":
+            shape = ShapeSpec(channels=cfg.MODEL.FPN.OUT_CHANNELS, height=14, width=14)
+            build_keypoint_head(cfg, shape)
+
+
+def baseline_config(cfg):
+    """A copy of ``cfg`` without any non-local block: Detectron2's own backbone and keypoint head
+    (the same parameter names, minus the blocks')."""
+    base = cfg.clone()
+    base.defrost()
+    base.MODEL.BACKBONE.NAME = base.MODEL.BACKBONE.NAME.replace("_nonlocal", "")
+    if base.MODEL.ROI_KEYPOINT_HEAD.NAME == "NonLocalKRCNNHead":
+        base.MODEL.ROI_KEYPOINT_HEAD.NAME = "KRCNNConvDeconvUpsampleHead"
+    return base
