@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 from utils import REPO
 

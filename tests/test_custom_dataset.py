@@ -4,7 +4,6 @@ dataset this test writes (polygons, RLE, keypoints on one category, an image wit
 a 12x12 and a 24x400 image)."""
 
 import json
-import os
 
 import pytest
 import yaml

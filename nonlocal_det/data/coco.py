@@ -1,12 +1,9 @@
-"""COCO-format files as Detectron2 datasets: one registration path for the generated demo data and
-for your own files (``DATASETS.TRAIN_JSON`` + ``DATASETS.TRAIN_IMAGES``, same for ``TEST``).
+"""COCO-format files as Detectron2 datasets: :func:`register_coco_dataset`, one registration path
+for the generated demo data and your own files (``DATASETS.{TRAIN,TEST}_{JSON,IMAGES}``, taken into
+the config by :func:`configure_coco_json_datasets`, registered by
+:func:`register_coco_json_datasets`)."""
 
-:func:`configure_coco_json_datasets` (unfrozen config) checks the files named by the keys and takes
-the class count, keypoint count and mask format from them; :func:`register_coco_json_datasets`
-checks their images and registers them as :data:`TRAIN_NAME` / :data:`TEST_NAME` through
-:func:`register_coco_dataset`, which the demo data uses too.
-"""
-
+import functools
 import hashlib
 import json
 import logging
@@ -93,10 +90,10 @@ def _evaluation_json(summary: CocoSummary) -> str:
 def register_coco_dataset(name: str, summary: CocoSummary, image_root: str, **metadata) -> None:
     """Register ``name`` with Detectron2 for a checked COCO file (:func:`check_coco_json`).
 
-    Metadata: the classes and id mapping, keypoint names, flip map and the classes that have
-    keypoints (when the file has keypoints), ``json_file`` (what the evaluator reads), ``source_json``, ``image_root``,
-    ``evaluator_type="coco"``, plus ``metadata``. The same files again: nothing happens; other
-    files: the registration is replaced.
+    Metadata: the classes and their id mapping; with keypoints their names, flip map and the
+    classes that have them; ``json_file`` (what the evaluator reads), ``source_json``,
+    ``image_root``, ``evaluator_type="coco"``; ``metadata``. The same files again: nothing
+    happens; other files replace the registration.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -119,9 +116,9 @@ def register_coco_dataset(name: str, summary: CocoSummary, image_root: str, **me
         evaluator_type="coco",
     )
     if k:
-        names = list(summary.keypoint_names)
+        names, classes = list(summary.keypoint_names), list(summary.keypoint_classes)
         meta.set(keypoint_names=names, keypoint_flip_map=keypoint_flip_map(names))
-        meta.set(keypoint_classes=list(summary.keypoint_classes))
+        meta.set(keypoint_classes=classes)
     meta.set(**metadata)
     logger.info(
         f"Registered {name}: {json_file} ({summary.num_images} images, "
@@ -150,16 +147,15 @@ def _json_splits(cfg) -> List[Tuple[str, str, str, str]]:
     return out
 
 
-_checked = {}
+@functools.lru_cache(maxsize=None)
+def _check_json_version(json_file: str, label: str, mtime: float, size: int) -> CocoSummary:
+    return check_coco_json(json_file, label)
 
 
 def _check_json(json_file: str, label: str) -> CocoSummary:
     """:func:`check_coco_json`, once per file version in a process."""
     st = os.stat(json_file) if os.path.isfile(json_file) else None
-    key = (json_file, st.st_mtime if st else 0.0, st.st_size if st else -1)
-    if key not in _checked:
-        _checked[key] = check_coco_json(json_file, label)
-    return _checked[key]
+    return _check_json_version(json_file, label, st.st_mtime if st else 0, st.st_size if st else -1)
 
 
 def configure_coco_json_datasets(cfg) -> None:
