@@ -1,26 +1,24 @@
-"""Draw what a non-local block attends to (the paper's Figure 3): ``python -m nonlocal_det.tools.visualize``.
+"""Draw what a block attends to (the paper's Figure 3): ``python -m nonlocal_det.tools.visualize``.
 
-    # one image; queries: the centres of the 3 most confident detections
+    # an image of the demo's validation split; queries: the 3 most confident detections
     python -m nonlocal_det.tools.visualize --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
-        --input image.png --output attention.png MODEL.WEIGHTS output/demo/model_final.pth
-    # chosen block and query pixels (x,y), top 10 keys
-    python -m nonlocal_det.tools.visualize ... --block backbone.bottom_up.res4.nonlocal4 \\
-        --query 120,80 --query 40,150 --topk 10
-    # an image of a registered dataset (the demo's validation split)
-    python -m nonlocal_det.tools.visualize ... --dataset nl_synthetic_val --index 0 --output att.png
-    # space-time: the block's embeddings applied to a clip (T frames); arrows cross frames
+        --dataset nl_synthetic_val --index 0 --output att.png MODEL.WEIGHTS model_final.pth
+    # a chosen block and query pixels (x,y), top 10 keys each
+    python -m nonlocal_det.tools.visualize ... --input image.png --output att.png \\
+        --block backbone.bottom_up.res4.nonlocal0 --query 120,80 --query 40,150 --topk 10
+    # a clip (non-local blocks): the block's embeddings over all frames; arrows cross frames
     python -m nonlocal_det.tools.visualize ... --input f0.png f1.png f2.png --output clip.png
 
-For every query an arrow goes to each of its ``--topk`` (default 20) most attended key positions,
-mapped back to image pixels; thicker and more opaque arrows carry more weight. The weights come
-from ``NonLocalBlock.attention_for_queries``: only the Q chosen rows of the attention are built,
-never the full N x M matrix, so full-resolution inputs stay cheap. For a clip, each frame goes
-through the backbone, the block's inputs are stacked along time and a space-time (dim=3) block
-sharing the trained 2-D block's 1x1 embeddings (as 1x1x1 convs) computes the attention of queries
-in ``--query-frame`` over every position of every frame.
+Pairwise blocks (non-local, the pairwise term of DNL, criss-cross, generalized attention) get
+arrows from each query to its ``--topk`` most attended key positions, thicker for more weight
+(criss-cross: along the query's row and column, its first pass). Query-independent blocks (SNL,
+GC, DNL's unary term) get a heat map of their one attention map over the image. Only the chosen
+queries' rows of the attention are computed, never the N x M matrix. The picture is enlarged to at
+least ``--min-size`` pixels on its short side, with a legend naming the block and the queries.
 """
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -29,25 +27,28 @@ import cv2
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
-from ..layers import NonLocalBlock
+from ..layers import BLOCK_TYPES, NonLocalBlock
 from ._common import existing_files, tool_cfg, tool_parser
 
 __all__ = [
     "AttentionArrows",
     "backbone_blocks",
-    "space_time_view",
     "compute_arrows",
+    "context_map",
     "draw",
     "main",
     "parser",
+    "space_time_view",
 ]
+
+_COLOURS = [(255, 60, 60), (40, 160, 255), (255, 200, 0), (60, 220, 90), (230, 70, 230)]
 
 
 @dataclass
@@ -57,7 +58,7 @@ class AttentionArrows:
     Attributes:
         queries: (Q, 3) float array of (frame, x, y) of each query.
         keys: (Q, K, 3) float array of (frame, x, y) of the top-k key positions of each query.
-        weights: (Q, K) normalised attention weights f/C of those keys (descending).
+        weights: (Q, K) attention weights of those keys (descending).
     """
 
     queries: np.ndarray
@@ -66,21 +67,15 @@ class AttentionArrows:
 
 
 def backbone_blocks(model: torch.nn.Module) -> List[str]:
-    """Names of the non-local blocks in ``model.backbone`` (those that see a whole image)."""
-    return [
-        f"backbone.{n}" for n, m in model.backbone.named_modules() if isinstance(m, NonLocalBlock)
-    ]
+    """Names of the blocks (any type of ``nonlocal_det.layers.BLOCK_TYPES``) in the backbone."""
+    types = tuple(BLOCK_TYPES.values())
+    return [f"backbone.{n}" for n, m in model.backbone.named_modules() if isinstance(m, types)]
 
 
 def space_time_view(block: NonLocalBlock) -> NonLocalBlock:
     """A dim=3 block with the same pairwise embeddings (1x1 convs as 1x1x1), for clips."""
     view = NonLocalBlock(
-        block.in_channels,
-        block.inner_channels,
-        pairwise=block.pairwise,
-        dim=3,
-        subsample=block.subsample,
-        use_scale=block.use_scale,
+        block.in_channels, block.inner_channels, block.pairwise, 3, block.subsample, block.use_scale
     )
     for name in ("theta", "phi", "g"):
         src, dst = getattr(block, name), getattr(view, name)
@@ -92,67 +87,46 @@ def space_time_view(block: NonLocalBlock) -> NonLocalBlock:
     return view.to(block.g.weight.device).eval()
 
 
-class _InputCatcher:
-    """Forward pre-hook keeping the input of a module."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.value = None
-        self.handle = module.register_forward_pre_hook(self)
-
-    def __call__(self, module, inputs):
-        self.value = inputs[0].detach()
-
-
 def _run(model, image_bgr: np.ndarray, cfg, block: torch.nn.Module):
-    """Inference on one image; returns (instances, block input, resize scale (sy, sx))."""
+    """Inference on one image; returns (instances, block input, resize scale (sy, sx), stride)."""
     h, w = image_bgr.shape[:2]
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     image = aug.get_transform(image_bgr).apply_image(image_bgr)
     if cfg.INPUT.FORMAT == "RGB":
         image = image[:, :, ::-1]
     tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
-    catcher = _InputCatcher(block)
+    caught = []
+    handle = block.register_forward_pre_hook(lambda m, inputs: caught.append(inputs[0].detach()))
     try:
         with torch.no_grad():
             out = model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
     finally:
-        catcher.handle.remove()
-    return out, catcher.value, (image.shape[0] / h, image.shape[1] / w)
-
-
-def _stride_of(model, block_name: str) -> int:
-    """Feature stride at the block: the stride of the ResNet stage that holds it."""
-    stage = block_name.split(".")[-2]
-    strides = (
-        model.backbone.bottom_up.output_shape() if hasattr(model.backbone, "bottom_up") else {}
-    )
-    if stage not in strides:
-        strides = model.backbone.output_shape()
-    return strides[stage].stride
+        handle.remove()
+    x = caught[0]
+    stride = 2 ** round(math.log2(image.shape[0] / x.shape[-2]))  # image pixels per position
+    return out, x, (image.shape[0] / h, image.shape[1] / w), stride
 
 
 def compute_arrows(
-    block: NonLocalBlock,
+    block: torch.nn.Module,
     x: torch.Tensor,
     query_pixels: Sequence[Tuple[float, float]],
     stride: int,
     scale: Tuple[float, float],
-    topk: int = 20,
+    topk: int = 8,
     query_frame: int = 0,
 ) -> AttentionArrows:
     """Top-k attended positions of queries given in original-image pixels.
 
     Args:
-        block: a 2-D block (``x`` of shape (1, C, h, w)) or a space-time one (``x`` (1, C, T, h, w)).
+        block: a block with ``attention_for_queries``; ``x`` of shape (1, C, h, w), or
+            (1, C, T, h, w) for a space-time non-local block.
         x: the block's input.
         query_pixels: (x, y) pixels of the original image (of frame ``query_frame`` for clips).
         stride: image pixels per feature position at the block.
         scale: (sy, sx) resize factors from the original image to the network input.
         topk: number of keys per query.
         query_frame: frame of the queries (clips only).
-
-    Returns:
-        AttentionArrows in original-image pixels.
     """
     sy, sx = scale
     h, w = x.shape[-2:]
@@ -163,18 +137,14 @@ def compute_arrows(
         coords.append([query_frame, i, j] if x.dim() == 5 else [i, j])
     with torch.no_grad():
         att = block.attention_for_queries(x, torch.tensor(coords, dtype=torch.long))[0]
-    key_grid = att.shape[1:]
-    flat = att.reshape(att.shape[0], -1)
-    k = min(topk, flat.shape[1])
-    weights, index = flat.topk(k, dim=1)
-    # key position -> feature position: the centre of its pooling window
-    pool = 2 if block.subsample else 1
-    kh, kw = key_grid[-2], key_grid[-1]
+    kh, kw = att.shape[-2:]
+    flat = att.reshape(att.shape[0], -1).float()
+    weights, index = flat.topk(min(topk, flat.shape[1]), dim=1)
+    # a key position -> the centre of the feature positions it pools (floor pooling)
+    cell_y, cell_x = h // kh, w // kw
     frame = (index // (kh * kw)).float() if x.dim() == 5 else torch.zeros_like(index).float()
-    ki = (index // kw) % kh
-    kj = index % kw
-    key_y = ((ki.float() * pool + pool / 2) * stride) / sy
-    key_x = ((kj.float() * pool + pool / 2) * stride) / sx
+    key_y = (((index // kw) % kh).float() * cell_y + cell_y / 2) * stride / sy
+    key_x = ((index % kw).float() * cell_x + cell_x / 2) * stride / sx
     queries = np.array(
         [[query_frame, (c[-1] + 0.5) * stride / sx, (c[-2] + 0.5) * stride / sy] for c in coords]
     )
@@ -182,38 +152,79 @@ def compute_arrows(
     return AttentionArrows(queries, keys, weights.numpy())
 
 
-def draw(frames_rgb: List[np.ndarray], arrows: AttentionArrows, gap: int = 8) -> np.ndarray:
-    """Frames side by side (one frame: the image itself) with the arrows; returns RGB uint8."""
-    h, w = frames_rgb[0].shape[:2]
-    canvas = np.full((h, len(frames_rgb) * (w + gap) - gap, 3), 255, dtype=np.uint8)
-    for t, frame in enumerate(frames_rgb):
+def context_map(block: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The query-independent attention map (summing to 1) of a block with ``context_weights``."""
+    with torch.no_grad():
+        return block.context_weights(x)[0].float().numpy()
+
+
+def _legend(width: int, lines: List[Tuple[Tuple[int, int, int], str]], scale: float) -> np.ndarray:
+    """A white band with one coloured dot and text per line."""
+    font, thick = cv2.FONT_HERSHEY_SIMPLEX, max(1, round(scale * 1.5))
+    step = int(26 * scale)
+    band = np.full((step * len(lines) + step // 2, width, 3), 255, dtype=np.uint8)
+    for k, (colour, text) in enumerate(lines):
+        y = step * (k + 1)
+        cv2.circle(band, (step // 2, y - step // 4), step // 4, colour, -1, cv2.LINE_AA)
+        cv2.putText(band, text, (step, y), font, 0.55 * scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return band
+
+
+def draw(
+    frames_rgb: List[np.ndarray],
+    arrows: Optional[AttentionArrows] = None,
+    heat: Optional[np.ndarray] = None,
+    legend: Sequence[str] = (),
+    query_labels: Sequence[str] = (),
+    min_size: int = 512,
+    gap: int = 8,
+) -> np.ndarray:
+    """Frames side by side, enlarged to ``min_size`` pixels on the short side, with the arrows
+    and/or the heat map (over the first frame), and a legend: ``legend`` lines in black, then one
+    line per query in its arrows' colour. Returns RGB uint8."""
+    h0, w0 = frames_rgb[0].shape[:2]
+    s = max(1.0, min_size / min(h0, w0))
+    h, w = round(h0 * s), round(w0 * s)
+    frames = [cv2.resize(f, (w, h), interpolation=cv2.INTER_CUBIC) for f in frames_rgb]
+    if heat is not None:
+        m = cv2.resize(heat / max(float(heat.max()), 1e-12), (w, h), interpolation=cv2.INTER_LINEAR)
+        colour = cv2.applyColorMap(np.uint8(255 * m), cv2.COLORMAP_JET)[:, :, ::-1]
+        frames[0] = cv2.addWeighted(frames[0], 0.45, colour, 0.55, 0)
+    canvas = np.full((h, len(frames) * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for t, frame in enumerate(frames):
         canvas[:, t * (w + gap) : t * (w + gap) + w] = frame
-    overlay = canvas.copy()
-    colors = [(255, 60, 60), (60, 200, 255), (255, 210, 0), (120, 255, 120), (255, 80, 255)]
-    thickness = max(1, round(min(h, w) / 200))
-    for q, (query, keys, weights) in enumerate(zip(arrows.queries, arrows.keys, arrows.weights)):
-        color = colors[q % len(colors)]
-        start = (int(query[0] * (w + gap) + query[1]), int(query[2]))
-        top = float(weights[0]) if len(weights) else 1.0
-        for key, weight in zip(keys, weights):
-            end = (int(key[0] * (w + gap) + key[1]), int(key[2]))
-            width = thickness + int(2 * thickness * weight / max(top, 1e-12))
-            cv2.arrowedLine(overlay, start, end, color, width, cv2.LINE_AA, tipLength=0.05)
-        cv2.circle(overlay, start, 3 * thickness + 2, color, -1, cv2.LINE_AA)
-        cv2.circle(overlay, start, 3 * thickness + 2, (0, 0, 0), 1, cv2.LINE_AA)
-    return cv2.addWeighted(overlay, 0.8, canvas, 0.2, 0)
+    lines = [((255, 255, 255), text) for text in legend]
+    if arrows is not None:
+        overlay = canvas.copy()
+        thickness = max(1, round(min(h, w) / 250))
+        for q, (query, keys, weights) in enumerate(zip(*vars(arrows).values())):
+            colour = _COLOURS[q % len(_COLOURS)]
+            start = (int((query[0] * (w0 + gap / s) + query[1]) * s), int(query[2] * s))
+            top = max(float(weights[0]), 1e-12) if len(weights) else 1.0
+            for key, weight in zip(keys, weights):
+                end = (int((key[0] * (w0 + gap / s) + key[1]) * s), int(key[2] * s))
+                width = thickness + int(2 * thickness * weight / top)
+                cv2.arrowedLine(overlay, start, end, colour, width, cv2.LINE_AA, tipLength=0.04)
+            cv2.circle(overlay, start, 4 * thickness + 2, colour, -1, cv2.LINE_AA)
+            cv2.circle(overlay, start, 4 * thickness + 2, (0, 0, 0), 1, cv2.LINE_AA)
+            label = query_labels[q] if q < len(query_labels) else f"query {q + 1}"
+            share = f"top-{len(weights)} keys hold {weights.sum():.0%} of its attention"
+            lines.append((colour, f"{label}: {share}"))
+        canvas = cv2.addWeighted(overlay, 0.85, canvas, 0.15, 0)
+    if heat is not None:
+        lines.append(((0, 0, 160), "heat map: the attention shared by every query (red = high)"))
+    return np.concatenate([canvas, _legend(canvas.shape[1], lines, s / 2.5)], axis=0)
 
 
 def parser() -> argparse.ArgumentParser:
     p = tool_parser(__doc__, "an image, or the frames of a clip (or a folder)")
     p.add_argument("--index", type=int, default=0, help="with --dataset: which image")
     p.add_argument("--output", required=True, help="the PNG to write")
-    p.add_argument(
-        "--block", default="", help="name of a backbone non-local block (default: first)"
-    )
+    p.add_argument("--block", default="", help="name of a backbone block (default: the first)")
     p.add_argument("--query", action="append", default=[], help="a query pixel x,y (repeatable)")
     p.add_argument("--num-queries", type=int, default=3, help="automatic queries (detections)")
-    p.add_argument("--topk", type=int, default=20)
+    p.add_argument("--topk", type=int, default=8, help="arrows per query")
+    p.add_argument("--min-size", type=int, default=512, help="short side of the picture")
     p.add_argument("--query-frame", type=int, default=None, help="clips: frame of the queries")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
@@ -230,8 +241,33 @@ def _frames(inputs: List[str]) -> List[str]:
     return existing_files(inputs)
 
 
-def main(argv: Optional[List[str]] = None) -> AttentionArrows:
-    """Command-line entry point; writes the PNG and returns the drawn arrows."""
+def _queries(args, det, metadata, image_shape):
+    """(pixels, labels) of the ``--query`` pixels, or of the most confident detections."""
+    if args.query:
+        try:
+            pixels = [tuple(float(v) for v in q.split(",")) for q in args.query]
+        except ValueError:
+            pixels = [()]
+        if not all(len(p) == 2 for p in pixels):
+            raise ValueError(f"--query {args.query}: each must be 'x,y' in image pixels")
+        return pixels, [f"query ({x:.0f}, {y:.0f})" for x, y in pixels]
+    order = det.scores.argsort(descending=True)[: args.num_queries]
+    names = metadata.get("thing_classes", None)
+    pixels, labels = [], []
+    for b, c, score in zip(
+        det.pred_boxes.tensor[order], det.pred_classes[order], det.scores[order]
+    ):
+        pixels.append(((b[0] + b[2]).item() / 2, (b[1] + b[3]).item() / 2))
+        name = names[int(c)] if names else f"class {int(c)}"
+        labels.append(f"{name} {score:.2f}")
+    if not pixels:  # nothing detected: the image centre
+        return [(image_shape[1] / 2, image_shape[0] / 2)], ["image centre"]
+    return pixels, labels
+
+
+def main(argv: Optional[List[str]] = None) -> Optional[AttentionArrows]:
+    """Command-line entry point; writes the PNG and returns the drawn arrows (None for a block
+    without pairwise attention)."""
     args = parser().parse_args(argv)
     setup_logger(name="nonlocal_det")
     cfg = tool_cfg(args)
@@ -245,47 +281,41 @@ def main(argv: Optional[List[str]] = None) -> AttentionArrows:
     names = backbone_blocks(model)
     if not names:
         raise ValueError(
-            f"{args.config_file}: the backbone has no non-local block (MODEL.NONLOCAL.PLACEMENT="
+            f"{args.config_file}: the backbone has no block (MODEL.NONLOCAL.PLACEMENT="
             f"{cfg.MODEL.NONLOCAL.PLACEMENT!r}); nothing to visualise"
         )
     name = args.block or names[0]
     if name not in names:
-        raise ValueError(f"--block {name!r} is not a backbone non-local block; allowed: {names}")
+        raise ValueError(f"--block {name!r} is not a backbone block; allowed: {names}")
     block = model.get_submodule(name)
-    stride = _stride_of(model, name)
-
-    paths = _frames(args.input)
-    images = [read_image(p, format="BGR") for p in paths]
+    images = [read_image(p, format="BGR") for p in _frames(args.input)]
     if len({im.shape for im in images}) != 1:
         raise ValueError(f"--input: the frames differ in size: {[im.shape for im in images]}")
+    if len(images) > 1 and not isinstance(block, NonLocalBlock):
+        raise ValueError(f"--input: a clip needs a non-local block; {name} is {type(block)}")
     runs = [_run(model, im, cfg, block) for im in images]
     t_query = args.query_frame if args.query_frame is not None else len(images) // 2
     if not 0 <= t_query < len(images):
         raise ValueError(f"--query-frame {t_query}: allowed 0..{len(images) - 1}")
-    if args.query:
-        try:
-            pixels = [tuple(float(v) for v in q.split(",")) for q in args.query]
-            assert all(len(p) == 2 for p in pixels)
-        except (ValueError, AssertionError):
-            raise ValueError(f"--query {args.query}: each must be 'x,y' in image pixels")
-    else:
-        det = runs[t_query][0]
-        boxes = det.pred_boxes.tensor[det.scores.argsort(descending=True)][: args.num_queries]
-        pixels = [((b[0] + b[2]).item() / 2, (b[1] + b[3]).item() / 2) for b in boxes]
-        if not pixels:  # nothing detected: the image centre
-            pixels = [(images[0].shape[1] / 2, images[0].shape[0] / 2)]
-    scale = runs[0][2]
-    if len(images) == 1:
-        arrows = compute_arrows(block, runs[0][1], pixels, stride, scale, args.topk)
-    else:
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    pixels, labels = _queries(args, runs[t_query][0], metadata, images[0].shape)
+    _, x, scale, stride = runs[0]
+    arrows = heat = None
+    if len(images) > 1:
         x = torch.stack([r[1] for r in runs], dim=2)  # (1, C, T, h, w)
-        arrows = compute_arrows(
-            space_time_view(block), x, pixels, stride, scale, args.topk, query_frame=t_query
-        )
-    picture = draw([im[:, :, ::-1] for im in images], arrows)
+        view = space_time_view(block)
+        arrows = compute_arrows(view, x, pixels, stride, scale, args.topk, query_frame=t_query)
+    elif hasattr(block, "attention_for_queries"):
+        arrows = compute_arrows(block, x, pixels, stride, scale, args.topk)
+    if hasattr(block, "context_weights") and len(images) == 1:
+        heat = context_map(block, x)
+    title = [f"{name.replace('backbone.bottom_up.', '')}: {type(block).__name__}, stride {stride}"]
+    picture = draw(
+        [im[:, :, ::-1] for im in images], arrows, heat, title, labels, min_size=args.min_size
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     Image.fromarray(picture).save(args.output)
-    print(f"wrote {args.output}: {name}, {len(pixels)} queries, top-{args.topk} keys")
+    print(f"wrote {args.output}: {name}, {len(pixels)} queries")
     return arrows
 
 
