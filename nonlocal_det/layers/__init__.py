@@ -1,3 +1,9 @@
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
+from .simplified_nonlocal import SimplifiedNonLocalBlock
 
-__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS"]
+__all__ = [
+    "NonLocalBlock",
+    "PAIRWISE_FUNCTIONS",
+    "NORMS",
+    "SimplifiedNonLocalBlock",
+]
