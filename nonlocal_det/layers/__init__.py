@@ -1,3 +1,4 @@
+from .global_context import FUSION_TYPES, GlobalContextBlock
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
 from .simplified_nonlocal import SimplifiedNonLocalBlock
 
@@ -6,4 +7,6 @@ __all__ = [
     "PAIRWISE_FUNCTIONS",
     "NORMS",
     "SimplifiedNonLocalBlock",
+    "GlobalContextBlock",
+    "FUSION_TYPES",
 ]
