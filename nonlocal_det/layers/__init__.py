@@ -1,3 +1,4 @@
+from .disentangled_nonlocal import DisentangledNonLocalBlock
 from .global_context import FUSION_TYPES, GlobalContextBlock
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
 from .simplified_nonlocal import SimplifiedNonLocalBlock
@@ -9,4 +10,5 @@ __all__ = [
     "SimplifiedNonLocalBlock",
     "GlobalContextBlock",
     "FUSION_TYPES",
+    "DisentangledNonLocalBlock",
 ]
