@@ -1,3 +1,4 @@
+from .criss_cross import CrissCrossAttention
 from .disentangled_nonlocal import DisentangledNonLocalBlock
 from .global_context import FUSION_TYPES, GlobalContextBlock
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
@@ -11,4 +12,5 @@ __all__ = [
     "GlobalContextBlock",
     "FUSION_TYPES",
     "DisentangledNonLocalBlock",
+    "CrissCrossAttention",
 ]
