@@ -1,5 +1,6 @@
 from .criss_cross import CrissCrossAttention
 from .disentangled_nonlocal import DisentangledNonLocalBlock
+from .generalized_attention import GeneralizedAttention
 from .global_context import FUSION_TYPES, GlobalContextBlock
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
 from .simplified_nonlocal import SimplifiedNonLocalBlock
@@ -13,4 +14,5 @@ __all__ = [
     "FUSION_TYPES",
     "DisentangledNonLocalBlock",
     "CrissCrossAttention",
+    "GeneralizedAttention",
 ]
