@@ -64,11 +64,13 @@ class GeneralizedAttention(CNNBlockBase):
 
     Cost of the position terms ([2], [4], and any combination with them, or a
     ``spatial_range`` >= 0): the energy (N x M per head and image) is built, in float32 (the
-    un-scaled q . k overflows float16). After conv2 of an 800 x 1333 image with ``kv_stride`` 2:
-    res4 (C = 256, 50 x 84 queries, 25 x 42 keys) 4.41 M entries per head, 141 MiB for 8 heads;
-    res5 (C = 512, 25 x 42 queries, 13 x 21 keys) 0.29 M per head, 8.7 MiB for 8 heads -- per
-    tensor of that size; the forward makes about three (content, sum, softmax) and training
-    keeps the softmax for the backward. The content terms alone take linear memory.
+    un-scaled q . k overflows float16), as one matrix product of augmented vectors
+    [q_i + u | ex_i | ey_i] . [k_j | onehot(x_j) | onehot(y_j)] (width d + W_kv + H_kv, see
+    ``_attention``), then soft-maxed: two tensors of that size in the forward (training keeps
+    the softmax), one or two more in the backward. After conv2 of an 800 x 1333 image with
+    ``kv_stride`` 2: res4 (C = 256, 50 x 84 queries, 25 x 42 keys) 4.41 M entries per head,
+    135 MiB per tensor for 8 heads; res5 (C = 512, 25 x 42 queries, 13 x 21 keys) 0.29 M per
+    head, 8.7 MiB for 8 heads. The content terms alone take linear memory.
 
     Differences from mmcv (identical results where mmcv works): ``spatial_range`` is applied
     for any input size and channel count (mmcv only for C = 256 / 512 and sides <= 84), measures
@@ -274,61 +276,111 @@ class GeneralizedAttention(CNNBlockBase):
         j = torch.arange(n_k, device=device)
         return (j.unsqueeze(0) >= lo.unsqueeze(1)) & (j.unsqueeze(0) <= hi.unsqueeze(1))
 
-    def _energy_grid(
+    def _attention(
         self,
         q: Optional[torch.Tensor],
         k: Optional[torch.Tensor],
-        x_q: torch.Tensor,
-        x_kv: torch.Tensor,
+        ys: Optional[torch.Tensor],
+        xs: Optional[torch.Tensor],
+        grid_q: List[int],
+        grid_kv: List[int],
+        like: torch.Tensor,
     ) -> torch.Tensor:
-        """Attention weights of every query, (N, heads, L, M), float32 at least.
+        """softmax_j(E_ij) for the queries in ``q`` (all of the query grid when ``ys`` and ``xs``
+        are None, else the rows (ys, xs) of it), float32 at least: (N or 1, heads, Q, M).
 
-        q: (N, heads, L, d) or None; k: (N, heads, d, M) or None; x_q, x_kv: the query and
-        key/value grids of the input (for their shapes).
+        q: (N, heads, Q, d) or None; k: (N, heads, d, M) or None; grid_q = [N, hq, wq] and
+        grid_kv = [hk, wk]: the query and key/value grids; like: the input (device, dtype).
+
+        The energy is one matrix product of augmented vectors, so that no (Q, M) tensor but the
+        product itself and its softmax is made: [q + u | ex_i | ey_i] . [k_j | onehot(x_j) |
+        onehot(y_j)] = (q_i + u) . k_j + ex_i[x_j] + ey_i[y_j], with ex_i[x'] = (q_i + w) .
+        R^x(x_i - x') and ey_i[y'] the same along y (a ones column against u . k_j when u comes
+        without term 1).
         """
-        n, hq, wq = x_q.shape[0], x_q.shape[2], x_q.shape[3]
-        hk, wk = x_kv.shape[2], x_kv.shape[3]
-        heads = self.num_heads
-        device = x_q.device
-        dt = torch.promote_types(x_q.dtype, torch.float32)
+        n, hq, wq = grid_q[0], grid_q[1], grid_q[2]
+        hk, wk = grid_kv[0], grid_kv[1]
+        heads, d, num_k = self.num_heads, self.qk_embed_dim, hk * wk
+        num_q = hq * wq
+        if ys is not None:
+            num_q = ys.shape[0]
+        device = like.device
+        dt = torch.promote_types(like.dtype, torch.float32)
         with torch.autocast(device_type="cpu", enabled=False):
             with torch.autocast(device_type="cuda", enabled=False):
-                energy = torch.zeros(1, heads, hq, wq, hk, wk, device=device, dtype=dt)
+                q_parts: List[torch.Tensor] = []
+                k_parts: List[torch.Tensor] = []
                 u = self.appr_bias
                 if self.qk_content and q is not None and k is not None:
                     qc = q.to(dt)
                     if u is not None:  # (q + u) . k
                         qc = qc + self._head_vector(u, dt)
-                    e = torch.matmul(qc, k.to(dt))
-                    energy = energy + e.reshape(n, heads, hq, wq, hk, wk)
-                elif u is not None and k is not None:
-                    e = torch.matmul(self._head_vector(u, dt), k.to(dt))  # (N, heads, 1, M)
-                    energy = energy + e.reshape(n, heads, 1, 1, hk, wk)
+                    q_parts.append(qc)
+                    k_parts.append(k.to(dt))
+                elif u is not None and k is not None:  # 1 . (u . k_j)
+                    q_parts.append(torch.ones(1, heads, num_q, 1, device=device, dtype=dt))
+                    k_parts.append(torch.matmul(self._head_vector(u, dt), k.to(dt)))
                 fc_x = self.appr_geom_fc_x
                 fc_y = self.appr_geom_fc_y
                 if fc_x is not None and fc_y is not None:
                     px = self._position_features(wq, wk, fc_x.weight, device, dt)
                     py = self._position_features(hq, hk, fc_y.weight, device, dt)
                     w = self.geom_bias
-                    if self.q_position and q is not None:
+                    if self.q_position and q is not None:  # (q + w) . R, or q . R
                         qg = q.to(dt)
-                        if w is not None:  # (q + w) . R
+                        if w is not None:
                             qg = qg + self._head_vector(w, dt)
-                        qg = qg.reshape(n, heads, hq, wq, self.qk_embed_dim)
-                        ex = torch.einsum("nhyxd,xkhd->nhyxk", [qg, px])  # (N, h, hq, wq, wk)
-                        ey = torch.einsum("nhyxd,ykhd->nhyxk", [qg, py])  # (N, h, hq, wq, hk)
-                        energy = energy + ex.unsqueeze(4) + ey.unsqueeze(5)
-                    elif w is not None:  # w . R
-                        wh = w.reshape(heads, self.qk_embed_dim).to(dt)
-                        ex = torch.einsum("hd,xkhd->hxk", [wh, px]).reshape(1, heads, 1, wq, wk)
-                        ey = torch.einsum("hd,ykhd->hyk", [wh, py]).reshape(1, heads, hq, 1, hk)
-                        energy = energy + ex.unsqueeze(4) + ey.unsqueeze(5)
+                        if ys is not None and xs is not None:
+                            ex = torch.einsum("nhqd,qkhd->nhqk", [qg, px[xs]])
+                            ey = torch.einsum("nhqd,qkhd->nhqk", [qg, py[ys]])
+                        else:
+                            qg = qg.reshape(qg.shape[0], heads, hq, wq, d)
+                            ex = torch.einsum("nhyxd,xkhd->nhyxk", [qg, px])
+                            ey = torch.einsum("nhyxd,ykhd->nhyxk", [qg, py])
+                            ex = ex.reshape(qg.shape[0], heads, num_q, wk)
+                            ey = ey.reshape(qg.shape[0], heads, num_q, hk)
+                    elif w is not None:  # w . R, the same for every image
+                        wh = w.reshape(heads, d).to(dt)
+                        ex = torch.einsum("hd,xkhd->hxk", [wh, px])  # (heads, wq, wk)
+                        ey = torch.einsum("hd,ykhd->hyk", [wh, py])  # (heads, hq, hk)
+                        if ys is not None and xs is not None:
+                            ex = ex[:, xs]
+                            ey = ey[:, ys]
+                        else:
+                            ex = ex.unsqueeze(1).expand(heads, hq, wq, wk)
+                            ey = ey.unsqueeze(2).expand(heads, hq, wq, hk)
+                        ex = ex.reshape(1, heads, num_q, wk)
+                        ey = ey.reshape(1, heads, num_q, hk)
+                    else:
+                        raise RuntimeError("GeneralizedAttention: position terms without q or w")
+                    q_parts.append(ex)
+                    q_parts.append(ey)
+                    j = torch.arange(num_k, device=device)
+                    one_x = j.unsqueeze(0) % wk == torch.arange(wk, device=device).unsqueeze(1)
+                    one_y = j.unsqueeze(0) // wk == torch.arange(hk, device=device).unsqueeze(1)
+                    k_parts.append(one_x.to(dt).unsqueeze(0).unsqueeze(0))  # (1, 1, wk, M)
+                    k_parts.append(one_y.to(dt).unsqueeze(0).unsqueeze(0))  # (1, 1, hk, M)
+                batch_q = 1
+                for t in q_parts:
+                    batch_q = max(batch_q, t.shape[0])
+                batch_k = 1
+                for t in k_parts:
+                    batch_k = max(batch_k, t.shape[0])
+                qa = torch.cat(
+                    [t.expand(batch_q, heads, num_q, t.shape[3]) for t in q_parts], dim=3
+                )
+                ka = torch.cat(
+                    [t.expand(batch_k, heads, t.shape[2], num_k) for t in k_parts], dim=2
+                )
+                energy = torch.matmul(qa, ka)  # (N or 1, heads, Q, M)
                 if self.spatial_range >= 0:
                     allowed_y = self._window(hq, hk, device)  # (hq, hk)
                     allowed_x = self._window(wq, wk, device)  # (wq, wk)
-                    allowed = allowed_y.reshape(hq, 1, hk, 1) & allowed_x.reshape(1, wq, 1, wk)
-                    energy = energy.masked_fill(~allowed, float("-inf"))
-                energy = energy.expand(n, heads, hq, wq, hk, wk).reshape(n, heads, hq * wq, -1)
+                    if ys is not None and xs is not None:
+                        allowed = allowed_y[ys].unsqueeze(2) & allowed_x[xs].unsqueeze(1)
+                    else:
+                        allowed = allowed_y.reshape(hq, 1, hk, 1) & allowed_x.reshape(1, wq, 1, wk)
+                    energy = energy.masked_fill_(~allowed.reshape(num_q, num_k), float("-inf"))
                 return torch.softmax(energy, dim=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -342,7 +394,8 @@ class GeneralizedAttention(CNNBlockBase):
         q, k = self._query_key(x_q, x_kv)
         u = self.appr_bias
         if self.uses_energy_matrix:
-            a = self._energy_grid(q, k, x_q, x_kv)
+            grid_kv = [x_kv.shape[2], x_kv.shape[3]]
+            a = self._attention(q, k, None, None, [n, hq, wq], grid_kv, x)  # (N or 1, h, L, M)
             y = torch.matmul(a.to(v.dtype), v)  # (N, heads, L, dv)
         elif q is not None and k is not None:
             # '1000' / '1010': softmax_j(q_i . k_j) (+ u . k_j) without the N x M matrix
@@ -388,36 +441,10 @@ class GeneralizedAttention(CNNBlockBase):
         hk, wk = x_kv.shape[2], x_kv.shape[3]
         flat = flat_query_indices(_NAME, queries, [hq, wq], x.device)
         ys, xs = flat // wq, flat % wq
-        n, heads, num_q, d = x.shape[0], self.num_heads, len(flat), self.qk_embed_dim
-        dt = torch.promote_types(x.dtype, torch.float32)
+        n = x.shape[0]
         q, k = self._query_key(x_q, x_kv)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            energy = torch.zeros(n, heads, num_q, hk, wk, device=x.device, dtype=dt)
-            if self.k_content:  # u . k_j (with term 1 this makes (q_i + u) . k_j)
-                u = self._head_vector(self.appr_bias, dt)
-                energy = energy + torch.matmul(u, k.to(dt)).reshape(n, heads, 1, hk, wk)
-            if self.qk_content:
-                e = torch.matmul(q[:, :, flat].to(dt), k.to(dt))  # (N, heads, Q, M)
-                energy = energy + e.reshape(n, heads, num_q, hk, wk)
-            if self.q_position or self.position_only:
-                fc_x, fc_y = self.appr_geom_fc_x.weight, self.appr_geom_fc_y.weight
-                px = self._position_features(wq, wk, fc_x, x.device, dt)[xs]  # (Q, wk, h, d)
-                py = self._position_features(hq, hk, fc_y, x.device, dt)[ys]  # (Q, hk, h, d)
-                if self.q_position:  # (q_i + w) . R_ij, or q_i . R_ij
-                    qg = q[:, :, flat].to(dt)
-                    if self.position_only:
-                        qg = qg + self._head_vector(self.geom_bias, dt)
-                    ex = torch.einsum("nhqd,qkhd->nhqk", qg, px)
-                    ey = torch.einsum("nhqd,qkhd->nhqk", qg, py)
-                else:  # w . R_ij
-                    w = self.geom_bias.reshape(heads, d).to(dt)
-                    ex = torch.einsum("hd,qkhd->hqk", w, px).unsqueeze(0)
-                    ey = torch.einsum("hd,qkhd->hqk", w, py).unsqueeze(0)
-                energy = energy + ex.unsqueeze(3) + ey.unsqueeze(4)  # (N, heads, Q, hk, wk)
-            if self.spatial_range >= 0:
-                allowed_y = self._window(hq, hk, x.device)[ys]  # (Q, hk)
-                allowed_x = self._window(wq, wk, x.device)[xs]  # (Q, wk)
-                allowed = allowed_y.unsqueeze(2) & allowed_x.unsqueeze(1)
-                energy = energy.masked_fill(~allowed, float("-inf"))
-            w = softmax_fp32(energy.reshape(n, heads, num_q, hk * wk), 3).mean(dim=1)
-        return w.reshape(n, num_q, hk, wk).to(x.dtype)
+        if q is not None:
+            q = q[:, :, flat]
+        a = self._attention(q, k, ys, xs, [n, hq, wq], [hk, wk], x)  # (N or 1, heads, Q, M)
+        w = a.mean(dim=1).expand(n, len(flat), hk * wk)
+        return w.reshape(n, len(flat), hk, wk).to(x.dtype)
