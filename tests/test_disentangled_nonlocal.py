@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from family_helpers import single_thread  # noqa: F401 (autouse fixture)
 from family_helpers import (
     FILTERS,

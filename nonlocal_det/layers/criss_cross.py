@@ -2,13 +2,14 @@
 Segmentation" (ICCV 2019; TPAMI 2020), as the authors' code computes it (speedinghzl/CCNet
 ``cc_attention``, ``networks/ccnet.py``; mmcv ``mmcv/ops/cc_attention.py``):
 
-    e_{(h,w),(i,w)} = q_{hw} . k_{iw}   (i != h, its column)   e_{(h,w),(h,j)} = q_{hw} . k_{hj}  (its row)
+    e_{(h,w),(i,w)} = q_{hw} . k_{iw}   (i != h: its column)
+    e_{(h,w),(h,j)} = q_{hw} . k_{hj}   (its row)
     A = softmax over the H + W - 1 positions of the row and column (one softmax, the position
         itself counted once: the column's diagonal is masked with -inf, as in the authors' code)
     z_{hw} = x_{hw} + gamma * sum_{p in row + column} A_{hw,p} v_p
 
-applied R times with shared weights (R = 2: every pair of positions is then connected). Memory is
-O(N (H + W)) per channel-free map, never an (H W) x (H W) tensor.
+applied R times with shared weights (R = 2: every pair of positions is then connected). The
+attention weights take H W (H + W) entries per image, never an (H W) x (H W) tensor.
 """
 
 from typing import Optional, Tuple
@@ -97,7 +98,8 @@ class CrissCrossAttention(CNNBlockBase):
         v = self.value_conv(x)
         a_col = a_col.to(v.dtype)
         a_row = a_row.to(v.dtype)
-        # out[n, c, h, w] = sum_i a_col[n, w, h, i] v[n, c, i, w] + sum_j a_row[n, h, w, j] v[n, c, h, j]
+        # out[n, c, h, w] = sum_i a_col[n, w, h, i] v[n, c, i, w]
+        #                  + sum_j a_row[n, h, w, j] v[n, c, h, j]
         out_col = torch.matmul(v.permute(0, 3, 1, 2), a_col.transpose(2, 3))  # (N, W, C, H)
         out_row = torch.matmul(v.permute(0, 2, 1, 3), a_row.transpose(2, 3))  # (N, H, C, W)
         out = out_col.permute(0, 2, 3, 1) + out_row.permute(0, 2, 1, 3)
@@ -140,7 +142,8 @@ class CrissCrossAttention(CNNBlockBase):
         a = torch.softmax(torch.cat([e_col, e_row], dim=2), dim=2)
         num_q = len(flat)
         grid = a.new_zeros(n, num_q, h, w)
-        # column: grid[n, q, i, xs[q]] = a_col[n, q, i] (its own entry is 0); row: grid[n, q, ys[q], j]
+        # column: grid[n, q, i, xs[q]] = a_col[n, q, i] (its own entry is 0);
+        # row: grid[n, q, ys[q], j] += a_row[n, q, j]
         col_index = xs.view(1, num_q, 1, 1).expand(n, num_q, h, 1)
         grid = grid.scatter(3, col_index, a[:, :, :h].unsqueeze(3))
         row_index = ys.view(1, num_q, 1, 1).expand(n, num_q, 1, w)

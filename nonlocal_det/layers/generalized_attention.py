@@ -19,8 +19,8 @@ sinusoidal embedding (wave length 1000) of the pixel offset between query and ke
 
 (up: bilinear upsampling when ``q_stride`` > 1). Terms [1] and [3] alone or together never build
 the N x M matrix (N queries, M keys): they go through ``scaled_dot_product_attention``, or, for
-[3] alone, one softmax over the keys shared by every query. Terms [2] and [4] need the N x M
-energy of every head (as in mmcv).
+[3] alone, one softmax over the keys shared by every query. Terms [2] and [4], and a
+``spatial_range`` >= 0, need the N x M energy of every head (as in mmcv).
 """
 
 import math
@@ -289,7 +289,7 @@ class GeneralizedAttention(CNNBlockBase):
         """softmax_j(E_ij) for the queries in ``q`` (all of the query grid when ``ys`` and ``xs``
         are None, else the rows (ys, xs) of it), float32 at least: (N or 1, heads, Q, M).
 
-        q: (N, heads, Q, d) or None; k: (N, heads, d, M) or None; grid_q = [N, hq, wq] and
+        q: (N, heads, Q, d) or None; k: (N, heads, d, M) or None; grid_q = [hq, wq] and
         grid_kv = [hk, wk]: the query and key/value grids; like: the input (device, dtype).
 
         The energy is one matrix product of augmented vectors, so that no (Q, M) tensor but the
@@ -298,7 +298,7 @@ class GeneralizedAttention(CNNBlockBase):
         R^x(x_i - x') and ey_i[y'] the same along y (a ones column against u . k_j when u comes
         without term 1).
         """
-        n, hq, wq = grid_q[0], grid_q[1], grid_q[2]
+        hq, wq = grid_q[0], grid_q[1]
         hk, wk = grid_kv[0], grid_kv[1]
         heads, d, num_k = self.num_heads, self.qk_embed_dim, hk * wk
         num_q = hq * wq
@@ -395,7 +395,7 @@ class GeneralizedAttention(CNNBlockBase):
         u = self.appr_bias
         if self.uses_energy_matrix:
             grid_kv = [x_kv.shape[2], x_kv.shape[3]]
-            a = self._attention(q, k, None, None, [n, hq, wq], grid_kv, x)  # (N or 1, h, L, M)
+            a = self._attention(q, k, None, None, [hq, wq], grid_kv, x)  # (N or 1, h, L, M)
             y = torch.matmul(a.to(v.dtype), v)  # (N, heads, L, dv)
         elif q is not None and k is not None:
             # '1000' / '1010': softmax_j(q_i . k_j) (+ u . k_j) without the N x M matrix
@@ -445,6 +445,6 @@ class GeneralizedAttention(CNNBlockBase):
         q, k = self._query_key(x_q, x_kv)
         if q is not None:
             q = q[:, :, flat]
-        a = self._attention(q, k, ys, xs, [n, hq, wq], [hk, wk], x)  # (N or 1, heads, Q, M)
+        a = self._attention(q, k, ys, xs, [hq, wq], [hk, wk], x)  # (N or 1, heads, Q, M)
         w = a.mean(dim=1).expand(n, len(flat), hk * wk)
         return w.reshape(n, len(flat), hk, wk).to(x.dtype)
