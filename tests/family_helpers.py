@@ -94,6 +94,21 @@ def assert_identity_then_learns(block: nn.Module, x: torch.Tensor, zeroed: Optio
     assert not torch.allclose(out, x), "the block did not learn"
 
 
+def assert_cnn_block_freezes(block: nn.Module, x: torch.Tensor) -> None:
+    """A Detectron2 ``CNNBlockBase`` with in == out channels and stride 1; ``freeze()`` stops every
+    parameter and leaves the forward unchanged."""
+    from detectron2.layers import CNNBlockBase
+
+    assert isinstance(block, CNNBlockBase)
+    assert block.in_channels == block.out_channels == x.shape[1] and block.stride == 1
+    with torch.no_grad():
+        before = block(x)
+    assert block.freeze() is block
+    assert not any(p.requires_grad for p in block.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), before, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Gradients, TorchScript, half precision
 # ------------------------------------------------------------------------------------------------

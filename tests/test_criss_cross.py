@@ -12,6 +12,7 @@ from family_helpers import (
     FILTERS,
     assert_autocast_finite,
     assert_close,
+    assert_cnn_block_freezes,
     assert_gradcheck,
     assert_identity_then_learns,
     assert_input_errors,
@@ -108,6 +109,10 @@ def test_identity_at_init_then_learns():
     block = CrissCrossAttention(8)
     assert block.gamma.item() == 0 and block.recurrence == 2 and block.inner_channels == 1
     assert_identity_then_learns(block, make_input((2, 8, 5, 6)), zeroed="gamma")
+
+
+def test_cnn_block_base_freeze():
+    assert_cnn_block_freezes(randomize_(CrissCrossAttention(8)), make_input((2, 8, 5, 6)))
 
 
 def test_gradcheck():

@@ -15,6 +15,7 @@ from family_helpers import (
     FILTERS,
     assert_autocast_finite,
     assert_close,
+    assert_cnn_block_freezes,
     assert_gradcheck,
     assert_identity_then_learns,
     assert_input_errors,
@@ -131,6 +132,12 @@ def test_zero_init_identity_then_learns():
     block = DisentangledNonLocalBlock(8, zero_init=True)
     assert torch.count_nonzero(block.conv_value.weight) == 0
     assert_identity_then_learns(block, make_input((2, 8, 5, 6)), zeroed="conv_value.weight")
+
+
+def test_cnn_block_base_freeze():
+    assert_cnn_block_freezes(
+        randomize_(DisentangledNonLocalBlock(8, downsample=True)), make_input((2, 8, 5, 6))
+    )
 
 
 @pytest.mark.parametrize("downsample", [False, True])

@@ -17,6 +17,7 @@ from family_helpers import (
     FILTERS,
     assert_autocast_finite,
     assert_close,
+    assert_cnn_block_freezes,
     assert_gradcheck,
     assert_identity_then_learns,
     assert_input_errors,
@@ -214,6 +215,12 @@ def test_mmcv_names_init_and_identity_then_learns():
     assert block.appr_bias.abs().max() <= 1 / math.sqrt(2 * 8)
     assert torch.count_nonzero(block.proj_conv.bias) == 0 and block.gamma.item() == 0
     assert_identity_then_learns(block, make_input((2, 64, 5, 6)), zeroed="gamma")
+
+
+def test_cnn_block_base_freeze():
+    assert_cnn_block_freezes(
+        randomize_(GeneralizedAttention(8, num_heads=2)), make_input((2, 8, 5, 6))
+    )
 
 
 @pytest.mark.parametrize(

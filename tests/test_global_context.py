@@ -13,6 +13,7 @@ from family_helpers import (
     FILTERS,
     assert_autocast_finite,
     assert_close,
+    assert_cnn_block_freezes,
     assert_gradcheck,
     assert_identity_then_learns,
     assert_input_errors,
@@ -126,6 +127,13 @@ def test_mul_halves_at_init_then_learns(fusions):
     opt.step()
     with torch.no_grad():
         assert not torch.allclose(block(x), x * 0.5)
+
+
+def test_cnn_block_base_freeze():
+    assert_cnn_block_freezes(
+        randomize_(GlobalContextBlock(8, ratio=0.25, fusion_types=("add", "mul"))),
+        make_input((2, 8, 5, 6)),
+    )
 
 
 @pytest.mark.parametrize("fusions", FUSIONS)
