@@ -47,16 +47,22 @@ class DisentangledNonLocalBlock(CNNBlockBase):
     minus their mean over positions; this also cancels the biases of ``conv_query`` and
     ``conv_key``, kept for checkpoint compatibility), no ``downsample``, no output norm.
 
-    Where the code differs from the paper: the paper writes the pairwise and unary terms as
-    two softmaxes weighting the same value and an output transform W_z; the code adds the
-    temperature T and the 1/sqrt(C') scale, scales only the pairwise term by gamma and has no W_z
-    (``use_out=False``, ``out_bn=False``). This block follows the code.
+    Code versus paper: the temperature T, the 1/sqrt(C') scale, gamma on the pairwise term
+    only and the absence of an output transform W_z (their ``use_out=False``, ``out_bn=False``)
+    are read from the authors' code and configs; the paper's equations were not re-checked
+    against them. This block follows the code.
 
     Initialisation as the authors: every conv normal(0, 0.01), biases 0, gamma 0. The pairwise
     term therefore starts at zero but the unary term does not (W_v is random): **the authors'
     block is not the identity at initialisation.** With ``zero_init=True`` ``conv_value.weight``
     starts at zero, which zeroes both terms (identity at initialisation); W_v then gets its
     gradient through the unary term and gamma after the first step.
+
+    The defaults are their detection configs' values (their class ``NonLocal2dGc`` itself
+    defaults to ``downsample=True``, ``temp=1.0``, ``with_gc=False``). Placement in their configs
+    (``configs/dnlnet``): inside the second-to-last bottleneck of res4 (``[-2]``), after the
+    residual add and before the block's final ReLU; the "c4+c5" variant adds one in each of the
+    three res5 bottlenecks, at the same place.
 
     A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
 

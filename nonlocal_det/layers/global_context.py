@@ -62,8 +62,10 @@ class GlobalContextBlock(CNNBlockBase):
     ``("add",)`` starts as the identity, while ``("mul",)`` starts as ``x * sigmoid(0) = x / 2``
     (and both fusions as ``x / 2``): the mul fusion halves its input at initialisation.
 
-    Published settings (mmdetection ``configs/gcnet``): ratio 1/16 or 1/4, ``("add",)``, after
-    conv3 (after its norm, before the residual add) of every block of res3-res5.
+    Published settings (mmdetection ``configs/gcnet``, as xvjiarui/GCNet's default
+    ``insert_pos='after_1x1'``): ratio 1/16 or 1/4, ``("add",)``, after conv3 (after its norm,
+    before the residual add) of every block of res3-res5. The DNL authors' GC baseline instead
+    puts one (ratio 1/4) in the second-to-last bottleneck of res4, after the residual add.
 
     A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
 

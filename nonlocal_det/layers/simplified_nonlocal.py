@@ -36,6 +36,10 @@ class SimplifiedNonLocalBlock(CNNBlockBase):
     ``zero_init=True`` ``conv_value.weight`` starts at zero, so the block starts as the identity
     and still learns (the gradient of W_v is the context, not zero).
 
+    Placement in the DNL authors' config (``gcb=dict(ratio=1/4, simple=True)``,
+    ``stage_with_gcb=[[], [], [-2], []]``): inside the second-to-last bottleneck of res4, after
+    the residual add and before the block's final ReLU.
+
     A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
 
     Args:
