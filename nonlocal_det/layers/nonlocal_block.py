@@ -25,19 +25,14 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS", "check_choice"]
+from ._common import check_choice, flat_query_indices
+
+__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS"]
 
 PAIRWISE_FUNCTIONS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 NORMS = ("", "GN", "BN", "SyncBN")
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-
-
-def check_choice(owner: str, name: str, value, allowed) -> None:
-    """ValueError ``"{owner}: {name}={value!r} is not supported; allowed: [...]"`` unless
-    ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: {list(allowed)}")
 
 
 def _make_norm(norm: str, channels: int, dim: int) -> Optional[nn.Module]:
@@ -280,24 +275,7 @@ class NonLocalBlock(CNNBlockBase):
             ``subsample``), summing to 1 over the keys for the Gaussian forms.
         """
         self._check_input(x)
-        spatial = list(x.shape[2:])
-        queries = torch.as_tensor(queries, dtype=torch.long, device=x.device)
-        if queries.dim() == 2:
-            if queries.shape[1] != self.dim:
-                raise ValueError(
-                    f"NonLocalBlock.attention_for_queries: queries has shape {list(queries.shape)}; "
-                    f"allowed: (Q,) flat indices or (Q, {self.dim}) coordinates"
-                )
-            flat = torch.zeros_like(queries[:, 0])
-            for axis, size in enumerate(spatial):
-                flat = flat * size + queries[:, axis]
-            queries = flat
-        n_pos = math.prod(spatial)
-        if queries.dim() != 1 or bool(((queries < 0) | (queries >= n_pos)).any()):
-            raise ValueError(
-                f"NonLocalBlock.attention_for_queries: queries {queries.tolist()} outside the "
-                f"{spatial} grid; allowed: flat indices in [0, {n_pos})"
-            )
+        queries = flat_query_indices("NonLocalBlock", queries, list(x.shape[2:]), x.device)
         q, k, _, key_shape = self._embed(x)
         # float32 at least: q . k overflows fp16 before the scale at C_inner = 512 (and autocast
         # off, or it would run the products in fp16 again).

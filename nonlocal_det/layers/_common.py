@@ -1,0 +1,117 @@
+"""Helpers shared by the blocks of the non-local family: argument and input checks, query
+indices for the attention pictures, and products kept in float32 under autocast."""
+
+import math
+from numbers import Real
+from typing import List
+
+import torch
+
+__all__ = [
+    "check_choice",
+    "check_int",
+    "check_bool",
+    "check_ratio",
+    "check_input",
+    "flat_query_indices",
+    "matmul_fp32",
+    "softmax_fp32",
+]
+
+
+def check_choice(owner: str, name: str, value, allowed) -> None:
+    """ValueError ``"{owner}: {name}={value!r} is not supported; allowed: [...]"`` unless
+    ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: {list(allowed)}")
+
+
+def check_int(owner: str, name: str, value, minimum: int) -> None:
+    """Raises a ValueError naming ``owner``, the argument and its value unless it is an
+    int >= ``minimum`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{owner}: {name}={value!r} is not supported; allowed: an int >= {minimum}"
+        )
+
+
+def check_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: True or False")
+
+
+def check_ratio(owner: str, name: str, value, in_channels: int) -> int:
+    """Checks a channel ratio r and returns the bottleneck width int(in_channels * r) (the
+    authors' rounding), which must be at least 1."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: a number > 0")
+    planes = int(in_channels * value)
+    if value <= 0 or planes < 1:
+        raise ValueError(
+            f"{owner}: {name}={value!r} is not supported with in_channels={in_channels} "
+            f"(int(in_channels * {name}) = {planes}); allowed: a number with "
+            f"int(in_channels * {name}) >= 1, i.e. >= 1/{in_channels}"
+        )
+    return planes
+
+
+def check_input(owner: str, x: torch.Tensor, channels: int) -> None:
+    """(N, C, H, W) with C == ``channels``, else a ValueError naming the shape and what is
+    allowed (TorchScript-compatible)."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"{owner}: input x has shape {list(x.shape)}; allowed: a tensor of rank 4 "
+            f"(N, C, H, W)"
+        )
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{owner}(in_channels={channels}): input x has {x.shape[1]} channels "
+            f"(shape {list(x.shape)}); allowed: {channels}"
+        )
+
+
+def flat_query_indices(owner: str, queries, spatial: List[int], device) -> torch.Tensor:
+    """Query positions given as (Q,) flat indices or (Q, 2) (y, x) coordinates -> (Q,) flat
+    indices into the ``spatial`` grid, with a ValueError for anything else."""
+    queries = torch.as_tensor(queries, dtype=torch.long, device=device)
+    if queries.dim() == 2:
+        if queries.shape[1] != len(spatial):
+            raise ValueError(
+                f"{owner}.attention_for_queries: queries has shape {list(queries.shape)}; "
+                f"allowed: (Q,) flat indices or (Q, {len(spatial)}) coordinates"
+            )
+        inside = (queries >= 0) & (queries < torch.tensor(spatial, device=device))
+        if not bool(inside.all()):
+            raise ValueError(
+                f"{owner}.attention_for_queries: queries {queries.tolist()} outside the "
+                f"{spatial} grid; allowed: coordinates in [0, {spatial})"
+            )
+        flat = torch.zeros_like(queries[:, 0])
+        for axis, size in enumerate(spatial):
+            flat = flat * size + queries[:, axis]
+        queries = flat
+    n_pos = math.prod(spatial)
+    if queries.dim() != 1 or bool(((queries < 0) | (queries >= n_pos)).any()):
+        raise ValueError(
+            f"{owner}.attention_for_queries: queries {queries.tolist()} outside the "
+            f"{spatial} grid; allowed: flat indices in [0, {n_pos}) or (Q, 2) coordinates"
+        )
+    return queries
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float32 at least (float64 stays float64), autocast off.
+
+    Dot products of un-scaled embeddings overflow float16 (max 65504) with large activations;
+    autocast would run a plain matmul in float16 again, hence the disabled regions.
+    """
+    dt = torch.promote_types(a.dtype, torch.float32)
+    with torch.autocast(device_type="cpu", enabled=False):
+        with torch.autocast(device_type="cuda", enabled=False):
+            return torch.matmul(a.to(dt), b.to(dt))
+
+
+def softmax_fp32(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax computed in float32 at least (float64 stays float64)."""
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    return torch.softmax(logits.to(dt), dim=dim)

@@ -1,0 +1,94 @@
+"""The simplified non-local block (SNL) of Cao et al., "GCNet: Non-local Networks Meet
+Squeeze-Excitation Networks and Beyond" (ICCVW 2019, arXiv:1904.11492), as the DNL authors'
+code runs it (Howal/DNL-Object-Detection ``mmdet/ops/context_block.py``, ``ContextBlock`` with
+``simple=True``, config ``configs/dnlnet/mask_rcnn_r50_r4_gcb-sym_c4_fpn_syncabn_4conv1fc_1x.py``):
+
+    z_i = x_i + W_v sum_j softmax_j(w_k . x_j + b_k) x_j
+
+One attention map over the positions, shared by every query.
+"""
+
+import torch
+from detectron2.layers import CNNBlockBase
+from torch import nn
+
+from ._common import check_bool, check_input, check_int, softmax_fp32
+
+__all__ = ["SimplifiedNonLocalBlock"]
+
+_NAME = "SimplifiedNonLocalBlock"
+
+
+class SimplifiedNonLocalBlock(CNNBlockBase):
+    """Simplified non-local block: ``z = x + W_v sum_j softmax_j(conv_mask(x))_j x_j``.
+
+    The authors' block (DNL repository, ``ContextBlock(simple=True)``): ``conv_mask`` is a 1x1
+    conv C -> 1 (with bias) whose output is soft-maxed over the H*W positions; ``conv_value`` is
+    W_v, a 1x1 conv C -> C without bias. No bottleneck (their ``ratio`` argument is ignored in
+    this mode), no normalisation, no scale gamma. Both convs are initialised normal(0, 0.01),
+    the bias 0.
+
+    The authors apply W_v to every position and then pool (C^2 HW multiply-adds); W_v is linear,
+    so pooling first and applying W_v to the (N, C, 1, 1) context is the same function for C^2
+    multiply-adds. This block does the latter.
+
+    Not the identity at initialisation in the authors' code (W_v is random): with
+    ``zero_init=True`` ``conv_value.weight`` starts at zero, so the block starts as the identity
+    and still learns (the gradient of W_v is the context, not zero).
+
+    Placement in the DNL authors' config (``gcb=dict(ratio=1/4, simple=True)``,
+    ``stage_with_gcb=[[], [], [-2], []]``): inside the second-to-last bottleneck of res4, after
+    the residual add and before the block's final ReLU.
+
+    A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
+
+    Args:
+        in_channels (int): C, channels of the input and of the output.
+        zero_init (bool): start ``conv_value.weight`` at zero (identity at initialisation).
+            Default False, as the authors.
+    """
+
+    def __init__(self, in_channels: int, zero_init: bool = False):
+        check_int(_NAME, "in_channels", in_channels, 1)
+        check_bool(_NAME, "zero_init", zero_init)
+        super().__init__(in_channels, in_channels, stride=1)
+        self.zero_init = zero_init
+        self.conv_mask = nn.Conv2d(in_channels, 1, kernel_size=1)
+        self.conv_value = nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: normal(0, 0.01) weights, zero bias; W_v zero with
+        ``zero_init``."""
+        nn.init.normal_(self.conv_mask.weight, std=0.01)
+        nn.init.zeros_(self.conv_mask.bias)
+        nn.init.normal_(self.conv_value.weight, std=0.01)
+        if self.zero_init:
+            nn.init.zeros_(self.conv_value.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, zero_init={self.zero_init}"
+
+    def _weights(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax over positions of conv_mask(x), computed in float32 at least: (N, 1, H*W)."""
+        return softmax_fp32(self.conv_mask(x).flatten(2), 2).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("SimplifiedNonLocalBlock", x, self.in_channels)
+        weights = self._weights(x)  # (N, 1, HW)
+        context = torch.matmul(x.flatten(2), weights.transpose(1, 2))  # (N, C, 1)
+        context = self.conv_value(context.unsqueeze(3))  # (N, C, 1, 1)
+        return x + context
+
+    @torch.jit.unused
+    def context_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention map shared by every query, softmax_j(conv_mask(x)).
+
+        Args:
+            x: input of the block, (N, C, H, W).
+
+        Returns:
+            Tensor (N, H, W) summing to 1 over the positions.
+        """
+        check_input("SimplifiedNonLocalBlock", x, self.in_channels)
+        return self._weights(x).reshape(x.shape[0], x.shape[2], x.shape[3])
