@@ -27,6 +27,11 @@ def add_nonlocal_config(cfg: CN) -> CN:
     _C = cfg.MODEL.NONLOCAL = CN()
     # False removes every block (backbone and keypoint head): a config's baseline in one override.
     _C.ENABLED = True
+    # The block: "nonlocal" (Wang et al. 2018; the keys PAIRWISE..NORM below), "simplified" (SNL)
+    # or "global_context" (GC, Cao et al. 2019), "disentangled" (DNL, Yin et al. 2020),
+    # "criss_cross" (CCNet, Huang et al. 2019), "generalized_attention" (Zhu et al. 2019); each
+    # other type's options in its node further down (defaults: its authors').
+    _C.TYPE = "nonlocal"
     # Pairwise function f(x_i, x_j) (paper §3.2): "embedded_gaussian" (softmax of theta_i.phi_j,
     # the default), "gaussian" (softmax of x_i.x_j), "dot_product" (theta_i.phi_j / M) or
     # "concatenation" (ReLU(w_f.[theta_i; phi_j]) / M).
@@ -42,7 +47,14 @@ def add_nonlocal_config(cfg: CN) -> CN:
     # Where the backbone's blocks go: "none"; "paper_1" (right before the last residual block of
     # res4, paper §6); "paper_5" (2 in res3 + 3 in res4, every other block); "paper_10" (after
     # every block of res3 and res4); "custom" (the RES*_BLOCKS lists below).
+    # Also "all_res3_res5" / "all_res4_res5" (every residual block of those stages: GC, generalized
+    # attention) and "paper_1_all_res5" (paper_1 + every block of res5: DNL's "c4+c5_all").
     _C.PLACEMENT = "paper_1"
+    # Where, for each residual block the placement names: "after_block" (after it, the paper's);
+    # inside it "after_add" (after the residual add, before its last ReLU: the DNL authors'),
+    # "after_conv1" / "after_conv2" (after that conv, norm and ReLU: generalized attention after
+    # conv2), "after_conv3" (after its norm, before the add: GC).
+    _C.POSITION = "after_block"
     # With "custom": indices of the residual blocks of each stage followed by a block; negative
     # from the end (-2 = right before the last block). Empty for the other placements.
     _C.RES2_BLOCKS = []
@@ -52,6 +64,35 @@ def add_nonlocal_config(cfg: CN) -> CN:
     # NonLocalKRCNNHead: 1-based indices of the head's convs followed by a block (paper §6: after
     # every 2 of its 8 convs).
     _C.KEYPOINT_HEAD_BLOCKS = [2, 4, 6, 8]
+    # TYPE "simplified" (SimplifiedNonLocalBlock): z = x + W_v sum_j softmax_j(w_k.x_j) x_j.
+    _C.SNL = CN()
+    _C.SNL.ZERO_INIT = False  # W_v starts at zero: the identity (the authors' init is not)
+    # TYPE "global_context" (GlobalContextBlock): attention pooling, then conv C->rC, LayerNorm,
+    # ReLU, conv rC->C, fused by "add" (starts as the identity) and/or "mul" (a sigmoid gate).
+    _C.GC = CN()
+    _C.GC.RATIO = 1.0 / 16  # r; 1/4 is the other published one
+    _C.GC.FUSION_TYPES = ["add"]
+    # TYPE "disentangled" (DisentangledNonLocalBlock): whitened pairwise term + unary term.
+    _C.DNL = CN()
+    _C.DNL.RATIO = 0.25  # query/key channels / C
+    _C.DNL.TEMPERATURE = 0.05  # of the pairwise softmax
+    _C.DNL.DOWNSAMPLE = False  # 2x2 max-pool of keys and values
+    _C.DNL.ZERO_INIT = False  # value conv starts at zero: the identity (the authors' init is not)
+    # TYPE "criss_cross" (CrissCrossAttention): attention over each position's row and column.
+    _C.CC = CN()
+    _C.CC.INNER_CHANNELS = None  # query/key channels; None: C // 8
+    _C.CC.RECURRENCE = 2  # passes with shared weights (2 connect every pair of positions)
+    # TYPE "generalized_attention" (GeneralizedAttention): the energy terms chosen by
+    # ATTENTION_TYPE, 4 flags (the authors' "1111", "0010", ...): query-key content,
+    # query content-relative position, key content only, relative position only.
+    _C.GA = CN()
+    _C.GA.ATTENTION_TYPE = [1, 1, 1, 1]
+    _C.GA.NUM_HEADS = 8
+    _C.GA.KV_STRIDE = 2  # keys and values average-pooled by this stride
+    _C.GA.Q_STRIDE = 1
+    _C.GA.SPATIAL_RANGE = -1  # -1: every position; else only keys within this distance
+    _C.GA.POSITION_EMBEDDING_DIM = -1  # -1: as the authors (the block's channels)
+    _C.GA.POSITION_MAGNITUDE = 1.0
     return cfg
 
 

@@ -55,7 +55,7 @@ def test_analyze_command_difference_is_exactly_the_blocks(capsys):
     argv += ["MODEL.NONLOCAL.RES3_BLOCKS", "[0]", "MODEL.NONLOCAL.RES4_BLOCKS", "[-2]"]
     model_rows, block_rows = main(argv)
     out = capsys.readouterr().out
-    assert "with non-local" in out and "without" in out and "increase" in out
+    assert "with blocks" in out and "without" in out and "increase" in out
     with_nl, without, increase = model_rows
     assert [r["block"] for r in block_rows] == [
         "backbone.bottom_up.res3.nonlocal0",
@@ -69,3 +69,74 @@ def test_analyze_command_difference_is_exactly_the_blocks(capsys):
     res4 = block_rows[1]
     assert res4["GFLOPs"] * 1e9 == pytest.approx(4 * 144 * 256 * 128 + 144 * 36 * 256)
     assert res4["params (M)"] * 1e6 == pytest.approx(4 * 256 * 128 + 3 * 128 + 256)
+
+
+# The other block types on one (1, C, H, W) input: hand counts of their multiply-adds (1x1 convs
+# C_in * C_out per position, products of the attention, fvcore's LayerNorm at 5 per element).
+CF, H, W = 16, 4, 6
+LF = H * W
+
+
+def _family_cases():
+    from nonlocal_det.layers import (
+        CrissCrossAttention,
+        DisentangledNonLocalBlock,
+        GeneralizedAttention,
+        GlobalContextBlock,
+        SimplifiedNonLocalBlock,
+    )
+
+    r = int(CF * 0.25)  # GC transform width
+    cq = int(CF * 0.25)  # DNL query/key width
+    ci = CF // 8  # criss-cross query/key width
+    d = CF // 8  # generalized attention: 8 heads of C/8 channels
+    m = (H // 2) * (W // 2)  # keys pooled by kv_stride 2
+    return {
+        # mask conv + context sum + W_v on the 1x1 context
+        "simplified": (SimplifiedNonLocalBlock(CF), 2 * CF * LF + CF * CF),
+        # mask conv + context sum + conv C->rC, LayerNorm, conv rC->C
+        "global_context": (GlobalContextBlock(CF, ratio=0.25), 2 * CF * LF + 2 * r * CF + 5 * r),
+        # q, k, v convs + unary (mask conv, weighted sum) + SDPA (QK^T per value head, AV)
+        "disentangled": (
+            DisentangledNonLocalBlock(CF),
+            2 * cq * CF * LF + CF * CF * LF + 2 * CF * LF + 2 * LF * LF * CF,
+        ),
+        # per pass: q, k, v convs + row and column energies (C') and aggregation (C)
+        "criss_cross": (
+            CrissCrossAttention(CF),
+            2 * (2 * CF * ci * LF + CF * CF * LF + (ci + CF) * LF * (H + W)),
+        ),
+        # '1000': q conv (L), k and v convs (M), SDPA, projection back
+        "generalized_attention_1000": (
+            GeneralizedAttention(CF, attention_type="1000"),
+            CF * 8 * d * (LF + 2 * m) + 2 * 8 * d * LF * m + 8 * d * CF * LF,
+        ),
+        # '0010': k and v convs (M), u.k (8 heads x d x M), attention-weighted v, projection of
+        # the 1x1 result
+        "generalized_attention_0010": (
+            GeneralizedAttention(CF, attention_type="0010"),
+            2 * CF * 8 * d * m + 2 * 8 * d * m + 8 * d * CF,
+        ),
+        # '1111': q (L), k and v (M) convs and projection; the x and y position embeddings
+        # (D/2 = C/2 wide, per pair of query and key columns / rows) through their linear layers;
+        # their product with the queries; the energy of the N x M matrix as one product of
+        # [q + u | e_x | e_y] (d + wk + hk wide) per head; attention times values
+        "generalized_attention_1111": (
+            GeneralizedAttention(CF, attention_type="1111"),
+            CF * 8 * d * (LF + 2 * m)
+            + 8 * d * CF * LF
+            + CF // 2 * 8 * d * (W * (W // 2) + H * (H // 2))
+            + 8 * d * LF * (W // 2 + H // 2)
+            + 8 * LF * m * (d + W // 2 + H // 2)
+            + 8 * d * LF * m,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_family_cases()))
+def test_family_flops_equal_hand_count(name):
+    block, expected = _family_cases()[name]
+    x = torch.randn(1, CF, H, W)
+    analysis = FlopCountAnalysis(block.eval(), x).set_op_handle(**nonlocal_flop_handles())
+    analysis.unsupported_ops_warnings(False)
+    assert analysis.total() == expected

@@ -11,6 +11,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from utils import load_cfg, small_opts
 
 from nonlocal_det import NonLocalBlock
+from nonlocal_det.layers import BLOCK_TYPES
 
 
 def build_backbone(cfg):
@@ -136,18 +137,36 @@ def test_same_outputs_and_names_as_detectron2_backbone(opts):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_baseline_checkpoint_loads_and_predicts_identically(tmp_path):
+# Every config with backbone blocks and its baseline (the keypoint configs: test_keypoint_head).
+WITH_BASELINE = [
+    ("mask_rcnn_R50_NL.yaml", "mask_rcnn_R50.yaml"),
+    ("mask_rcnn_R50_GC_r16.yaml", "mask_rcnn_R50.yaml"),
+    ("mask_rcnn_R50_GC_r4.yaml", "mask_rcnn_R50.yaml"),
+    ("mask_rcnn_R50_SNL.yaml", "mask_rcnn_R50.yaml"),
+    ("mask_rcnn_R50_DNL.yaml", "mask_rcnn_R50.yaml"),
+    ("mask_rcnn_R50_DNL_c4c5.yaml", "mask_rcnn_R50.yaml"),
+    ("mask_rcnn_R50_CC.yaml", "mask_rcnn_R50.yaml"),
+    ("faster_rcnn_R50_GA_0010.yaml", "faster_rcnn_R50.yaml"),
+    ("faster_rcnn_R50_GA_1111.yaml", "faster_rcnn_R50.yaml"),
+]
+
+
+@pytest.mark.parametrize("config,baseline", WITH_BASELINE)
+def test_baseline_checkpoint_loads_and_predicts_identically(tmp_path, config, baseline):
     opts = small_opts(depth=50)
     torch.manual_seed(1)
-    base = build_model(load_cfg("mask_rcnn_R50.yaml", opts)).eval()
+    base = build_model(load_cfg(baseline, opts)).eval()
     DetectionCheckpointer(base, save_dir=str(tmp_path)).save("baseline")
     torch.manual_seed(2)  # a different init everywhere: only the checkpoint can make them equal
-    nl = build_model(load_cfg("mask_rcnn_R50_NL.yaml", opts)).eval()
+    nl = build_model(load_cfg(config, opts)).eval()
     result = DetectionCheckpointer(nl)._load_model(
         torch.load(tmp_path / "baseline.pth", weights_only=False)
     )
-    assert result.missing_keys and all(".nonlocal4." in k for k in result.missing_keys)
-    assert not result.unexpected_keys
+    blocks = tuple(BLOCK_TYPES.values())
+    block_names = [n for n, m in nl.named_modules() if isinstance(m, blocks)]
+    new_keys = {k for k in nl.state_dict() if any(k.startswith(n + ".") for n in block_names)}
+    assert block_names and set(result.missing_keys) == new_keys
+    assert all(".nonlocal" in k for k in new_keys) and not result.unexpected_keys
     torch.manual_seed(3)
     image = (torch.rand(3, 96, 128) * 255).round()
     # Make the untrained detector fire: a very low score threshold keeps many detections.
@@ -159,7 +178,8 @@ def test_baseline_checkpoint_loads_and_predicts_identically(tmp_path):
     assert len(out_b) > 0
     assert torch.equal(out_b.pred_boxes.tensor, out_n.pred_boxes.tensor)
     assert torch.equal(out_b.scores, out_n.scores)
-    assert torch.equal(out_b.pred_masks, out_n.pred_masks)
+    if base.roi_heads.mask_on:
+        assert torch.equal(out_b.pred_masks, out_n.pred_masks)
 
 
 def _to_c2_name(key):
@@ -187,8 +207,9 @@ def _to_c2_name(key):
     raise AssertionError(key)
 
 
-def test_imagenet_pkl_name_conversion_maps_every_resnet_weight():
-    cfg = load_cfg("mask_rcnn_R50_NL.yaml")
+@pytest.mark.parametrize("config", ["mask_rcnn_R50_NL.yaml", "mask_rcnn_R50_GC_r16.yaml"])
+def test_imagenet_pkl_name_conversion_maps_every_resnet_weight(config):
+    cfg = load_cfg(config)
     torch.manual_seed(0)
     resnet = BACKBONE_REGISTRY.get("build_resnet_backbone")(cfg, ShapeSpec(channels=3))
     c2 = {_to_c2_name(k): v.numpy() for k, v in resnet.state_dict().items()}
@@ -309,3 +330,98 @@ def test_missing_add_nonlocal_config_is_explained():
     cfg.MODEL.BACKBONE.NAME = "build_resnet_nonlocal_fpn_backbone"
     with pytest.raises(KeyError, match="add_nonlocal_config"):
         build_backbone(cfg)
+
+
+class _Probe(torch.nn.Module):
+    """A stand-in block: records its input, returns 2x + 1 (not the identity)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return 2 * x + 1
+
+
+POSITIONS = ["after_conv1", "after_conv2", "after_conv3", "after_add"]
+
+
+@pytest.mark.parametrize(  # a BasicBlock (depth 18) has no conv3
+    "depth,position", [(50, p) for p in POSITIONS] + [(18, p) for p in POSITIONS if p[-1] != "3"]
+)
+def test_block_inside_a_residual_block_sits_where_its_position_says(depth, position):
+    from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
+
+    from nonlocal_det.modeling.backbone import ResidualWithBlock
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    if depth == 18:
+        residual = BasicBlock(16, 32, stride=2, norm="BN").eval()
+    else:
+        residual = BottleneckBlock(16, 32, bottleneck_channels=8, stride=2, norm="BN").eval()
+    for p in residual.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    probe = _Probe()
+    wrapped = ResidualWithBlock(residual, position, probe).eval()
+    assert [n for n, _ in wrapped.named_children()] == [n for n, _ in residual.named_children()] + [
+        "nonlocal_block"
+    ]
+    x = torch.randn(2, 16, 12, 10)
+    convs = [residual.conv1, residual.conv2] + ([residual.conv3] if depth == 50 else [])
+    last = len(convs)
+    k = {"after_conv1": 1, "after_conv2": 2, "after_conv3": 3, "after_add": 4}[position]
+    out = x
+    for i, conv in enumerate(convs, 1):
+        out = conv(out)
+        if i < last:
+            out = F.relu(out)
+        if i == k or (i == last and k == 3):
+            out = 2 * out + 1
+    out = out + residual.shortcut(x)
+    if k == 4:
+        out = 2 * out + 1
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), F.relu(out))
+    assert len(probe.seen) == 1
+
+
+def test_inside_positions_refused_where_they_do_not_exist():
+    cfg = load_cfg(
+        "mask_rcnn_R50_GC_r16.yaml",
+        ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64],
+    )
+    with pytest.raises(ValueError, match="MODEL.NONLOCAL.POSITION='after_conv3'.*2 convs"):
+        build_backbone(cfg)
+
+
+@pytest.mark.parametrize("freeze_at,frozen", [(2, False), (3, True)])
+def test_blocks_inside_frozen_stages_are_frozen(freeze_at, frozen):
+    bb = build_backbone(
+        load_cfg("mask_rcnn_R50_GC_r16.yaml", ["MODEL.BACKBONE.FREEZE_AT", freeze_at])
+    )
+    for i in range(4):
+        block = bb.bottom_up.res3[i].nonlocal_block
+        assert all(p.requires_grad != frozen for p in block.parameters())
+    assert all(p.requires_grad for p in bb.bottom_up.res4[0].nonlocal_block.parameters())
+
+
+@pytest.mark.parametrize("config", ["mask_rcnn_R50_GC_r16.yaml", "faster_rcnn_R50_GA_0010.yaml"])
+def test_scripted_backbone_with_blocks_inside_matches_eager(config):
+    from detectron2.export import scripting_with_instances  # noqa: F401  (scripting patches)
+
+    cfg = load_cfg(config, ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64])
+    cfg.MODEL.NONLOCAL.POSITION = "after_conv2"
+    bb = build_backbone(cfg).eval()
+    torch.manual_seed(0)
+    for name, p in bb.named_parameters():
+        if ".nonlocal_block." in name:
+            torch.nn.init.normal_(p, std=0.1)  # not the identity
+    x = torch.randn(1, 3, 64, 64)
+    scripted = torch.jit.script(bb)
+    with torch.no_grad():
+        ref = bb(x)
+        out = scripted(x)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k])

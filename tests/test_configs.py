@@ -11,6 +11,7 @@ from detectron2.utils.events import EventStorage
 from utils import CONFIGS, load_cfg
 
 from nonlocal_det import NonLocalBlock
+from nonlocal_det.layers import BLOCK_TYPES
 
 LEAVES = sorted(
     os.path.relpath(p, CONFIGS)
@@ -18,10 +19,25 @@ LEAVES = sorted(
     if not os.path.basename(p).startswith("Base-")
 )
 
-# Non-local blocks expected in each config: name -> (in_channels, inner_channels).
-R50_RES4 = {"backbone.bottom_up.res4.nonlocal4": (1024, 512)}
-R101_RES4 = {"backbone.bottom_up.res4.nonlocal21": (1024, 512)}
-KP_HEAD = {f"roi_heads.keypoint_head.nonlocal{k}": (512, 256) for k in (2, 4, 6, 8)}
+# Blocks expected in each config: name -> (class, in_channels, C_inner of a non-local block).
+NL = "NonLocalBlock"
+R50_RES4 = {"backbone.bottom_up.res4.nonlocal4": (NL, 1024, 512)}
+R101_RES4 = {"backbone.bottom_up.res4.nonlocal21": (NL, 1024, 512)}
+KP_HEAD = {f"roi_heads.keypoint_head.nonlocal{k}": (NL, 512, 256) for k in (2, 4, 6, 8)}
+R50 = {"res3": (4, 512, 128), "res4": (6, 1024, 256), "res5": (3, 2048, 512)}  # blocks, C, width
+
+
+def _inside(cls, stages, channels_of, only=None):
+    """Blocks inside every residual block of ``stages`` (or only the given indices)."""
+    return {
+        f"backbone.bottom_up.{s}.{i}.nonlocal_block": (cls, channels_of(R50[s]), None)
+        for s in stages
+        for i in (only or {}).get(s, range(R50[s][0]))
+    }
+
+
+GC = _inside("GlobalContextBlock", ("res3", "res4", "res5"), lambda s: s[1])
+DNL = _inside("DisentangledNonLocalBlock", ("res4",), lambda s: s[1], {"res4": [4]})
 EXPECTED = {
     "mask_rcnn_R50_NL.yaml": R50_RES4,
     "mask_rcnn_R50_NL_3x.yaml": R50_RES4,
@@ -32,14 +48,38 @@ EXPECTED = {
     "keypoint_rcnn_R50_NL.yaml": {**R50_RES4, **KP_HEAD},
     "keypoint_rcnn_R101_NL.yaml": {**R101_RES4, **KP_HEAD},
     "keypoint_rcnn_R101_NL_head.yaml": KP_HEAD,
+    "mask_rcnn_R50_GC_r16.yaml": GC,
+    "mask_rcnn_R50_GC_r4.yaml": GC,
+    "mask_rcnn_R50_SNL.yaml": _inside(
+        "SimplifiedNonLocalBlock", ("res4",), lambda s: s[1], {"res4": [4]}
+    ),
+    "mask_rcnn_R50_DNL.yaml": DNL,
+    "mask_rcnn_R50_DNL_c4c5.yaml": {
+        **DNL,
+        **_inside("DisentangledNonLocalBlock", ("res5",), lambda s: s[1]),
+    },
+    "mask_rcnn_R50_CC.yaml": {
+        "backbone.bottom_up.res4.nonlocal4": ("CrissCrossAttention", 1024, None)
+    },
+    "faster_rcnn_R50_GA_0010.yaml": _inside(
+        "GeneralizedAttention", ("res4", "res5"), lambda s: s[2]
+    ),
+    "faster_rcnn_R50_GA_1111.yaml": _inside(
+        "GeneralizedAttention", ("res4", "res5"), lambda s: s[2]
+    ),
 }
+# The part of a config's name that says which blocks it has; without it: its baseline.
+BLOCK_SUFFIXES = ("_NL_head", "_NL", "_GC_r16", "_GC_r4", "_SNL", "_DNL_c4c5", "_DNL", "_CC")
+BLOCK_SUFFIXES += ("_GA_0010", "_GA_1111")
 
 
-def test_every_nl_config_has_a_same_schedule_baseline():
+def test_every_config_with_blocks_has_a_same_schedule_baseline():
+    paired = 0
     for leaf in LEAVES:
-        if "_NL" not in leaf or leaf.startswith("demo"):
+        suffix = next((x for x in BLOCK_SUFFIXES if x + "." in leaf or x + "_" in leaf), None)
+        if suffix is None or leaf.startswith("demo"):
             continue
-        base = leaf.replace("_NL_head", "").replace("_NL", "")
+        base = leaf.replace(suffix, "", 1)
         assert base in LEAVES, f"{leaf} has no baseline {base}"
         a, b = load_cfg(leaf), load_cfg(base)
         raw_a, raw_b = (open(os.path.join(CONFIGS, f)).read() for f in (leaf, base))
@@ -47,6 +87,9 @@ def test_every_nl_config_has_a_same_schedule_baseline():
         assert weights and weights == [l.strip() for l in raw_b.splitlines() if "WEIGHTS" in l]
         assert a.SOLVER == b.SOLVER and a.INPUT == b.INPUT and a.DATASETS == b.DATASETS, leaf
         assert a.MODEL.RESNETS == b.MODEL.RESNETS and a.MODEL.PIXEL_STD == b.MODEL.PIXEL_STD
+        assert a.MODEL.MASK_ON == b.MODEL.MASK_ON and a.MODEL.KEYPOINT_ON == b.MODEL.KEYPOINT_ON
+        paired += 1
+    assert paired == len(EXPECTED)  # every config with blocks
     raw = open(os.path.join(CONFIGS, "mask_rcnn_R50_NL.yaml")).read()
     assert "ImageNetPretrained/MSRA/R-50.pkl" in raw
 
@@ -83,10 +126,13 @@ def test_config_builds_and_runs(leaf):
     torch.manual_seed(0)
     model = build_model(cfg)
     blocks = {
-        n: (m.in_channels, m.inner_channels)
+        n: (type(m).__name__, m.in_channels, getattr(m, "inner_channels", None))
         for n, m in model.named_modules()
-        if isinstance(m, NonLocalBlock)
+        if isinstance(m, tuple(BLOCK_TYPES.values()))
     }
+    for name, (cls, c, inner) in EXPECTED.get(leaf, {}).items():
+        if cls != NL:  # the other types: their own channel arguments, checked in their tests
+            blocks[name] = blocks[name][:2] + (None,)
     if not leaf.startswith("demo"):
         assert blocks == EXPECTED.get(leaf, {}), leaf
     image = torch.rand(3, 64, 80) * 255

@@ -23,6 +23,7 @@ from utils import CONFIGS, load_cfg, shared_datasets_dir
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.data import register_datasets_for_config
 from nonlocal_det.engine import optimizer_with_gradient_clipping
+from nonlocal_det.layers import BLOCK_TYPES
 from nonlocal_det.modeling import NonLocalResNet
 
 LAZY = sorted(glob.glob(os.path.join(CONFIGS, "lazy", "*.py")))
@@ -30,6 +31,7 @@ TWINS = [
     ("mask_rcnn_R50_NL.yaml", "mask_rcnn_R50_NL.py"),
     ("keypoint_rcnn_R50_NL.yaml", "keypoint_rcnn_R50_NL.py"),
     ("demo/mask_rcnn_R18_NL_demo.yaml", "mask_rcnn_R18_NL_demo.py"),
+    ("mask_rcnn_R50_GC_r16.yaml", "mask_rcnn_R50_GC_r16.py"),
 ]
 EXPECTED_BLOCKS = {
     "mask_rcnn_R50_NL.py": ["backbone.bottom_up.res4.nonlocal4"],
@@ -40,6 +42,11 @@ EXPECTED_BLOCKS = {
         "backbone.bottom_up.res4.nonlocal0",
         "roi_heads.keypoint_head.nonlocal2",
         "roi_heads.keypoint_head.nonlocal4",
+    ],
+    "mask_rcnn_R50_GC_r16.py": [
+        f"backbone.bottom_up.{stage}.{i}.nonlocal_block"
+        for stage, n in (("res3", 4), ("res4", 6), ("res5", 3))
+        for i in range(n)
     ],
 }
 SMALLER = [
@@ -72,7 +79,7 @@ def test_lazy_config_instantiates_and_runs(path, monkeypatch):
     assert {"model", "dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg)
     torch.manual_seed(0)
     model = instantiate(cfg.model)
-    names = [n for n, m in model.named_modules() if isinstance(m, NonLocalBlock)]
+    names = [n for n, m in model.named_modules() if isinstance(m, tuple(BLOCK_TYPES.values()))]
     assert names == EXPECTED_BLOCKS[os.path.basename(path)]
     image = torch.rand(3, 64, 80) * 255
     keypoint_on = model.roi_heads.keypoint_on
@@ -191,6 +198,10 @@ def test_lazy_model_equals_yaml_model(yaml_name, lazy_name, monkeypatch):
     for m in a.modules():
         if isinstance(m, NonLocalBlock):
             nn.init.normal_(m.out.weight, std=0.05)
+        elif isinstance(m, tuple(BLOCK_TYPES.values())):  # its zero-initialised parameters
+            for p in m.parameters():
+                if not p.any():
+                    nn.init.normal_(p, std=0.05)
         if isinstance(m, FrozenBatchNorm2d):
             m.weight.mul_(0.5)
     b.load_state_dict(a.state_dict())

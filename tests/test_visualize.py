@@ -151,3 +151,34 @@ def test_bad_block_name_lists_the_allowed_ones(frames, tmp_path):
                 *SMALL,
             ]
         )
+
+
+FAMILY = {  # type -> (overrides for the demo's ResNet-18, arrows?, heat map?)
+    "simplified": (["MODEL.NONLOCAL.POSITION", "after_add"], False, True),
+    "global_context": (["MODEL.NONLOCAL.POSITION", "after_conv2"], False, True),
+    "disentangled": (["MODEL.NONLOCAL.POSITION", "after_add"], True, True),
+    "criss_cross": ([], True, False),
+    "generalized_attention": (["MODEL.NONLOCAL.POSITION", "after_conv2"], True, False),
+}
+
+
+@pytest.mark.parametrize("block_type", sorted(FAMILY))
+def test_every_block_type_is_drawn(block_type, frames, tmp_path, monkeypatch):
+    import nonlocal_det.tools.visualize as visualize
+
+    overrides, has_arrows, has_heat = FAMILY[block_type]
+    heats = []
+    original = visualize.draw
+    monkeypatch.setattr(visualize, "draw", lambda *a, **k: heats.append(a[2]) or original(*a, **k))
+    out = tmp_path / "att.png"
+    argv = ["--config-file", DEMO, "--input", frames[0], "--output", str(out), "--query", "64,48"]
+    arrows = main(argv + [*SMALL, "MODEL.NONLOCAL.TYPE", block_type, *overrides])
+    assert (arrows is not None) == has_arrows and (heats[0] is not None) == has_heat
+    if has_heat:
+        assert heats[0].sum() == pytest.approx(1.0, abs=1e-4)  # one map over the positions
+    if block_type == "criss_cross":  # keys on the query's row or column (96x128 at stride 16)
+        qx, qy = arrows.queries[0][1:]
+        on_row = np.isclose(arrows.keys[0, :, 2], qy)
+        on_column = np.isclose(arrows.keys[0, :, 1], qx)
+        assert np.all(on_row | on_column)
+    assert Image.open(out).size[1] > 512

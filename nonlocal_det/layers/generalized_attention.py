@@ -24,7 +24,7 @@ the N x M matrix (N queries, M keys): they go through ``scaled_dot_product_atten
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,8 @@ class GeneralizedAttention(CNNBlockBase):
         q_stride (int): queries are taken every ``q_stride`` pixels, the output upsampled
             bilinearly. Default 1.
         attention_type (str): four '0'/'1' characters selecting the terms [1]..[4], at least one
-            '1'. Default '1111'.
+            '1'. Default '1111'. Four 0/1 numbers are accepted too ([0, 0, 1, 0]: a YAML config
+            turns the string "1111" into a number, so its key is a list).
     """
 
     def __init__(
@@ -103,8 +104,10 @@ class GeneralizedAttention(CNNBlockBase):
         position_magnitude: float = 1,
         kv_stride: int = 2,
         q_stride: int = 1,
-        attention_type: str = "1111",
+        attention_type: Union[str, Sequence[int]] = "1111",
     ):
+        if isinstance(attention_type, (list, tuple)) and all(v in (0, 1) for v in attention_type):
+            attention_type = "".join(str(int(v)) for v in attention_type)
         check_int(_NAME, "in_channels", in_channels, 1)
         check_int(_NAME, "spatial_range", spatial_range, -1)
         check_int(_NAME, "num_heads", num_heads, 1)

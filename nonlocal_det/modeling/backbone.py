@@ -1,4 +1,4 @@
-"""ResNet and ResNet-FPN with non-local blocks.
+"""ResNet and ResNet-FPN with blocks of the non-local family.
 
 :class:`NonLocalResNet` is Detectron2's ``ResNet`` (same arguments) plus explicit ``nonlocal_*``
 arguments; LazyConfig files use it directly. The registered YAML builders build Detectron2's own
@@ -6,9 +6,10 @@ ResNet from ``MODEL.RESNETS`` and hand its stem and stages to :class:`NonLocalRe
 ``MODEL.NONLOCAL`` keys as arguments.
 
 A block after residual block ``i`` of stage ``resK`` is registered as ``resK.nonlocal{i}`` right
-after ``resK.{i}`` (a stage is an ``nn.Sequential``: children run in registration order). No
-existing name changes, so ImageNet ``.pkl`` files and baseline checkpoints load with only the new
-keys missing.
+after ``resK.{i}`` (a stage is an ``nn.Sequential``: children run in registration order); a block
+inside residual block ``i`` as ``resK.{i}.nonlocal_block``, the residual block's own children
+keeping their names. No existing name changes, so ImageNet ``.pkl`` files and baseline checkpoints
+load with only the new keys missing.
 """
 
 import logging
@@ -16,10 +17,16 @@ from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
-from detectron2.layers import ShapeSpec
+import torch.nn.functional as F
+from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
+from detectron2.modeling.backbone.resnet import (
+    BasicBlock,
+    BottleneckBlock,
+    ResNet,
+    build_resnet_backbone,
+)
 from torch import nn
 
 from ..layers import check_choice
@@ -27,6 +34,8 @@ from .blocks import block_factory, config_block_args, config_wording
 
 __all__ = [
     "PLACEMENTS",
+    "POSITIONS",
+    "ResidualWithBlock",
     "NonLocalResNet",
     "build_resnet_nonlocal_backbone",
     "build_resnet_nonlocal_fpn_backbone",
@@ -35,7 +44,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 STAGES = ("res2", "res3", "res4", "res5")
-PLACEMENTS = ("none", "paper_1", "paper_5", "paper_10", "custom")
+PLACEMENTS = (
+    "none",
+    "paper_1",
+    "paper_5",
+    "paper_10",
+    "all_res3_res5",
+    "all_res4_res5",
+    "paper_1_all_res5",
+    "custom",
+)
+POSITIONS = ("after_block", "after_add", "after_conv1", "after_conv2", "after_conv3")
 _DEPTHS = (18, 34, 50, 101, 152)  # what Detectron2's ResNet builds
 _FEATURES = ("stem",) + STAGES
 
@@ -70,8 +89,13 @@ def _check_resnet_keys(cfg) -> None:
 
 
 def _preset(placement: str, lengths: Mapping[str, int]) -> Dict[str, List[int]]:
-    """Block indices of the paper's settings (paper_5: "every other block", evenly spaced)."""
-    stages = ("res4",) if placement == "paper_1" else ("res3", "res4")
+    """Block indices of the named settings (paper_5: "every other block", evenly spaced)."""
+    stages = {
+        "paper_1": ("res4",),
+        "all_res3_res5": ("res3", "res4", "res5"),
+        "all_res4_res5": ("res4", "res5"),
+        "paper_1_all_res5": ("res4", "res5"),
+    }.get(placement, ("res3", "res4"))
     missing = [s for s in stages if s not in lengths]
     if missing:
         raise ValueError(
@@ -79,9 +103,10 @@ def _preset(placement: str, lengths: Mapping[str, int]) -> Dict[str, List[int]]:
             f"backbone builds only {list(lengths)} (out_features, MODEL.RESNETS.OUT_FEATURES); "
             "allowed: 'none', 'custom'"
         )
-    if placement == "paper_1":
-        return {"res4": [lengths["res4"] - 2]}
-    if placement == "paper_10":
+    if placement in ("paper_1", "paper_1_all_res5"):
+        out = {"res4": [lengths["res4"] - 2]}
+        return dict(out, res5=list(range(lengths["res5"]))) if "res5" in stages else out
+    if placement != "paper_5":  # paper_10, all_*: every block of the stages
         return {s: list(range(lengths[s])) for s in stages}
     out = {}
     for stage, count in zip(stages, (2, 3)):
@@ -151,8 +176,65 @@ def placement_indices(
     return out
 
 
+class ResidualWithBlock(CNNBlockBase):
+    """A Detectron2 ``BottleneckBlock`` or ``BasicBlock`` (its own children, so its own parameter
+    names) with a block inserted at ``position``: ``after_conv1`` / ``after_conv2`` (after that
+    conv's norm and ReLU), ``after_conv3`` (after its norm, before the residual add; the last
+    conv of a ``BasicBlock`` is conv2) or ``after_add`` (after the add, before the final ReLU).
+    The block is the child ``nonlocal_block``.
+    """
+
+    def __init__(self, residual: CNNBlockBase, position: str, block: nn.Module):
+        super().__init__(residual.in_channels, residual.out_channels, residual.stride)
+        for name, child in residual.named_children():
+            self.add_module(name, child)
+        self.conv3 = getattr(residual, "conv3", None)
+        self.shortcut = residual.shortcut
+        self.nonlocal_block = block
+        after = {"after_conv1": 1, "after_conv2": 2, "after_conv3": 3, "after_add": 4}[position]
+        self.after = 3 if after == 2 and self.conv3 is None else after  # a BasicBlock's last conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu_(self.conv1(x))
+        if self.after == 1:
+            out = self.nonlocal_block(out)
+        out = self.conv2(out)
+        conv3 = self.conv3
+        if conv3 is not None:
+            out = F.relu_(out)
+            if self.after == 2:
+                out = self.nonlocal_block(out)
+            out = conv3(out)
+        if self.after == 3:
+            out = self.nonlocal_block(out)
+        shortcut = self.shortcut
+        out = out + (shortcut(x) if shortcut is not None else x)
+        if self.after == 4:
+            out = self.nonlocal_block(out)
+        return F.relu_(out)
+
+
+def _channels_at(residual: nn.Module, position: str, where: str) -> int:
+    """The channels a block sees at ``position`` of a residual block (errors name ``where``)."""
+    if not isinstance(residual, (BottleneckBlock, BasicBlock)):
+        raise ValueError(
+            f"NonLocalResNet: nonlocal_position={position!r} puts a block inside {where}, a "
+            f"{type(residual).__name__}; allowed there: 'after_block', or a ResNet of "
+            "BottleneckBlock / BasicBlock (not deformable convs)"
+        )
+    if position == "after_conv3" and isinstance(residual, BasicBlock):
+        raise ValueError(
+            f"NonLocalResNet: nonlocal_position={position!r}: the residual blocks of this ResNet "
+            "(BasicBlock, depth 18/34) have 2 convs; allowed: 'after_block', 'after_add', "
+            "'after_conv1', 'after_conv2'"
+        )
+    if position == "after_add":
+        return residual.out_channels
+    return getattr(residual, "conv" + position[-1]).out_channels
+
+
 class NonLocalResNet(ResNet):
-    """Detectron2's ``ResNet`` with non-local blocks between residual blocks.
+    """Detectron2's ``ResNet`` with blocks of the non-local family in or between residual blocks.
 
     To add the blocks to a Detectron2 LazyConfig, swap the target of its ResNet::
 
@@ -164,11 +246,16 @@ class NonLocalResNet(ResNet):
 
     Args:
         stem, stages, num_classes, out_features, freeze_at: as :class:`detectron2.modeling.ResNet`.
-        nonlocal_placement (str): one of :data:`PLACEMENTS` (``MODEL.NONLOCAL.PLACEMENT``).
-        nonlocal_blocks (dict): with ``"custom"``, stage -> indices of the residual blocks after
-            which a block goes, negative from the end (``MODEL.NONLOCAL.RES{2..5}_BLOCKS``).
+        nonlocal_placement (str): which residual blocks, one of :data:`PLACEMENTS`
+            (``MODEL.NONLOCAL.PLACEMENT``).
+        nonlocal_blocks (dict): with ``"custom"``, stage -> indices of the residual blocks,
+            negative from the end (``MODEL.NONLOCAL.RES{2..5}_BLOCKS``).
+        nonlocal_position (str): where in or after those residual blocks, one of
+            :data:`POSITIONS` (``MODEL.NONLOCAL.POSITION``).
+        nonlocal_type (str): the block, a key of ``nonlocal_det.layers.BLOCK_TYPES``
+            (``MODEL.NONLOCAL.TYPE``); ``nonlocal_options`` its arguments (the type's node).
         nonlocal_pairwise, nonlocal_inner_ratio, nonlocal_subsample, nonlocal_use_scale,
-            nonlocal_norm: the block (``MODEL.NONLOCAL.{PAIRWISE, INNER_RATIO, ...}``).
+            nonlocal_norm: the non-local block (``MODEL.NONLOCAL.{PAIRWISE, INNER_RATIO, ...}``).
     """
 
     def __init__(
@@ -181,6 +268,9 @@ class NonLocalResNet(ResNet):
         *,
         nonlocal_placement: str = "paper_1",
         nonlocal_blocks: Optional[Mapping[str, Sequence[int]]] = None,
+        nonlocal_position: str = "after_block",
+        nonlocal_type: str = "nonlocal",
+        nonlocal_options: Optional[Mapping] = None,
         nonlocal_pairwise: str = "embedded_gaussian",
         nonlocal_inner_ratio: float = 0.5,
         nonlocal_subsample: bool = True,
@@ -190,12 +280,15 @@ class NonLocalResNet(ResNet):
         super().__init__(stem, stages, num_classes, out_features, freeze_at)
         make_block = block_factory(
             "NonLocalResNet",
+            type=nonlocal_type,
+            options=nonlocal_options,
             pairwise=nonlocal_pairwise,
             inner_ratio=nonlocal_inner_ratio,
             subsample=nonlocal_subsample,
             use_scale=nonlocal_use_scale,
             norm=nonlocal_norm,
         )
+        check_choice("NonLocalResNet", "nonlocal_position", nonlocal_position, POSITIONS)
         lengths = {name: len(stage) for name, stage in zip(self.stage_names, self.stages)}
         placement = placement_indices(nonlocal_placement, nonlocal_blocks, lengths)
         names = []
@@ -203,19 +296,27 @@ class NonLocalResNet(ResNet):
             for stage_idx, name in enumerate(self.stage_names):
                 if not placement.get(name):
                     continue
+                frozen = freeze_at >= stage_idx + 2  # res2 is stage 2, as in ResNet.freeze
                 children = OrderedDict()
-                for child_name, block in self.stages[stage_idx].named_children():
-                    children[child_name] = block
-                    if int(child_name) in placement[name]:
-                        nl = make_block(block.out_channels)
-                        if freeze_at >= stage_idx + 2:  # res2 is stage 2, as in ResNet.freeze
-                            nl.freeze()
-                        children[f"nonlocal{child_name}"] = nl
+                for child_name, residual in self.stages[stage_idx].named_children():
+                    children[child_name] = residual
+                    if int(child_name) not in placement[name]:
+                        continue
+                    where = f"{name}.{child_name}"
+                    if nonlocal_position == "after_block":
+                        block = make_block(residual.out_channels)
+                        children[f"nonlocal{child_name}"] = block
                         names.append(f"{name}.nonlocal{child_name}")
+                    else:
+                        block = make_block(_channels_at(residual, nonlocal_position, where))
+                        children[child_name] = ResidualWithBlock(residual, nonlocal_position, block)
+                        names.append(f"{where}.nonlocal_block")
+                    if frozen:
+                        block.freeze()
                 stage = nn.Sequential(children)
                 setattr(self, name, stage)
                 self.stages[stage_idx] = stage
-        logger.info(f"Non-local blocks ({nonlocal_pairwise}): {', '.join(names) or 'none'}")
+        logger.info(f"Blocks ({nonlocal_type}, {nonlocal_position}): {', '.join(names) or 'none'}")
 
 
 def _nonlocal_resnet_args(cfg) -> dict:
@@ -225,7 +326,12 @@ def _nonlocal_resnet_args(cfg) -> dict:
     if not nl.ENABLED:
         return dict(args, nonlocal_placement="none")
     blocks = {s: list(nl.get(f"{s.upper()}_BLOCKS")) for s in STAGES}
-    return dict(args, nonlocal_placement=nl.PLACEMENT, nonlocal_blocks=blocks)
+    return dict(
+        args,
+        nonlocal_placement=nl.PLACEMENT,
+        nonlocal_blocks=blocks,
+        nonlocal_position=nl.POSITION,
+    )
 
 
 @BACKBONE_REGISTRY.register()

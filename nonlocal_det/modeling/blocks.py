@@ -7,31 +7,68 @@ inside :func:`config_wording`, errors name the config keys instead.
 """
 
 import contextlib
+import inspect
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Optional
 
 from torch import nn
 
-from ..layers import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock, check_choice
+from ..layers import BLOCK_TYPES, NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock, check_choice
 
-__all__ = ["block_factory", "config_block_args", "config_wording"]
+__all__ = ["CONFIG_NODES", "block_factory", "config_block_args", "config_wording"]
+
+# MODEL.NONLOCAL.TYPE -> the config node holding that type's options (the non-local block's are
+# MODEL.NONLOCAL.{PAIRWISE, INNER_RATIO, SUBSAMPLE, USE_SCALE, NORM}).
+CONFIG_NODES = {
+    "simplified": "SNL",
+    "global_context": "GC",
+    "disentangled": "DNL",
+    "criss_cross": "CC",
+    "generalized_attention": "GA",
+}
 
 
 def block_factory(
     owner: str,
     *,
+    type: str = "nonlocal",
+    options: Optional[Mapping] = None,
     pairwise: str = "embedded_gaussian",
     inner_ratio: float = 0.5,
     subsample: bool = True,
     use_scale: bool = True,
     norm: str = "",
 ) -> Callable[[int], nn.Module]:
-    """Check the ``nonlocal_*`` arguments of ``owner`` and return ``channels -> NonLocalBlock``
-    (C_inner = ``inner_ratio`` x C, at least 1).
+    """Check the ``nonlocal_*`` arguments of ``owner`` and return ``channels -> block``.
+
+    Args:
+        type: a key of :data:`nonlocal_det.layers.BLOCK_TYPES`.
+        options: for the other types, arguments of their class (e.g. ``{"ratio": 1 / 4}`` for
+            ``GlobalContextBlock``); the class's defaults are its authors'.
+        pairwise, inner_ratio, subsample, use_scale, norm: the non-local block (type
+            ``"nonlocal"``), C_inner = ``inner_ratio`` x C (at least 1).
 
     Raises:
         ValueError: ``"{owner}: nonlocal_<arg>=<value> is not supported; allowed: ..."``.
     """
+    check_choice(owner, "nonlocal_type", type, BLOCK_TYPES)
+    options = dict(options or {})
+    if type != "nonlocal":
+        cls = BLOCK_TYPES[type]
+        allowed = [p for p in inspect.signature(cls).parameters if p != "in_channels"]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"{owner}: nonlocal_options={options} has unknown keys {unknown} for "
+                f"nonlocal_type={type!r} ({cls.__name__}); allowed: {allowed}"
+            )
+        return lambda channels: cls(channels, **options)
+    if options:
+        raise ValueError(
+            f"{owner}: nonlocal_options={options} is for the other block types; the non-local "
+            "block takes nonlocal_pairwise, nonlocal_inner_ratio, nonlocal_subsample, "
+            "nonlocal_use_scale and nonlocal_norm; allowed: empty"
+        )
     check_choice(owner, "nonlocal_pairwise", pairwise, PAIRWISE_FUNCTIONS)
     check_choice(owner, "nonlocal_norm", norm, NORMS)
     if isinstance(inner_ratio, bool) or not isinstance(inner_ratio, (int, float)):
@@ -60,7 +97,10 @@ def config_block_args(cfg) -> dict:
             f"MODEL.ROI_KEYPOINT_HEAD.NAME={cfg.MODEL.ROI_KEYPOINT_HEAD.NAME!r})"
         )
     nl = cfg.MODEL.NONLOCAL
+    node = CONFIG_NODES.get(nl.TYPE)
     return {
+        "nonlocal_type": nl.TYPE,
+        "nonlocal_options": {k.lower(): v for k, v in nl[node].items()} if node else {},
         "nonlocal_pairwise": nl.PAIRWISE,
         "nonlocal_inner_ratio": nl.INNER_RATIO,
         "nonlocal_subsample": nl.SUBSAMPLE,
@@ -71,10 +111,20 @@ def config_block_args(cfg) -> dict:
 
 # Explicit argument -> the config key it comes from (nonlocal_<key> -> MODEL.NONLOCAL.<KEY>).
 _KEY_OF = {"nonlocal_after": "KEYPOINT_HEAD_BLOCKS"}
+_NODE_OF_CLASS = {BLOCK_TYPES[t].__name__: node for t, node in CONFIG_NODES.items()}
 
 
 def _reword(message: str) -> str:
     message = re.sub(r"^(NonLocalResNet|NonLocalKRCNNHead): ", "", message)
+    message = re.sub(  # an option of a block type: its key in the type's node
+        r"^(\w+): ([a-z_]+)=",
+        lambda m: (
+            f"MODEL.NONLOCAL.{_NODE_OF_CLASS[m[1]]}.{m[2].upper()}="
+            if m[1] in _NODE_OF_CLASS
+            else m[0]
+        ),
+        message,
+    )
     message = re.sub(
         r"nonlocal_blocks\['(res\d)'\]", lambda m: f"MODEL.NONLOCAL.{m[1].upper()}_BLOCKS", message
     )
@@ -87,8 +137,8 @@ def _reword(message: str) -> str:
 
 @contextlib.contextmanager
 def config_wording() -> Iterator[None]:
-    """Inside, a ``ValueError`` about ``nonlocal_*`` arguments is re-raised naming the
-    ``MODEL.NONLOCAL`` keys they come from (for the YAML builders and checks)."""
+    """Inside, a ``ValueError`` about ``nonlocal_*`` arguments or block options is re-raised
+    naming the ``MODEL.NONLOCAL`` keys they come from (for the YAML builders and checks)."""
     try:
         yield
     except ValueError as e:

@@ -1,6 +1,6 @@
-"""Keypoint R-CNN head with non-local blocks between its convs (paper §6, Table 6)."""
+"""Keypoint R-CNN head with blocks between its convs (paper §6, Table 6: non-local blocks)."""
 
-from typing import List, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
@@ -36,8 +36,9 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         input_shape, num_keypoints, conv_dims, kwargs: as ``KRCNNConvDeconvUpsampleHead``.
         nonlocal_after: 1-based indices of the convs followed by a block
             (``MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS``).
-        nonlocal_pairwise, nonlocal_inner_ratio, nonlocal_subsample, nonlocal_use_scale,
-            nonlocal_norm: the blocks, as for :class:`NonLocalResNet`.
+        nonlocal_type, nonlocal_options, nonlocal_pairwise, nonlocal_inner_ratio,
+            nonlocal_subsample, nonlocal_use_scale, nonlocal_norm: the blocks, as for
+            :class:`NonLocalResNet`.
     """
 
     @configurable
@@ -48,6 +49,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         num_keypoints,
         conv_dims: Sequence[int],
         nonlocal_after: Sequence[int] = (2, 4, 6, 8),
+        nonlocal_type: str = "nonlocal",
+        nonlocal_options: Optional[Mapping] = None,
         nonlocal_pairwise: str = "embedded_gaussian",
         nonlocal_inner_ratio: float = 0.5,
         nonlocal_subsample: bool = True,
@@ -58,6 +61,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
         make_block = block_factory(
             "NonLocalKRCNNHead",
+            type=nonlocal_type,
+            options=nonlocal_options,
             pairwise=nonlocal_pairwise,
             inner_ratio=nonlocal_inner_ratio,
             subsample=nonlocal_subsample,

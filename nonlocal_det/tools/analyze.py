@@ -1,4 +1,4 @@
-"""Parameters and FLOPs of a config, with and without its non-local blocks.
+"""Parameters and FLOPs of a config, with and without its blocks.
 
     python -m nonlocal_det.tools.analyze --config-file configs/mask_rcnn_R50_NL.yaml
     python -m nonlocal_det.tools.analyze --config-file configs/keypoint_rcnn_R50_NL.yaml --height 800 \\
@@ -6,11 +6,11 @@
 
 FLOPs are counted by fvcore through Detectron2's ``FlopCountAnalysis`` (one multiply-add = one
 flop; element-wise ops are not counted), on one image of the given size, in inference mode.
-Handles are registered for the non-local block's efficient paths, which fvcore would otherwise
-skip or count as zero: ``scaled_dot_product_attention`` (L*M*(E + E_v) per head) and ``cumsum``
-(the concatenation form's prefix sums). Both models are built from the same seed and the
-non-local blocks start as the identity, so both detect the same boxes and the difference of the
-totals is exactly the cost of the blocks.
+Handles are registered for the blocks' ops that fvcore would skip, count as zero or estimate:
+``scaled_dot_product_attention`` (L*M*(E + E_v) per head), ``cumsum`` (the concatenation form's
+prefix sums) and two-operand ``einsum`` (exactly). Both models are built from the same seed and
+the blocks start as the identity (configs with ZERO_INIT where their authors' do not), so both
+detect the same boxes and the difference of the totals is the cost of the blocks.
 """
 
 import argparse
@@ -22,7 +22,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from tabulate import tabulate
 
-from ..layers import NonLocalBlock
+from ..layers import BLOCK_TYPES
 from ..modeling import baseline_config
 from ._common import load_config
 
@@ -41,15 +41,27 @@ def _sdpa_flop_jit(inputs, outputs) -> int:
     return batch * length * m * (e + e_v)
 
 
+def _einsum_flop_jit(inputs, outputs) -> int:
+    """aten::einsum of two operands: one multiply-add per combination of all its indices (fvcore's
+    own handle estimates with numpy's einsum_path, which halves outer products)."""
+    equation = inputs[0].toIValue().replace(" ", "")
+    shapes = [_shape(v) for v in inputs[1].node().inputs()]
+    letters = {}
+    for term, shape in zip(equation.split("->")[0].split(","), shapes):
+        letters.update(zip(term, shape))
+    return int(np.prod(list(letters.values())))
+
+
 def _cumsum_flop_jit(inputs, outputs) -> int:
     """aten::cumsum: one addition per element."""
     return int(np.prod(_shape(outputs[0])))
 
 
 def nonlocal_flop_handles() -> Dict[str, object]:
-    """fvcore op handles for the ops of :class:`NonLocalBlock` that fvcore does not count."""
+    """fvcore op handles for the blocks' ops that fvcore does not count (or counts roughly)."""
     return {
         "aten::scaled_dot_product_attention": _sdpa_flop_jit,
+        "aten::einsum": _einsum_flop_jit,
         "aten::cumsum": _cumsum_flop_jit,
         # Comparisons, index look-ups and pooling: no multiply-adds.
         "aten::sort": None,
@@ -90,7 +102,7 @@ def analyze(cfg, height: int = 800, width: int = 1333, seed: int = 0) -> Tuple[l
     image = torch.rand(3, height, width, generator=generator) * 255
     inputs = [{"image": image, "height": height, "width": width}]
     results = {}
-    for label, c in (("with non-local", cfg), ("without", baseline_config(cfg))):
+    for label, c in (("with blocks", cfg), ("without", baseline_config(cfg))):
         c = c.clone()
         c.defrost()
         c.MODEL.DEVICE = "cpu"
@@ -102,7 +114,7 @@ def analyze(cfg, height: int = 800, width: int = 1333, seed: int = 0) -> Tuple[l
             by_module = flops.by_module()
         results[label] = (model, flops.total(), by_module)
 
-    model, total, by_module = results["with non-local"]
+    model, total, by_module = results["with blocks"]
     _, base_total, base_by_module = results["without"]
     model_rows = []
     for label, (m, tot, mods) in results.items():
@@ -116,12 +128,13 @@ def analyze(cfg, height: int = 800, width: int = 1333, seed: int = 0) -> Tuple[l
         )
     block_rows = []
     for name, module in model.named_modules():
-        if isinstance(module, NonLocalBlock):
+        if isinstance(module, tuple(BLOCK_TYPES.values())):
             f = by_module.get(f"model.{name}", 0)
             block_rows.append(
                 {
                     "block": name,
-                    "C / C_inner": f"{module.in_channels} / {module.inner_channels}",
+                    "type": type(module).__name__,
+                    "C": module.in_channels,
                     "params (M)": _params(module) / 1e6,
                     "GFLOPs": f / 1e9,
                     "% of baseline": 100.0 * f / base_total,
@@ -156,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> Tuple[list, list]:
     pct = 100.0 * (with_nl["GFLOPs"] / without["GFLOPs"] - 1)
     print(f"\n{args.config_file} at {args.height}x{args.width} (fvcore; 1 multiply-add = 1 flop)")
     print(tabulate(model_rows, headers="keys", floatfmt=".2f", tablefmt="pipe"))
-    print(f"\nNon-local blocks add {pct:.2f}% FLOPs to the model without them.\n")
+    print(f"\nThe blocks add {pct:.2f}% FLOPs to the model without them.\n")
     if block_rows:
         print(tabulate(block_rows, headers="keys", floatfmt=".3f", tablefmt="pipe"))
     return model_rows, block_rows
