@@ -134,6 +134,36 @@ CASES = [
         ["'paper_5' needs at least 3 residual blocks in res4", "allowed for this depth"],
     ),
     (
+        "unknown block type",
+        lambda r, f: ["MODEL.NONLOCAL.TYPE", "gcnet"],
+        ValueError,
+        ["MODEL.NONLOCAL.TYPE='gcnet' is not supported", "'global_context'", "'criss_cross'"],
+    ),
+    (
+        "a position the residual block does not have (R18: 2 convs)",
+        lambda r, f: [
+            "MODEL.NONLOCAL.TYPE",
+            "global_context",
+            "MODEL.NONLOCAL.POSITION",
+            "after_conv3",
+        ],
+        ValueError,
+        ["MODEL.NONLOCAL.POSITION='after_conv3': the residual blocks of this ResNet (BasicBlock"],
+    ),
+    (
+        "a block type's option out of range",
+        lambda r, f: ["MODEL.NONLOCAL.TYPE", "global_context", "MODEL.NONLOCAL.GC.RATIO", "0.0"],
+        ValueError,
+        ["MODEL.NONLOCAL.GC.RATIO=0.0 is not supported"],
+    ),
+    (
+        "generalized attention without any energy term",
+        lambda r, f: ["MODEL.NONLOCAL.TYPE", "generalized_attention"]
+        + ["MODEL.NONLOCAL.GA.ATTENTION_TYPE", "[0, 0, 0, 0]"],
+        ValueError,
+        ["MODEL.NONLOCAL.GA.ATTENTION_TYPE='0000' is not supported", "'1111'"],
+    ),
+    (
         "block in a stage the backbone does not build",
         lambda r, f: [
             "MODEL.NONLOCAL.PLACEMENT", "custom", "MODEL.NONLOCAL.RES5_BLOCKS", "[0]",

@@ -105,3 +105,19 @@ def test_bad_positions_name_the_key(blocks):
         build_keypoint_head(cfg, SHAPE)
     msg = str(err.value)
     assert "MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS" in msg and "1..8" in msg and str(blocks) in msg
+
+
+@pytest.mark.parametrize("block_type", ["global_context", "criss_cross", "generalized_attention"])
+def test_other_block_types_in_the_head_start_as_the_identity(block_type):
+    from nonlocal_det.layers import BLOCK_TYPES
+
+    cfg = head_cfg(opts=["MODEL.NONLOCAL.TYPE", block_type])
+    torch.manual_seed(0)
+    head = build_keypoint_head(cfg, SHAPE)
+    torch.manual_seed(0)
+    base = build_keypoint_head(head_cfg("KRCNNConvDeconvUpsampleHead"), SHAPE)
+    blocks = head.nonlocal_blocks()
+    assert len(blocks) == 4 and all(isinstance(b, BLOCK_TYPES[block_type]) for b in blocks)
+    x = torch.randn(3, 32, 14, 14)
+    with torch.no_grad():
+        assert torch.equal(head.layers(x), base.layers(x))
