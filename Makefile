@@ -1,6 +1,6 @@
 # nonlocal_det — every target first runs the idempotent set-up (creates .venv/, installs all).
 PY := .venv/bin/python
-.PHONY: setup test demo bench format clean-venv
+.PHONY: setup test demo bench bench-model gpu-check format clean-venv
 
 setup:
 	@bash scripts/setup_env.sh
@@ -24,9 +24,18 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_nonlocal.py
 
+# What each block costs inside Mask R-CNN R50-FPN at 800x1333 (CPU: about 90 minutes).
+bench-model: setup
+	$(PY) benchmarks/bench_model.py --markdown --flops-json benchmarks/flops_800x1333.json
+
 format: setup
 	$(PY) -m black --line-length 100 nonlocal_det tests benchmarks configs/lazy train_net.py
 	$(PY) -m isort nonlocal_det tests benchmarks configs/lazy train_net.py
 
 clean-venv:
 	rm -rf .venv
+
+# On a machine with one CUDA GPU (about 8 minutes): CUDA tests, operator and model benchmarks on
+# CUDA, 20 AMP training iterations; one Markdown report in output/gpu_check/report.md.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --output output/gpu_check

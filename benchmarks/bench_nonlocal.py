@@ -178,10 +178,14 @@ def run_one(spec: dict) -> dict:
     x = inputs[0]
     params = list(module.parameters())
 
+    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.get("amp", "fp32"))
+
     def step():
         for t in inputs + params:
             t.grad = None
-        op(*inputs).backward(grad_out)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = op(*inputs)
+        out.backward(grad_out.to(out.dtype))
 
     def sync():
         if cuda:
@@ -305,7 +309,7 @@ def build_rows(results: List[dict]) -> List[List[str]]:
         dag_n = "\u2020" if n.get("warmup_counted") else ""
         rows.append(
             [
-                r["device"],
+                r["device"] + ("" if r.get("amp", "fp32") == "fp32" else " " + r["amp"]),
                 f"{r['size']} {r['hw'][0]}x{r['hw'][1]}",
                 f"{r['n']}x{r['m']}",
                 r["pairwise"],
@@ -357,7 +361,10 @@ def check_targets(results: List[dict]) -> List[str]:
     sel: Dict[str, dict] = {
         r["pairwise"]: r
         for r in results
-        if r["device"] == "cpu" and r["size"] == TARGET_SIZE and not r["subsample"]
+        if r["device"] == "cpu"
+        and r["size"] == TARGET_SIZE
+        and not r["subsample"]
+        and r.get("amp", "fp32") == "fp32"
     }
     scope = results[0].get("scope", "block") if results else "block"
     where = f"{TARGET_SIZE} {SIZES[TARGET_SIZE][0]}x{SIZES[TARGET_SIZE][1]}, no subsampling, CPU"
@@ -418,6 +425,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--ops", default="shipped,naive", help="comma list of shipped,naive")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument(
+        "--amp", default="fp32", help="comma list of fp32,fp16,bf16: autocast of the forward"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument(
         "--warmup-max-s",
@@ -474,6 +484,9 @@ def main(argv=None) -> int:
     if not ops or any(op not in ("shipped", "naive") for op in ops):
         raise SystemExit(f"--ops: {args.ops!r}; allowed: shipped, naive or shipped,naive")
     subsamples = {"both": [False, True], "on": [True], "off": [False]}[args.subsample]
+    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
+    if not amps or any(a not in ("fp32", "fp16", "bf16") for a in amps):
+        raise SystemExit(f"--amp: {args.amp!r}; allowed: a comma list of fp32, fp16, bf16")
 
     print("Non-local block: shipped NonLocalBlock vs naive N x M form, forward + backward")
     for line in machine_header(devices):
@@ -492,13 +505,14 @@ def main(argv=None) -> int:
     print(flush=True)
 
     results = []
-    for device in devices:
+    for device, amp in [(d, a) for d in devices for a in amps]:
         for size in size_names:
             h, w = sizes[size]
             for pw in pairwise:
                 for sub in subsamples:
                     m = ((h // 2) * (w // 2)) if sub else h * w
                     rec = dict(device=device, size=size, hw=[h, w], pairwise=pw, subsample=sub)
+                    rec["amp"] = amp
                     rec["scope"] = args.scope
                     rec.update(n=h * w, m=m)
                     for op in ops:
@@ -527,7 +541,8 @@ def main(argv=None) -> int:
                             + (" (warm-up counted)" if res.get("warmup_counted") else "")
                         )
                         print(
-                            f"  [{device} {size} {pw} subsample={'on' if sub else 'off'} {op}] "
+                            f"  [{device} {amp} {size} {pw} subsample={'on' if sub else 'off'} "
+                            f"{op}] "
                             f"{msg}  ({time.perf_counter() - t0:.0f} s)",
                             file=sys.stderr,
                             flush=True,

@@ -1,0 +1,67 @@
+"""The model-level benchmark and the GPU check: a smoke run of ``bench_model.py --quick`` (tiny
+model and images) and the GPU check's argument handling on CPU."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_bench_model_quick_prints_the_table_and_the_targets(tmp_path):
+    flops = tmp_path / "flops.json"
+    proc = _run(BENCH / "bench_model.py", "--quick", "--markdown", "--flops-json", flops)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "CPU:" in out and "torch " in out and "wall time" in out
+    rows = [l for l in out.splitlines() if l.startswith("| ")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == ["row", "---", "baseline", "nl_paper_1", "naive_paper_1", "snl"]
+    baseline = next(r for r in rows if r.startswith("| baseline"))
+    assert len(baseline.split("|")[4].split("/")) == 2  # the baseline ran twice (alternation)
+    assert out.count("overhead") == 4  # train and inference targets of the two shipped rows
+    assert flops.is_file() and "baseline" in flops.read_text()
+    again = _run(BENCH / "bench_model.py", "--quick", "--flops-json", flops, "--rows", "baseline")
+    assert again.returncode == 0 and f"FLOPs from {flops}" in again.stdout
+
+
+def test_bench_model_refuses_unknown_rows():
+    proc = _run(BENCH / "bench_model.py", "--rows", "baseline,nl_paper_3")
+    assert proc.returncode == 2 and "nl_paper_3" in proc.stderr and "nl_paper_10" in proc.stderr
+
+
+def test_gpu_check_lists_its_steps_within_eight_minutes():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    plan = gpu_check.steps("out")
+    assert [name for name, _, _ in plan] == [
+        "CUDA-only tests",
+        "operator benchmark, CUDA",
+        "model benchmark, CUDA",
+        "20 AMP iterations of mask_rcnn_R50_NL.yaml",
+    ]
+    assert sum(limit for _, _, limit in plan) <= 8 * 60
+    proc = _run(BENCH / "gpu_check.py", "--dry-run")
+    assert proc.returncode == 0 and proc.stdout.count(" s): `") == 4
+    assert "SOLVER.AMP.ENABLED True" in proc.stdout and "-m cuda" in proc.stdout
+
+
+def test_gpu_check_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    proc = _run(BENCH / "gpu_check.py", "--output", "unused")
+    assert proc.returncode == 2 and "no CUDA device" in proc.stdout
