@@ -23,9 +23,9 @@ def test_bench_model_quick_prints_the_table_and_the_targets(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "CPU:" in out and "torch " in out and "wall time" in out
-    rows = [l for l in out.splitlines() if l.startswith("| ")]
+    rows = [l for l in out.splitlines() if l.startswith("| ") or l.startswith("|---")]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names == ["row", "---", "baseline", "nl_paper_1", "naive_paper_1", "snl"]
+    assert names == ["row", "---", "baseline", "nl_paper_1", "naive_paper_1", "snl"], names
     baseline = next(r for r in rows if r.startswith("| baseline"))
     assert len(baseline.split("|")[4].split("/")) == 2  # the baseline ran twice (alternation)
     assert out.count("overhead") == 4  # train and inference targets of the two shipped rows
