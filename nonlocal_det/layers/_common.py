@@ -6,8 +6,11 @@ from numbers import Real
 from typing import List
 
 import torch
+from detectron2.layers import CNNBlockBase
+from torch import nn
 
 __all__ = [
+    "AttentionPooling",
     "check_choice",
     "check_int",
     "check_bool",
@@ -115,3 +118,28 @@ def softmax_fp32(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax computed in float32 at least (float64 stays float64)."""
     dt = torch.promote_types(logits.dtype, torch.float32)
     return torch.softmax(logits.to(dt), dim=dim)
+
+
+class AttentionPooling(CNNBlockBase):
+    """The context modelling of SNL and GC (Cao et al.): one attention map over the positions,
+    softmax_j(conv_mask(x)_j) shared by every query, and the context sum_j w_j x_j. A
+    ``CNNBlockBase`` (stride 1, in == out channels) with the 1x1 conv ``conv_mask`` (C -> 1)."""
+
+    def __init__(self, in_channels: int):
+        super().__init__(in_channels, in_channels, stride=1)
+        self.conv_mask = nn.Conv2d(in_channels, 1, kernel_size=1)
+
+    def _weights(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax over positions of conv_mask(x), computed in float32 at least: (N, 1, H*W)."""
+        return softmax_fp32(self.conv_mask(x).flatten(2), 2).to(x.dtype)
+
+    def _context(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j x_j: (N, C, 1, 1)."""
+        return torch.matmul(x.flatten(2), self._weights(x).transpose(1, 2)).unsqueeze(3)
+
+    @torch.jit.unused
+    def context_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention map shared by every query, softmax_j(conv_mask(x)): (N, H, W), summing
+        to 1 over the positions, for an input x (N, C, H, W) of the block."""
+        check_input(type(self).__name__, x, self.in_channels)
+        return self._weights(x).reshape(x.shape[0], x.shape[2], x.shape[3])

@@ -10,10 +10,9 @@ Squeeze-Excitation Networks and Beyond" (ICCVW 2019, arXiv:1904.11492), as mmcv 
 from typing import Optional, Sequence, Tuple
 
 import torch
-from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import check_input, check_int, check_ratio, softmax_fp32
+from ._common import AttentionPooling, check_input, check_int, check_ratio
 
 __all__ = ["GlobalContextBlock", "FUSION_TYPES"]
 
@@ -47,7 +46,7 @@ def _check_fusions(fusion_types) -> Tuple[str, ...]:
     return tuple(f for f in FUSION_TYPES if f in chosen)
 
 
-class GlobalContextBlock(CNNBlockBase):
+class GlobalContextBlock(AttentionPooling):
     """Global context block (mmcv ``ContextBlock``, attention pooling).
 
     Context modelling: ``conv_mask`` (1x1 conv C -> 1, with bias), softmax over the H*W positions,
@@ -86,11 +85,10 @@ class GlobalContextBlock(CNNBlockBase):
         check_int(_NAME, "in_channels", in_channels, 1)
         planes = check_ratio(_NAME, "ratio", ratio, in_channels)
         fusions = _check_fusions(fusion_types)
-        super().__init__(in_channels, in_channels, stride=1)
+        super().__init__(in_channels)
         self.ratio = float(ratio)
         self.planes = planes
         self.fusion_types = fusions
-        self.conv_mask = nn.Conv2d(in_channels, 1, kernel_size=1)
         self.channel_add_conv: Optional[nn.Module] = None
         self.channel_mul_conv: Optional[nn.Module] = None
         if "add" in fusions:
@@ -111,14 +109,9 @@ class GlobalContextBlock(CNNBlockBase):
     def extra_repr(self) -> str:
         return f"ratio={self.ratio:g}, planes={self.planes}, fusion_types={self.fusion_types}"
 
-    def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        """softmax over positions of conv_mask(x), computed in float32 at least: (N, 1, H*W)."""
-        return softmax_fp32(self.conv_mask(x).flatten(2), 2).to(x.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("GlobalContextBlock", x, self.in_channels)
-        weights = self._weights(x)  # (N, 1, HW)
-        context = torch.matmul(x.flatten(2), weights.transpose(1, 2)).unsqueeze(3)  # (N, C, 1, 1)
+        context = self._context(x)  # (N, C, 1, 1)
         out = x
         mul = self.channel_mul_conv
         if mul is not None:
@@ -127,16 +120,3 @@ class GlobalContextBlock(CNNBlockBase):
         if add is not None:
             out = out + add(context)
         return out
-
-    @torch.jit.unused
-    def context_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention-pooling weights softmax_j(conv_mask(x)), shared by every position.
-
-        Args:
-            x: input of the block, (N, C, H, W).
-
-        Returns:
-            Tensor (N, H, W) summing to 1 over the positions.
-        """
-        check_input("GlobalContextBlock", x, self.in_channels)
-        return self._weights(x).reshape(x.shape[0], x.shape[2], x.shape[3])

@@ -9,17 +9,16 @@ One attention map over the positions, shared by every query.
 """
 
 import torch
-from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import check_bool, check_input, check_int, softmax_fp32
+from ._common import AttentionPooling, check_bool, check_input, check_int
 
 __all__ = ["SimplifiedNonLocalBlock"]
 
 _NAME = "SimplifiedNonLocalBlock"
 
 
-class SimplifiedNonLocalBlock(CNNBlockBase):
+class SimplifiedNonLocalBlock(AttentionPooling):
     """Simplified non-local block: ``z = x + W_v sum_j softmax_j(conv_mask(x))_j x_j``.
 
     The authors' block (DNL repository, ``ContextBlock(simple=True)``): ``conv_mask`` is a 1x1
@@ -51,9 +50,8 @@ class SimplifiedNonLocalBlock(CNNBlockBase):
     def __init__(self, in_channels: int, zero_init: bool = False):
         check_int(_NAME, "in_channels", in_channels, 1)
         check_bool(_NAME, "zero_init", zero_init)
-        super().__init__(in_channels, in_channels, stride=1)
+        super().__init__(in_channels)
         self.zero_init = zero_init
-        self.conv_mask = nn.Conv2d(in_channels, 1, kernel_size=1)
         self.conv_value = nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=False)
         self.reset_parameters()
 
@@ -69,26 +67,6 @@ class SimplifiedNonLocalBlock(CNNBlockBase):
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, zero_init={self.zero_init}"
 
-    def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        """softmax over positions of conv_mask(x), computed in float32 at least: (N, 1, H*W)."""
-        return softmax_fp32(self.conv_mask(x).flatten(2), 2).to(x.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("SimplifiedNonLocalBlock", x, self.in_channels)
-        weights = self._weights(x)  # (N, 1, HW)
-        context = torch.matmul(x.flatten(2), weights.transpose(1, 2))  # (N, C, 1)
-        context = self.conv_value(context.unsqueeze(3))  # (N, C, 1, 1)
-        return x + context
-
-    @torch.jit.unused
-    def context_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention map shared by every query, softmax_j(conv_mask(x)).
-
-        Args:
-            x: input of the block, (N, C, H, W).
-
-        Returns:
-            Tensor (N, H, W) summing to 1 over the positions.
-        """
-        check_input("SimplifiedNonLocalBlock", x, self.in_channels)
-        return self._weights(x).reshape(x.shape[0], x.shape[2], x.shape[3])
+        return x + self.conv_value(self._context(x))
