@@ -209,6 +209,39 @@ def run_one(spec: dict) -> dict:
     }
 
 
+def profile_one(spec: dict) -> dict:
+    """torch.profiler of one train step (after a warm-up step): the ops by self time, and the
+    share of the step spent inside the blocks (their forward and backward, by module name)."""
+    import torch
+    from detectron2.utils.events import EventStorage
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from nonlocal_det.layers import BLOCK_TYPES
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    cfg, model = _build(spec)
+    inputs = _inputs(spec, torch.device(spec["device"]), True)
+    blocks = [m for m in model.modules() if isinstance(m, tuple(BLOCK_TYPES.values()))]
+    for m in blocks:  # label every block's forward; autograd tags its backward ops with it
+        m.register_forward_pre_hook(
+            lambda mod, a: mod.__dict__.update(_rf=record_function("BLOCK").__enter__())
+        )
+        m.register_forward_hook(
+            lambda mod, a, out: mod.__dict__.pop("_rf").__exit__(None, None, None)
+        )
+    model.train()
+    with EventStorage():
+        sum(model(inputs).values()).backward()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sum(model(inputs).values()).backward()
+        step_s = time.perf_counter() - start
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+    forward = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "BLOCK") / 1e6
+    return {**spec, "step_s": step_s, "block_forward_s": forward, "table": table}
+
+
 def count_flops(spec: dict) -> dict:
     """fvcore's forward FLOPs of the row's model on one image (as ``tools.analyze`` counts)."""
     import torch
@@ -225,7 +258,10 @@ def count_flops(spec: dict) -> dict:
 
 def _worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    out = count_flops(spec) if spec.get("flops_only") else run_one(spec)
+    if spec.get("profile"):
+        out = profile_one(spec)
+    else:
+        out = count_flops(spec) if spec.get("flops_only") else run_one(spec)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -405,6 +441,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     p.add_argument("--quick", action="store_true", help="tiny model and images: a smoke test")
+    p.add_argument(
+        "--profile", action="store_true", help="profile one train step of each row instead"
+    )
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -443,6 +482,18 @@ def main(argv=None) -> int:
             base_spec, row=row, opts=extra + ROWS[row], naive=row.startswith("naive_"), **kw
         )
 
+    if args.profile:
+        for row in args.rows:
+            for batch in args.batches:
+                out = run_isolated(spec(row, batch=batch, amp="fp32", profile=True), args.timeout)
+                if "error" in out:
+                    print(f"{row} batch {batch}: {out['error']}")
+                    continue
+                print(
+                    f"\n{row} batch {batch}: profiled train step {out['step_s']:.2f} s, of which "
+                    f"the blocks' forward {out['block_forward_s']:.2f} s\n{out['table']}"
+                )
+        return 0
     flops = {}
     if args.flops_json and os.path.isfile(args.flops_json):
         with open(args.flops_json) as f:
