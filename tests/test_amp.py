@@ -92,7 +92,7 @@ def test_amp_training_on_cpu_runs_the_blocks_in_bf16(data, tmp_path):
     blocks = [m for m in trainer.model.modules() if isinstance(m, NonLocalBlock)]
     assert len(blocks) == 3  # res4 + 2 in the keypoint head
     for b in blocks:
-        b.out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        b.g.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     trainer.train()
     assert seen and set(seen) == {torch.bfloat16}
     losses = {k: h.latest() for k, h in trainer.storage.histories().items() if "loss" in k}

@@ -53,8 +53,9 @@ class NonLocalBlock(CNNBlockBase):
     inside a ResNet stage and be frozen with it.
 
     Sub-module names are part of the checkpoint format: ``theta``, ``phi``, ``g`` (1x1 convs),
-    ``out`` (W_z), ``norm`` (after W_z, when used) and ``concat_project`` (w_f of the concatenation
-    form, its first ``inner_channels`` weights act on theta, the rest on phi). ``gaussian`` has no
+    ``out`` (W_z; without a norm, its weight is applied as a matmul on y), ``norm`` (after W_z, when
+    used) and ``concat_project`` (w_f of the concatenation form, its first ``inner_channels``
+    weights act on theta, the rest on phi). ``gaussian`` has no
     ``theta``/``phi``: it compares the raw features x_i, x_j.
 
     Args:
@@ -249,15 +250,23 @@ class NonLocalBlock(CNNBlockBase):
         self._check_input(x)
         q, k, v = self._embed(x)[:3]
         y = self._aggregate(q, k, v)  # (N, L, C_inner)
+        norm = self.norm
+        if norm is None:
+            # W_z as a matmul in y's (position, channel) layout: no transposed copy of y, which the
+            # conv would keep for its backward beside the attention's own output. x first in the
+            # sum: the result takes x's (contiguous) layout, not the permuted view's.
+            z = F.linear(y, self.out.weight.flatten(1), self.out.bias)  # (N, L, C)
+            shape = [x.shape[0]]
+            shape.extend(x.shape[2:])
+            shape.append(self.in_channels)
+            perm = [0, self.dim + 1]  # (N, *spatial, C) -> (N, C, *spatial), as ONNX allows
+            for axis in range(1, self.dim + 1):
+                perm.append(axis)
+            return x + z.view(shape).permute(perm)
         shape = [x.shape[0], self.inner_channels]
         shape.extend(x.shape[2:])
-        # contiguous: a channels-last view here would make the next layers take another kernel path
-        y = y.transpose(1, 2).contiguous().view(shape)
-        z = self.out(y)
-        norm = self.norm
-        if norm is not None:
-            z = norm(z)
-        return x + z
+        z = self.out(y.transpose(1, 2).contiguous().view(shape))
+        return x + norm(z)
 
     @torch.jit.unused
     def attention_for_queries(self, x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
