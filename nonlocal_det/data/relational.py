@@ -13,15 +13,20 @@ centre): an object's nearest neighbour is always far. Two tasks (``task``):
   each of the cue's colour with probability 1/2 (*match*), else of another palette colour drawn
   uniformly (colours may repeat among them: having a same-coloured partner tells nothing);
   categories ``circle_match``, ``circle_other``, ``square_match``, ``square_other``.
+- ``"cue"`` (a global cue): 2-4 grey circles and squares and one large square, the cue (not
+  annotated), red or blue, in a corner; every object at least ``cue_distance`` x the image size
+  from the cue. An object's category is its shape x the cue's colour: ``circle_red``,
+  ``circle_blue``, ``square_red``, ``square_blue``. No comparison, only the cue's colour, far away.
 
 Which objects are twins, or of the cue's colour, is drawn independently of where they are, and
 every colour is as often of either kind: neither the layout nor an object's own colour tells its
-category, only the comparison with another object's colour, far away, does.
+category, only the comparison with another object's colour, far away, does (the cue task: only
+the cue's colour).
 
 Annotations are plain COCO (``bbox``, ``area``, polygons of the mask), plus the generator's own
 record of each object: ``shape``, ``colour`` (the RGB drawn, before the pixel noise) and
-``colour_index`` (into the palette); with ``"match"`` each image entry records its ``cue``
-(``bbox``, ``colour``, ``colour_index``). One ``numpy`` generator per image, seeded from ``(seed,
+``colour_index`` (into the palette; -1 for the cue task's greys); with ``"match"`` and ``"cue"``
+each image entry records its ``cue`` (``bbox``, ``colour``, ``colour_index``). One ``numpy`` generator per image, seeded from ``(seed,
 split, index)``: the same parameters give byte-identical files (:func:`write_generated_coco`).
 """
 
@@ -52,10 +57,15 @@ __all__ = [
 # Part of the cache folders' names: bump it when the generated content of the defaults changes.
 RELATION_DATASET_VERSION = 1
 # task -> the two words of its categories (the relation holds, does not hold)
-RELATION_TASKS = {"twin": ("paired", "single"), "match": ("match", "other")}
+RELATION_TASKS = {
+    "twin": ("paired", "single"),
+    "match": ("match", "other"),
+    "cue": ("red", "blue"),
+}
 # Shape name -> the category id of nonlocal_det.data.shapes.shape_parts.
 RELATION_SHAPES = {"circle": 1, "square": 2}
 _CUE_SHAPE = 3  # the match task's cue: a triangle
+_CUE_COLOURS = ((220, 40, 40), (50, 90, 230))  # the cue task's cue: red or blue
 
 # Six saturated colours, far from each other and from the grey background.
 DEFAULT_PALETTE = (
@@ -103,6 +113,9 @@ class RelationSpec:
         min_distance: the least distance between two objects' centres (the cue included), as a
             fraction of the image size.
         noise_std: std of the Gaussian pixel noise.
+        cue_size: (min, max) side of the cue task's cue square, in pixels.
+        cue_distance: the cue task's least distance from the cue's centre to an object's, as a
+            fraction of the image size (objects are ``min_distance`` apart from each other).
     """
 
     palette: Tuple[Tuple[int, int, int], ...] = DEFAULT_PALETTE
@@ -112,6 +125,8 @@ class RelationSpec:
     max_size: float = 28.0
     min_distance: float = 0.4
     noise_std: float = 4.0
+    cue_size: Tuple[float, float] = (40.0, 48.0)
+    cue_distance: float = 0.5
     placement_tries: int = field(default=200, repr=False)
 
     def objects(self, task: str) -> Tuple[int, int]:
@@ -132,7 +147,7 @@ class RelationSpec:
                 "max_objects"
             )
         colours = len(set(self.palette))
-        needed = high if task == "twin" else 2
+        needed = {"twin": high, "match": 2, "cue": 0}[task]
         if colours < needed:
             problems.append(
                 f"palette has {colours} distinct colours; allowed: at least {needed} for the "
@@ -156,6 +171,7 @@ class RelationSpec:
         d = asdict(self)
         d.pop("placement_tries")
         d["palette"] = [list(c) for c in self.palette]
+        d["cue_size"] = list(self.cue_size)
         return d
 
 
@@ -172,9 +188,12 @@ def _grey_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.repeat(60.0 + grey * (130.0 / 255.0), 3, axis=2).astype(np.float32)
 
 
-def _layout(rng: np.random.Generator, size: int, n: int, spec: RelationSpec) -> np.ndarray:
-    """``n`` centres, every two at least ``min_distance`` x ``size`` apart (random sequential
-    placement, started over when stuck)."""
+def _layout(
+    rng: np.random.Generator, size: int, n: int, spec: RelationSpec, cue=None
+) -> np.ndarray:
+    """``n`` centres, every two at least ``min_distance`` x ``size`` apart, and at least
+    ``cue_distance`` x ``size`` from ``cue`` (a centre) if given (random sequential placement,
+    started over when stuck)."""
     low, high = spec.max_size / 2.0, size - 1 - spec.max_size / 2.0
     d = spec.min_distance * size
     for _ in range(spec.placement_tries):
@@ -182,6 +201,8 @@ def _layout(rng: np.random.Generator, size: int, n: int, spec: RelationSpec) -> 
         for _slot in range(n):
             for _try in range(30):
                 c = rng.uniform(low, high, size=2)
+                if cue is not None and np.hypot(*(c - cue)) < spec.cue_distance * size:
+                    continue
                 if all(np.hypot(*(c - o)) >= d for o in centres):
                     centres.append(c)
                     break
@@ -217,6 +238,8 @@ def make_relation_image(
     low, high = spec.objects(task)
     n = int(rng.integers(low, high + 1))
     k = len(spec.palette)
+    if task == "cue":
+        return _cue_image(rng, size, spec, image, n)
     if task == "twin":
         num_pairs = int(rng.integers(0, n // 2 + 1))
         index = rng.choice(k, size=n - num_pairs, replace=False)
@@ -251,6 +274,48 @@ def make_relation_image(
                 "shape": shape,
                 "colour": [int(v) for v in colour],
                 "colour_index": colours[i],
+            }
+        )
+    image = image + rng.normal(0.0, spec.noise_std, size=image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), annotations, extra
+
+
+def _cue_image(rng, size: int, spec: RelationSpec, image: np.ndarray, n: int):
+    """The cue task: a red or blue square in a corner, ``n`` grey objects far from it."""
+    red = bool(rng.random() < 0.5)
+    side = rng.uniform(*spec.cue_size)
+    corner = rng.integers(2, size=2)  # (x, y): 0 left / top, 1 right / bottom
+    offset = side / 2.0 + rng.uniform(2.0, 10.0, size=2)
+    cue_centre = np.where(corner == 1, size - 1 - offset, offset)
+    centres = _layout(rng, size, n, spec, cue=cue_centre)
+    half = side / 2.0
+    square = np.array([[-half, -half], [half, -half], [half, half], [-half, half]]) + cue_centre
+    mask = np.ascontiguousarray(
+        rasterize([("poly", square)], size + 2 * PAD)[PAD : PAD + size, PAD : PAD + size]
+    )
+    colour = _CUE_COLOURS[0 if red else 1]
+    image[mask.astype(bool)] = colour
+    ys, xs = np.nonzero(mask)
+    box = [int(xs.min()), int(ys.min()), int(xs.max() + 1 - xs.min()), int(ys.max() + 1 - ys.min())]
+    extra = {"cue": {"bbox": box, "colour": list(colour), "colour_index": 0 if red else 1}}
+    annotations = []
+    for i in range(n):
+        shape = list(RELATION_SHAPES)[int(rng.integers(len(RELATION_SHAPES)))]
+        # grey, contrasting with the background around it
+        x, y = np.clip(centres[i].astype(int), 0, size - 1)
+        level = rng.uniform(15.0, 45.0) if image[y, x, 0] > 125 else rng.uniform(210.0, 240.0)
+        grey = (int(round(level)),) * 3
+        mask, box = _draw(rng, image, RELATION_SHAPES[shape], centres[i], size, spec, grey)
+        annotations.append(
+            {
+                "category_id": relation_category_id(shape, red),
+                "bbox": box,
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+                "segmentation": mask_to_polygons(mask),
+                "shape": shape,
+                "colour": list(grey),
+                "colour_index": -1,
             }
         )
     image = image + rng.normal(0.0, spec.noise_std, size=image.shape)
