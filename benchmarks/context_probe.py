@@ -45,6 +45,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # this checkout's nonlocal_det and train_net.py, installed or not
 CONFIG = os.path.join(REPO, "configs", "probe", "faster_rcnn_R18_NL_probe.yaml")
 
 # Model -> overrides of CONFIG. Every block sits where CONFIG's non-local block does

@@ -232,7 +232,7 @@ def make_relation_image(
     rng: np.random.Generator, size: int, task: str = "twin", spec: RelationSpec = RelationSpec()
 ) -> Tuple[np.ndarray, List[Dict[str, Any]], Dict[str, Any]]:
     """One RGB uint8 image of ``task``, its (not yet numbered) annotations and the extra keys of
-    its image entry (``{"cue": ...}`` for the match task, else empty)."""
+    its image entry (``{"cue": ...}`` for the match and cue tasks, else empty)."""
     _check_task("make_relation_image", task)
     image = _grey_background(rng, size)
     low, high = spec.objects(task)
