@@ -77,7 +77,7 @@ def test_every_config_with_blocks_has_a_same_schedule_baseline():
     paired = 0
     for leaf in LEAVES:
         suffix = next((x for x in BLOCK_SUFFIXES if x + "." in leaf or x + "_" in leaf), None)
-        if suffix is None or leaf.startswith("demo"):
+        if suffix is None or leaf.startswith(("demo", "probe")):
             continue
         base = leaf.replace(suffix, "", 1)
         assert base in LEAVES, f"{leaf} has no baseline {base}"
@@ -133,7 +133,7 @@ def test_config_builds_and_runs(leaf):
     for name, (cls, c, inner) in EXPECTED.get(leaf, {}).items():
         if cls != NL:  # the other types: their own channel arguments, checked in their tests
             blocks[name] = blocks[name][:2] + (None,)
-    if not leaf.startswith("demo"):
+    if not leaf.startswith(("demo", "probe")):
         assert blocks == EXPECTED.get(leaf, {}), leaf
     image = torch.rand(3, 64, 80) * 255
     with EventStorage():

@@ -1,6 +1,6 @@
 """The datasets a config names, registered and checked: Detectron2's own (COCO), the generated
-demo data (``nl_synthetic_train`` / ``nl_synthetic_val``, made on first use) and your own COCO
-files (``DATASETS.*_JSON``)."""
+demo data (``nl_synthetic_train`` / ``nl_synthetic_val``) and the context probe's (``nl_twin_*``,
+``nl_match_*``), made on first use, and your own COCO files (``DATASETS.*_JSON``)."""
 
 import logging
 import os
@@ -8,6 +8,12 @@ import os
 from detectron2.utils import comm
 
 from .coco import register_coco_json_datasets
+from .relational import (
+    RELATION_TASKS,
+    generate_relation_coco,
+    register_relation_coco,
+    relation_dataset_root,
+)
 from .synthetic import (
     SPLITS,
     default_dataset_root,
@@ -17,6 +23,7 @@ from .synthetic import (
 
 __all__ = [
     "SYNTHETIC_PREFIX",
+    "RELATION_PREFIXES",
     "check_datasets",
     "register_datasets_for_config",
     "synthetic_dataset",
@@ -26,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Dataset names starting with this prefix are the generated demo data.
 SYNTHETIC_PREFIX = "nl_synthetic"
+# ... and these the context probe's data (nonlocal_det.data.relational, its defaults), by task.
+RELATION_PREFIXES = {f"nl_{task}": task for task in RELATION_TASKS}
 
 
 def _register_synthetic(names) -> None:
@@ -40,11 +49,25 @@ def _register_synthetic(names) -> None:
     register_synthetic_coco(root, name_prefix=SYNTHETIC_PREFIX)
 
 
+def _register_relational(names) -> None:
+    """Generate (once per machine) and register the context-probe data that ``names`` use."""
+    for prefix, task in RELATION_PREFIXES.items():
+        if not any(n in (f"{prefix}_train", f"{prefix}_val") for n in names):
+            continue
+        root = relation_dataset_root(task)
+        if comm.get_local_rank() == 0 and generate_relation_coco(root, task):
+            logger.info(f"Generated the {task} dataset in {root}")
+        comm.synchronize()
+        register_relation_coco(root, name_prefix=prefix)
+
+
 def register_datasets_for_config(cfg) -> None:
-    """Register the datasets ``cfg`` needs beyond Detectron2's own: the demo data when
+    """Register the datasets ``cfg`` needs beyond Detectron2's own: generated data when
     ``DATASETS.TRAIN`` / ``TEST`` name it, and the ``DATASETS.*_JSON`` files (images checked)."""
     register_coco_json_datasets(cfg)
-    _register_synthetic(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    _register_synthetic(names)
+    _register_relational(names)
 
 
 def synthetic_dataset(split: str) -> str:

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -37,8 +37,10 @@ __all__ = [
     "SYNTHETIC_KEYPOINT_OKS_SIGMAS",
     "SPLITS",
     "default_dataset_root",
+    "check_generator_args",
     "generate_synthetic_coco",
     "register_synthetic_coco",
+    "write_generated_coco",
 ]
 
 # Part of the cache folder's name: bump it when the generated content changes.
@@ -253,33 +255,58 @@ def _generate_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, Li
     return image, annotations
 
 
-def _split_json(folder: str, split: str, count: int, size: int, seed: int) -> Dict[str, Any]:
-    """Write the images of one split into ``folder/split``; return its COCO dict."""
+# (rng, image size) -> (RGB uint8 image, its annotations without ids[, extra keys of its image entry])
+ImageMaker = Callable[[np.random.Generator, int], Tuple[Any, ...]]
+
+
+def _split_json(
+    folder: str, split: str, count: int, size: int, seed: int, make_image: ImageMaker
+) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Write the images of one split into ``folder/split``; return its COCO images and
+    annotations (numbered)."""
     os.makedirs(os.path.join(folder, split))
     images, annotations = [], []
     for index in range(count):
         rng = np.random.default_rng([seed, SPLITS.index(split), index])
-        image, anns = _generate_image(rng, size)
+        image, anns, *extra = make_image(rng, size)
         file_name = f"{index:06d}.png"
         bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
         if not cv2.imwrite(os.path.join(folder, split, file_name), bgr):
             raise OSError(f"could not write {os.path.join(folder, split, file_name)}")
-        images.append({"id": index + 1, "file_name": file_name, "height": size, "width": size})
+        entry = {"id": index + 1, "file_name": file_name, "height": size, "width": size}
+        images.append({**entry, **extra[0]} if extra else entry)
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
-    return {
-        "info": {"description": f"nonlocal_det synthetic shapes v{SYNTHETIC_DATASET_VERSION}"},
-        "images": images,
-        "annotations": annotations,
-        "categories": [dict(c) for c in SYNTHETIC_CATEGORIES],
-    }
+    return images, annotations
 
 
-def generate_synthetic_coco(
-    root: str, num_train: int = 400, num_val: int = 50, image_size: int = 192, seed: int = 0
+def check_generator_args(caller: str, **values: int) -> None:
+    """ValueError naming ``caller`` unless each of ``num_train``, ``num_val``, ``image_size``,
+    ``seed`` given is an int of at least 1, 1, 96, 0."""
+    lows = {"num_train": 1, "num_val": 1, "image_size": 96, "seed": 0}
+    for name, value in values.items():
+        low = lows[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(
+                f"{caller}: {name}={value!r} is not supported; allowed: an int >= {low}"
+            )
+
+
+def write_generated_coco(
+    root: str,
+    counts: Dict[str, int],
+    image_size: int,
+    seed: int,
+    make_image: ImageMaker,
+    info: Dict[str, Any],
+    categories: Sequence[Dict[str, Any]],
+    caller: str,
 ) -> bool:
-    """Generate the dataset as ``root/{train,val}/NNNNNN.png`` and
-    ``root/annotations/instances_{train,val}.json``, unless ``root`` already holds it.
+    """Write a generated dataset as ``root/{split}/NNNNNN.png`` and
+    ``root/annotations/instances_{split}.json`` (splits of :data:`SPLITS`), unless ``root``
+    already holds it. Image ``index`` of ``split`` is ``make_image(rng, image_size)``, ``rng`` a
+    numpy generator seeded from ``(seed, split, index)``, which returns the RGB uint8 image, its
+    annotations (without ids) and optionally a dict of extra keys for its ``images`` entry.
 
     Everything is written into a hidden temporary folder beside ``root``, renamed to ``root`` (new
     or empty) at the end: an interrupted run leaves no dataset (the next run starts over), and of
@@ -288,32 +315,29 @@ def generate_synthetic_coco(
     Returns:
         True if generated now, False if ``root`` was already there.
     """
-    for name, value, low in (
-        ("num_train", num_train, 1),
-        ("num_val", num_val, 1),
-        ("image_size", image_size, 96),
-        ("seed", seed, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(
-                f"generate_synthetic_coco: {name}={value!r} is not supported; allowed: an int "
-                f">= {low}"
-            )
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if os.path.isfile(os.path.join(root, "annotations", "instances_val.json")):
         return False
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise FileExistsError(
-            f"generate_synthetic_coco: {root} exists and is not a generated dataset; allowed: a "
-            "new or empty folder"
+            f"{caller}: {root} exists and is not a generated dataset; allowed: a new or empty "
+            "folder"
         )
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.")
     try:
         os.makedirs(os.path.join(tmp, "annotations"))
-        for split, count in zip(SPLITS, (num_train, num_val)):
-            data = _split_json(tmp, split, count, image_size, seed)
+        for split in SPLITS:
+            images, annotations = _split_json(
+                tmp, split, counts[split], image_size, seed, make_image
+            )
+            data = {
+                "info": dict(info),
+                "images": images,
+                "annotations": annotations,
+                "categories": [dict(c) for c in categories],
+            }
             with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
                 json.dump(data, f, separators=(",", ":"))
         os.chmod(tmp, 0o755)  # mkdtemp makes a 0700 folder
@@ -326,6 +350,35 @@ def generate_synthetic_coco(
         return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def generate_synthetic_coco(
+    root: str, num_train: int = 400, num_val: int = 50, image_size: int = 192, seed: int = 0
+) -> bool:
+    """Generate the dataset as ``root/{train,val}/NNNNNN.png`` and
+    ``root/annotations/instances_{train,val}.json``, unless ``root`` already holds it
+    (:func:`write_generated_coco`: atomic, deterministic).
+
+    Returns:
+        True if generated now, False if ``root`` was already there.
+    """
+    check_generator_args(
+        "generate_synthetic_coco",
+        num_train=num_train,
+        num_val=num_val,
+        image_size=image_size,
+        seed=seed,
+    )
+    return write_generated_coco(
+        root,
+        {"train": num_train, "val": num_val},
+        image_size,
+        seed,
+        _generate_image,
+        {"description": f"nonlocal_det synthetic shapes v{SYNTHETIC_DATASET_VERSION}"},
+        SYNTHETIC_CATEGORIES,
+        "generate_synthetic_coco",
+    )
 
 
 def register_synthetic_coco(root: str, name_prefix: str = "nl_synthetic") -> Tuple[str, str]:

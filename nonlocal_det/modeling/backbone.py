@@ -13,6 +13,7 @@ load with only the new keys missing.
 """
 
 import logging
+import math
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -350,12 +351,18 @@ def build_resnet_nonlocal_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
 @BACKBONE_REGISTRY.register()
 def build_resnet_nonlocal_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """Detectron2's ResNet-FPN (same ``MODEL.FPN`` keys and names) with non-local blocks in the
-    ResNet (:func:`build_resnet_nonlocal_backbone`)."""
+    ResNet (:func:`build_resnet_nonlocal_backbone`). The extra max-pooled level reads the last
+    FPN level: ``p5`` with Detectron2's ``res2``-``res5`` inputs (as Detectron2), ``p4`` when
+    ``MODEL.FPN.IN_FEATURES`` ends at ``res4`` (Detectron2's own builder fails there)."""
+    bottom_up = build_resnet_nonlocal_backbone(cfg, input_shape)
+    top_block = LastLevelMaxPool()
+    last_stride = bottom_up.output_shape()[cfg.MODEL.FPN.IN_FEATURES[-1]].stride
+    top_block.in_feature = f"p{int(math.log2(last_stride))}"
     return FPN(
-        bottom_up=build_resnet_nonlocal_backbone(cfg, input_shape),
+        bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
+        top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )

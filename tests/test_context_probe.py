@@ -1,0 +1,271 @@
+"""The context probe's data (nonlocal_det.data.relational) and ``benchmarks/context_probe.py``."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from itertools import combinations
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+from nonlocal_det.data.coco_check import check_coco_json
+from nonlocal_det.data.relational import (
+    RELATION_TASKS,
+    RelationSpec,
+    generate_relation_coco,
+    make_relation_image,
+    register_relation_coco,
+    relation_categories,
+)
+from nonlocal_det.tools.generate_data import main as generate_data_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = os.path.join(REPO, "benchmarks", "context_probe.py")
+SMALL = dict(num_train=40, num_val=8)
+SPEC = RelationSpec()
+
+
+def _probe_module():
+    spec = importlib.util.spec_from_file_location("context_probe", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=list(RELATION_TASKS))
+def generated(request, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp(request.param) / "data")
+    assert generate_relation_coco(root, request.param, **SMALL)
+    return request.param, root
+
+
+def _files(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _coco(root, split):
+    with open(os.path.join(root, "annotations", f"instances_{split}.json")) as f:
+        return json.load(f)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(generated, tmp_path):
+    task, root = generated
+    again, other = str(tmp_path / "again"), str(tmp_path / "other")
+    generate_relation_coco(again, task, **SMALL)
+    generate_relation_coco(other, task, seed=1, **SMALL)
+    files = _files(root)
+    assert len(files) == 2 + sum(SMALL.values())
+    assert _files(again) == files
+    assert _files(other).keys() == files.keys() and _files(other) != files
+    assert not generate_relation_coco(root, task, **SMALL)  # there: left as it is
+
+
+def test_the_command_writes_each_task_and_the_demo_by_default(tmp_path, capsys):
+    args = ["--num-train", "3", "--num-val", "2"]
+    assert generate_data_main(["--root", str(tmp_path / "demo"), *args]) == 0
+    assert generate_data_main(["--root", str(tmp_path / "twin"), "--task", "twin", *args]) == 0
+    out = capsys.readouterr().out
+    assert "circle_paired=" in out and "square_single=" in out
+    demo = _coco(str(tmp_path / "demo"), "train")
+    assert [c["name"] for c in demo["categories"]][-1] == "star_person"
+    twin = _coco(str(tmp_path / "twin"), "train")
+    assert twin["info"]["task"] == "twin" and len(twin["images"]) == 3
+    direct = str(tmp_path / "direct")
+    generate_relation_coco(direct, "twin", num_train=3, num_val=2)
+    assert _files(direct) == _files(str(tmp_path / "twin"))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_categories_and_masks(generated, split):
+    task, root = generated
+    coco = _coco(root, split)
+    summary = check_coco_json(os.path.join(root, "annotations", f"instances_{split}.json"))
+    words = RELATION_TASKS[task]
+    assert summary.thing_classes == [f"{s}_{w}" for s in ("circle", "square") for w in words]
+    assert coco["categories"] == list(relation_categories(task))
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    counts = Counter(names[a["category_id"]] for a in coco["annotations"])
+    if split == "train":
+        assert set(counts) == set(summary.thing_classes)  # every class occurs
+    low, high = SPEC.objects(task)
+    per_image = Counter(a["image_id"] for a in coco["annotations"])
+    assert set(per_image) == {im["id"] for im in coco["images"]}
+    assert all(low <= n <= high for n in per_image.values())
+    images = {im["id"]: im for im in coco["images"]}
+    for a in coco["annotations"]:
+        assert names[a["category_id"]].startswith(a["shape"] + "_")
+        im = images[a["image_id"]]
+        rle = mask_util.frPyObjects(a["segmentation"], im["height"], im["width"])
+        mask = mask_util.decode(mask_util.merge(rle))
+        assert int(mask.sum()) == a["area"]
+        ys, xs = np.nonzero(mask)
+        assert a["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+        # the pixels are the recorded colour (plus the noise)
+        pixels = cv2.imread(os.path.join(root, split, im["file_name"]))[:, :, ::-1][mask > 0]
+        assert np.abs(pixels.mean(axis=0) - a["colour"]).max() < 3.0
+        if task != "cue":
+            assert list(SPEC.palette[a["colour_index"]]) == a["colour"]
+
+
+def _centre(box):
+    return np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
+
+
+def test_the_relation_decides_the_category(generated):
+    """From the generator's own record of colours: twin task, paired iff another object of the
+    image has exactly its colour (never three); match task, match iff the cue's colour; cue task,
+    the cue's colour. Every two objects (the cue included, but in the cue task, where objects are
+    cue_distance from it) are at least min_distance x the image size apart."""
+    task, root = generated
+    for split in ("train", "val"):
+        coco = _coco(root, split)
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        by_image = {}
+        for a in coco["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        holds_count = total = 0
+        for im in coco["images"]:
+            anns = by_image[im["id"]]
+            colours = Counter(tuple(a["colour"]) for a in anns)
+            if task == "twin":
+                assert max(colours.values()) <= 2
+            for a in anns:
+                if task == "twin":
+                    holds = colours[tuple(a["colour"])] == 2
+                elif task == "match":
+                    holds = a["colour"] == im["cue"]["colour"]
+                else:
+                    holds = im["cue"]["colour"] == [220, 40, 40]  # red
+                    assert im["cue"]["colour"] in ([220, 40, 40], [50, 90, 230])
+                    assert len(set(a["colour"])) == 1  # grey
+                assert names[a["category_id"]].endswith("_" + RELATION_TASKS[task][not holds])
+                holds_count += holds
+                total += 1
+            boxes = [a["bbox"] for a in anns] + ([im["cue"]["bbox"]] if task == "match" else [])
+            # a drawn shape's box centre is within 2 px of the centre it was placed at
+            for b, c in combinations(boxes, 2):
+                assert np.hypot(*(_centre(b) - _centre(c))) >= SPEC.min_distance * 192 - 4
+            if task == "cue":
+                for b in boxes:
+                    d = np.hypot(*(_centre(b) - _centre(im["cue"]["bbox"])))
+                    assert d >= SPEC.cue_distance * 192 - 4
+        assert 0.25 < holds_count / total < 0.75, (split, holds_count, total)
+
+
+def test_own_colour_and_place_do_not_tell_the_category():
+    """Over many images every palette colour is as often of either kind (twin, match), and the
+    kinds are placed alike (mean distance from the image centre)."""
+    for task, words in RELATION_TASKS.items():
+        by_colour, dist = Counter(), {True: [], False: []}
+        for i in range(600):
+            _, anns, _ = make_relation_image(np.random.default_rng([7, 0, i]), 192, task)
+            for a in anns:
+                holds = a["category_id"] in (1, 3)
+                by_colour[(a["colour_index"], holds)] += task != "cue"
+                dist[holds].append(np.hypot(*(_centre(a["bbox"]) - 96)))
+        for c in range(len(SPEC.palette)) if task != "cue" else ():
+            share = by_colour[(c, True)] / (by_colour[(c, True)] + by_colour[(c, False)])
+            assert 0.3 < share < 0.7, (task, c, share)
+        assert abs(np.mean(dist[True]) - np.mean(dist[False])) < 4.0, task
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="task='pairs' is not supported; allowed"):
+        generate_relation_coco(str(tmp_path / "a"), "pairs")
+    with pytest.raises(ValueError, match="min_distance=0.1"):
+        generate_relation_coco(str(tmp_path / "b"), "twin", spec=RelationSpec(min_distance=0.1))
+    with pytest.raises(ValueError, match="num_train=0 is not supported"):
+        generate_relation_coco(str(tmp_path / "c"), "twin", num_train=0)
+
+
+def test_registered_through_register_coco_dataset(generated):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    task, root = generated
+    train, val = register_relation_coco(root, name_prefix=f"test_probe_{task}")
+    assert MetadataCatalog.get(val).thing_classes == [c["name"] for c in relation_categories(task)]
+    assert len(DatasetCatalog.get(train)) == SMALL["num_train"]
+
+
+def test_confusion_and_partners():
+    probe = _probe_module()
+    _, anns, _ = make_relation_image(np.random.default_rng([3, 0, 5]), 192, "twin")
+    gt = {
+        "images": [{"id": 1, "file_name": "x.png", "height": 192, "width": 192}],
+        "annotations": [{"id": i + 1, "image_id": 1, **a} for i, a in enumerate(anns)],
+        "categories": list(relation_categories("twin")),
+    }
+    flip = {1: 2, 2: 1, 3: 4, 4: 3}  # the other relation word, same shape
+    dets = [
+        {"image_id": 1, "bbox": a["bbox"], "score": 0.9, "category_id": a["category_id"]}
+        for a in anns
+    ] + [
+        {"image_id": 1, "bbox": a["bbox"], "score": 0.5, "category_id": flip[a["category_id"]]}
+        for a in anns
+    ]
+    right = probe.relation_confusion(gt, dets)
+    assert right["relation_accuracy"] == 1.0 and right["shape_accuracy"] == 1.0
+    for d in dets:
+        d["score"] = 1.4 - d["score"]  # now the wrong relation scores higher
+    wrong = probe.relation_confusion(gt, dets)
+    assert wrong["relation_accuracy"] == 0.0 and wrong["matched"] == len(anns)
+    missed = probe.relation_confusion(gt, [])
+    assert sum(missed["counts"][w]["missed"] for w in missed["words"]) == len(anns)
+    pairs = probe.partner_pairs(gt, "twin").get(1, [])
+    paired = [a for a in anns if a["category_id"] in (1, 3)]
+    assert len(pairs) == len(paired)
+    for q, p in pairs:
+        (a,) = [x for x in anns if x["bbox"] == q]
+        (b,) = [x for x in anns if x["bbox"] == p]
+        assert a is not b and a["colour"] == b["colour"]
+    on = probe._cells_on([20, 20, 10, 10], (12, 12), (16.0, 16.0))
+    assert on.sum() == 1 and on[1, 1]
+    share = probe._share(np.where(on, 0.5, 0.5 / 143), on, 20)
+    assert share["top"] == pytest.approx(1 / 20) and share["mass"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_probe_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "probe"
+    env = dict(os.environ, NONLOCAL_DET_DATASETS=str(tmp_path / "cache"), PYTHONOPTIMIZE="1")
+    cmd = [
+        sys.executable,
+        PROBE,
+        "--quick",
+        "--output-dir",
+        str(out),
+        "--json",
+        str(out / "s.json"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    probe = _probe_module()
+    for model in probe.MODELS:
+        assert probe.LABELS[model] in text, model
+    assert "red -> blue" in text and "wall time" in text and "machine:" in text
+    assert "target 1" in text and "target 2" in text
+    summary = json.load(open(out / "s.json"))["summary"]
+    assert set(summary) == set(probe.MODELS)
+    assert summary["baseline"]["attention"] == {}
+    assert set(summary["nonlocal"]["attention"]) == {"pairwise"}
+    assert set(summary["global_context"]["attention"]) == {"map"}
+    assert set(summary["disentangled"]["attention"]) == {"pairwise", "map"}
+    assert set(summary["criss_cross"]["attention"]) == {"pairwise", "two_pass"}
+    for model in probe.MODELS:
+        if model != "baseline":
+            assert (out / f"{model}_seed1" / "attention.png").is_file(), model
+    # a second run reuses every result
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "6 run(s) already in" in again.stdout
