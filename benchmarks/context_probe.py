@@ -45,8 +45,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # this checkout's nonlocal_det and train_net.py, installed or not
 CONFIG = os.path.join(REPO, "configs", "probe", "faster_rcnn_R18_NL_probe.yaml")
 
 # Model -> overrides of CONFIG. Every block sits where CONFIG's non-local block does
@@ -328,10 +326,19 @@ def draw_attention(model, cfg, gt, image_root: str, task: str, output: str, inde
 # ------------------------------------------------------------------------------------------------
 # Worker: train and measure runs one after the other
 # ------------------------------------------------------------------------------------------------
+def _train_net():
+    """This checkout's ``train_net.py`` as a module (its Trainer: the COCO evaluator)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run_one(run: Dict[str, Any]) -> Dict[str, Any]:
     from detectron2.utils.env import seed_all_rng
 
-    sys.path.insert(0, REPO)
     from nonlocal_det.config import get_nonlocal_cfg
     from nonlocal_det.data import (
         check_datasets,
@@ -340,7 +347,8 @@ def _run_one(run: Dict[str, Any]) -> Dict[str, Any]:
     )
     from nonlocal_det.engine import fall_back_to_cpu
     from nonlocal_det.modeling import check_model_config
-    from train_net import Trainer
+
+    Trainer = _train_net().Trainer
 
     start = time.perf_counter()
     cfg = get_nonlocal_cfg(CONFIG, run["opts"])

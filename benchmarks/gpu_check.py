@@ -115,11 +115,15 @@ def run(out: str, dry_run: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="output/gpu_check", help="folder of the report and runs")
     p.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
