@@ -29,7 +29,13 @@ def test_bench_model_quick_prints_the_table_and_the_targets(tmp_path):
     baseline = next(r for r in rows if r.startswith("| baseline"))
     assert len(baseline.split("|")[4].split("/")) == 2  # the baseline ran twice (alternation)
     assert out.count("overhead") == 4  # train and inference targets of the two shipped rows
-    assert flops.is_file() and "baseline" in flops.read_text()
+    import json
+
+    saved = json.loads(flops.read_text())
+    for counts in (saved["flops"], saved["train_flops"]):
+        assert set(counts) == {"baseline", "nl_paper_1", "snl"}, counts
+        assert all(counts[row] > counts["baseline"] for row in ("nl_paper_1", "snl")), counts
+    assert "step FLOP share" in rows[0] and "share of the train step's FLOPs" in out
     again = _run(BENCH / "bench_model.py", "--quick", "--flops-json", flops, "--rows", "baseline")
     assert again.returncode == 0 and f"FLOPs from {flops}" in again.stdout
 
