@@ -36,10 +36,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .coco import cache_root, register_coco_dataset
-from .coco_check import check_coco_json
+from .coco import cache_root
 from .shapes import PAD, background, mask_to_polygons, rasterize, shape_parts
-from .synthetic import SPLITS, check_generator_args, write_generated_coco
+from .synthetic import check_generator_args, register_generated_coco, write_generated_coco
 
 __all__ = [
     "RELATION_DATASET_VERSION",
@@ -374,16 +373,6 @@ def register_relation_coco(root: str, name_prefix: str = "nl_twin") -> Tuple[str
     Raises:
         FileNotFoundError: ``root`` holds no generated dataset.
     """
-    root = os.path.abspath(os.path.expanduser(os.fspath(root)))
-    names = []
-    for split in SPLITS:
-        json_file = os.path.join(root, "annotations", f"instances_{split}.json")
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(
-                f"{json_file} not found: {root} holds no generated dataset (make it with "
-                "nonlocal_det.data.relational.generate_relation_coco)"
-            )
-        name = f"{name_prefix}_{split}"
-        register_coco_dataset(name, check_coco_json(json_file), os.path.join(root, split))
-        names.append(name)
-    return names[0], names[1]
+    return register_generated_coco(
+        root, name_prefix, "nonlocal_det.data.relational.generate_relation_coco"
+    )

@@ -39,6 +39,7 @@ __all__ = [
     "default_dataset_root",
     "check_generator_args",
     "generate_synthetic_coco",
+    "register_generated_coco",
     "register_synthetic_coco",
     "write_generated_coco",
 ]
@@ -381,10 +382,10 @@ def generate_synthetic_coco(
     )
 
 
-def register_synthetic_coco(root: str, name_prefix: str = "nl_synthetic") -> Tuple[str, str]:
-    """Register ``{name_prefix}_train`` and ``{name_prefix}_val`` for a generated ``root``
-    (:func:`nonlocal_det.data.coco.register_coco_dataset`, plus the keypoint connection rules and
-    OKS sigmas in the metadata).
+def register_generated_coco(root: str, name_prefix: str, maker: str, **metadata) -> Tuple[str, str]:
+    """Register ``{name_prefix}_train`` and ``{name_prefix}_val`` for the dataset a generator
+    wrote to ``root`` (:func:`write_generated_coco`), with extra ``metadata``; ``maker`` names
+    the generator in the error.
 
     Raises:
         FileNotFoundError: ``root`` holds no generated dataset.
@@ -395,16 +396,28 @@ def register_synthetic_coco(root: str, name_prefix: str = "nl_synthetic") -> Tup
         json_file = os.path.join(root, "annotations", f"instances_{split}.json")
         if not os.path.isfile(json_file):
             raise FileNotFoundError(
-                f"{json_file} not found: {root} holds no generated dataset (make it with "
-                "nonlocal_det.data.synthetic.generate_synthetic_coco)"
+                f"{json_file} not found: {root} holds no generated dataset (make it with {maker})"
             )
         name = f"{name_prefix}_{split}"
         register_coco_dataset(
-            name,
-            check_coco_json(json_file),
-            os.path.join(root, split),
-            keypoint_connection_rules=list(SYNTHETIC_KEYPOINT_CONNECTION_RULES),
-            keypoint_oks_sigmas=list(SYNTHETIC_KEYPOINT_OKS_SIGMAS),
+            name, check_coco_json(json_file), os.path.join(root, split), **metadata
         )
         names.append(name)
     return names[0], names[1]
+
+
+def register_synthetic_coco(root: str, name_prefix: str = "nl_synthetic") -> Tuple[str, str]:
+    """Register ``{name_prefix}_train`` and ``{name_prefix}_val`` for a generated ``root``
+    (:func:`nonlocal_det.data.coco.register_coco_dataset`, plus the keypoint connection rules and
+    OKS sigmas in the metadata).
+
+    Raises:
+        FileNotFoundError: ``root`` holds no generated dataset.
+    """
+    return register_generated_coco(
+        root,
+        name_prefix,
+        "nonlocal_det.data.synthetic.generate_synthetic_coco",
+        keypoint_connection_rules=list(SYNTHETIC_KEYPOINT_CONNECTION_RULES),
+        keypoint_oks_sigmas=list(SYNTHETIC_KEYPOINT_OKS_SIGMAS),
+    )
