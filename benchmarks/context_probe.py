@@ -200,25 +200,9 @@ def _share(weights: np.ndarray, on: np.ndarray, topk: int) -> Dict[str, float]:
 
 def _block_input(model, image_bgr: np.ndarray, cfg, block):
     """Inference on one image with the block's input caught: (x, (sy, sx), stride)."""
-    import torch
-    from detectron2.data import transforms as T
+    from nonlocal_det.tools.visualize import run_with_block_input
 
-    h, w = image_bgr.shape[:2]
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    image = aug.get_transform(image_bgr).apply_image(image_bgr)
-    if cfg.INPUT.FORMAT == "RGB":
-        image = image[:, :, ::-1]
-    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
-    caught = []
-    handle = block.register_forward_pre_hook(lambda m, inputs: caught.append(inputs[0].detach()))
-    try:
-        with torch.no_grad():
-            model([{"image": tensor, "height": h, "width": w}])
-    finally:
-        handle.remove()
-    x = caught[0]
-    stride = image.shape[0] / x.shape[-2]
-    return x, (image.shape[0] / h, image.shape[1] / w), stride
+    return run_with_block_input(model, image_bgr, cfg, block)[1:]
 
 
 def attention_on_partner(

@@ -12,9 +12,8 @@ from typing import List, Optional, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from family_helpers import LargestOutput, largest_tensor_fwd_bwd
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from nonlocal_det.layers import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
 
@@ -493,32 +492,8 @@ def test_input_errors(shape, substrings):
 # ------------------------------------------------------------------------------------------------
 # Never an N x M tensor, forward or backward
 # ------------------------------------------------------------------------------------------------
-class _LargestOutput(TorchDispatchMode):
-    """Records the op producing the largest tensor (by element count), forward and backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.op = ""
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(str(func))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), f"{func} {list(t.shape)}"
-        return out
-
-
-def _largest_tensor_fwd_bwd(block: NonLocalBlock, x: torch.Tensor) -> _LargestOutput:
-    x = x.detach().requires_grad_()
-    with _LargestOutput() as rec:
-        loss = (block(x) ** 2).sum()
-        loss.backward()
-    assert x.grad is not None and all(p.grad is not None for p in block.parameters())
-    assert any("convolution_backward" in op for op in rec.ops), "backward not recorded"
-    return rec
+# LargestOutput and largest_tensor_fwd_bwd (tests/family_helpers.py) record the largest tensor
+# any op makes, forward and backward.
 
 
 @pytest.mark.parametrize("dim", [1, 2])
@@ -528,7 +503,7 @@ def test_no_n_by_m_matrix(pairwise, dim):
     block = randomize_(NonLocalBlock(16, pairwise=pairwise, dim=dim, subsample=False))
     x = make_input((1, 16, *spatial))
     n_times_m = 4096 * 4096
-    rec = _largest_tensor_fwd_bwd(block, x)
+    rec = largest_tensor_fwd_bwd(block, x)
     assert rec.largest < n_times_m, f"{pairwise}: {rec.op} has {rec.largest} >= N*M elements"
     # linear memory: nothing bigger than a few (positions x channels) tensors
     assert rec.largest <= 4 * 4096 * 16, rec.op
@@ -541,7 +516,7 @@ def test_no_n_by_m_detector_catches_math_fallback():
     block = randomize_(NonLocalBlock(16, pairwise="embedded_gaussian", dim=1, subsample=False))
     x = make_input((1, 16, 1024))
     with sdpa_kernel(SDPBackend.MATH):
-        rec = _largest_tensor_fwd_bwd(block, x)
+        rec = largest_tensor_fwd_bwd(block, x)
     assert rec.largest >= 1024 * 1024, rec.op
 
 
@@ -549,11 +524,11 @@ def test_sdpa_unequal_widths_fall_back_to_matrix():
     """Why the operator pads: unequal query/value widths make SDPA build the N x M matrix."""
     q = torch.randn(1, 1, 1024, 16, requires_grad=True)
     v = torch.randn(1, 1, 1024, 8, requires_grad=True)
-    with _LargestOutput() as rec:
+    with LargestOutput() as rec:
         F.scaled_dot_product_attention(q, q, v).sum().backward()
     if rec.largest < 1024 * 1024:
         pytest.skip("this torch version no longer falls back; the padding is harmless")
-    with _LargestOutput() as rec:  # the padded call, as in the operator, does not
+    with LargestOutput() as rec:  # the padded call, as in the operator, does not
         y = F.scaled_dot_product_attention(q, q, F.pad(v, [0, 8]))[..., :8]
         y.sum().backward()
     assert rec.largest < 1024 * 1024, rec.op

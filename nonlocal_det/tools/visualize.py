@@ -87,7 +87,7 @@ def space_time_view(block: NonLocalBlock) -> NonLocalBlock:
     return view.to(block.g.weight.device).eval()
 
 
-def _run(model, image_bgr: np.ndarray, cfg, block: torch.nn.Module):
+def run_with_block_input(model, image_bgr: np.ndarray, cfg, block: torch.nn.Module):
     """Inference on one image; returns (instances, block input, resize scale (sy, sx), stride)."""
     h, w = image_bgr.shape[:2]
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
@@ -293,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[AttentionArrows]:
         raise ValueError(f"--input: the frames differ in size: {[im.shape for im in images]}")
     if len(images) > 1 and not isinstance(block, NonLocalBlock):
         raise ValueError(f"--input: a clip needs a non-local block; {name} is {type(block)}")
-    runs = [_run(model, im, cfg, block) for im in images]
+    runs = [run_with_block_input(model, im, cfg, block) for im in images]
     t_query = args.query_frame if args.query_frame is not None else len(images) // 2
     if not 0 <= t_query < len(images):
         raise ValueError(f"--query-frame {t_query}: allowed 0..{len(images) - 1}")
