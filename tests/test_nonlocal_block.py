@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from family_helpers import single_thread  # noqa: F401 (autouse fixture)
 from family_helpers import LargestOutput, largest_tensor_fwd_bwd
 from torch import nn
 
@@ -24,15 +25,6 @@ pytestmark = [
 
 GAUSSIAN_FORMS = ("gaussian", "embedded_gaussian")
 SPATIAL = {1: (7,), 2: (5, 7), 3: (3, 5, 7)}  # odd sizes: floor pooling is exercised
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids stalls when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------
