@@ -466,8 +466,8 @@ def check_targets(lines: List[dict]) -> List[str]:
             )
     by = {(l["row"], l["batch"], l["amp"]): l for l in lines if not l.get("error")}
     for (row, batch, amp), l in by.items():
-        naive = by.get(("naive_" + row[3:], batch, amp)) if row.startswith("nl_") else None
-        if naive and batch == 2 and row == "nl_paper_10":
+        naive = by.get(("naive_paper_10", batch, amp))
+        if row == "nl_paper_10" and batch == 2 and naive:
             a, b = l["peak_mib"][0], naive["peak_mib"][0]
             base = by.get(("baseline", batch, amp))
             out.append(
@@ -571,8 +571,10 @@ def main(argv=None) -> int:
             saved = json.load(f)
         flops, train_flops = saved["flops"], saved.get("train_flops", {})
         print(f"  FLOPs from {args.flops_json}", flush=True)
+    # the naive rows compute what the nl rows compute: one count each
+    flop_rows = list(dict.fromkeys(r.replace("naive_", "nl_") for r in ["baseline"] + args.rows))
     if not args.no_flops:
-        for row in dict.fromkeys(r.replace("naive_", "nl_") for r in ["baseline"] + args.rows):
+        for row in flop_rows:
             if row in flops and row in train_flops:
                 continue
             out = run_isolated(spec(row, flops_only=True, batch=1, amp="fp32"), args.timeout)
@@ -585,7 +587,7 @@ def main(argv=None) -> int:
             saved = {"size": args.hw, "config": config, "flops": flops, "train_flops": train_flops}
             json.dump(saved, f, indent=1)
     if args.flops_only:
-        for row in dict.fromkeys(r.replace("naive_", "nl_") for r in ["baseline"] + args.rows):
+        for row in flop_rows:
             if row in flops and row in train_flops and "baseline" in flops:
                 print(
                     f"{row:12s} forward {flops[row] / 1e9:7.1f} G "
