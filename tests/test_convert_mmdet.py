@@ -240,6 +240,9 @@ def test_refusals_write_nothing(equivalence, tmp_path, capsys):
     assert convert_mmdet.main([source, target, "--config-file", config, *OPTS, *classes]) == 1
     err = capsys.readouterr().err
     assert "MODEL.ROI_HEADS.NUM_CLASSES: the config has 20, the checkpoint needs 80" in err
+    missing = str(tmp_path / "missing.pth")
+    assert convert_mmdet.main([missing, target]) == 1
+    assert f"{missing} not converted: no such file" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []  # no file, no temporary file
 
 

@@ -22,6 +22,7 @@ is written only when everything holds, atomically.
 import argparse
 import os
 import pickle
+import re
 import sys
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -51,24 +52,25 @@ def load_mmdet_checkpoint(path: str, unsafe: bool = False) -> Tuple[Dict[str, An
         unsafe: unpickle any Python object (``weights_only=False``): only for trusted files.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise FileNotFoundError("no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({found[1]})" if found else ""
         raise UnsupportedCheckpoint(
-            f"{path} holds Python objects that torch.load(weights_only=True) refuses ({first}); "
-            "rerun with --unsafe-load if you trust the file"
+            f"it holds Python objects{what} that torch.load(weights_only=True) refuses; rerun "
+            "with --unsafe-load if you trust the file"
         ) from None
     if not isinstance(ckpt, dict):
-        raise UnsupportedCheckpoint(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+        raise UnsupportedCheckpoint(f"it holds a {type(ckpt).__name__}, not a checkpoint dict")
     if "model" in ckpt and "state_dict" not in ckpt:
         raise UnsupportedCheckpoint(
-            f"{path} has a 'model' entry and no 'state_dict': a Detectron2 checkpoint already?"
+            "it has a 'model' entry and no 'state_dict': a Detectron2 checkpoint already?"
         )
     state = ckpt.get("state_dict", ckpt)
     if not all(torch.is_tensor(v) for v in state.values()):
-        raise UnsupportedCheckpoint(f"{path} has no 'state_dict' of tensors")
+        raise UnsupportedCheckpoint("it has no 'state_dict' of tensors")
     state = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     return state, meta
@@ -165,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         state, settings, notes = convert_checkpoint(
             state, meta, args.config_file, args.opts, args.assume_defaults
         )
-    except UnsupportedCheckpoint as e:
+    except (UnsupportedCheckpoint, FileNotFoundError) as e:
         print(f"convert_mmdet: {args.input} not converted: {e}", file=sys.stderr)
         return 1
     for note in notes:
