@@ -23,6 +23,13 @@ D2_DEPS=(Pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm 
   "setuptools<81" opencv-python-headless)
 # onnx + onnxruntime: the ONNX export tests run the exported graphs.
 DEV_DEPS=(pytest wheel isort onnx onnxruntime)
+# mmdetection 3 with mmcv-lite and mmengine: test dependencies only (tests/test_convert_mmdet*.py
+# check the converter against mmdetection's own models; the library never imports them).
+# Installed with --no-deps: mmdet's own metadata asks for full mmcv < 2.2 (pip would compile it),
+# mmcv-lite and mmengine ask for the GUI build opencv-python beside our headless one. Their
+# pure-Python requirements follow.
+MMDET_TEST_DEPS=("mmdet==3.3.0" "mmcv-lite==2.1.0" "mmengine==0.10.7")
+MMDET_TEST_REQS=(addict pyyaml yapf rich scipy shapely six terminaltables)
 
 say() { printf '[setup] %s\n' "$*"; }
 fail() {
@@ -39,16 +46,20 @@ pip_q() {
 
 # --- fast path: everything already there -------------------------------------------------------
 if [ -x "$PY" ] && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
-import importlib, os, sys
+import importlib, importlib.util, os, sys
 for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "cv2",
           "onnx", "onnxruntime"):
     importlib.import_module(m)
+# the test dependencies: present (importing mmdetection costs seconds)
+if any(importlib.util.find_spec(m) is None for m in ("mmdet", "mmengine", "mmcv", "scipy",
+       "shapely", "terminaltables", "yapf", "addict", "rich", "six")):
+    sys.exit(1)
 import nonlocal_det
 root = os.path.realpath(sys.argv[1])
 sys.exit(0 if os.path.realpath(nonlocal_det.__file__).startswith(root + os.sep) else 1)
 PYEOF
 then
-  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, onnxruntime, nonlocal_det): nothing to do"
+  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, onnxruntime, mmdet, nonlocal_det): nothing to do"
   exit 0
 fi
 
@@ -71,6 +82,16 @@ fi
 say "installing detectron2's requirements, pycocotools, fvcore, pytest, onnx, onnxruntime"
 "${PIP[@]}" install "${D2_DEPS[@]}" "${DEV_DEPS[@]}" ||
   fail "requirements" "pip could not install detectron2's requirements (${D2_DEPS[*]}); check network access to PyPI and rerun 'make setup'"
+
+say "installing the test dependencies ${MMDET_TEST_DEPS[*]} (--no-deps) and ${MMDET_TEST_REQS[*]}"
+"${PIP[@]}" install "${MMDET_TEST_REQS[@]}" ||
+  fail "test requirements" "pip could not install ${MMDET_TEST_REQS[*]}; check network access to PyPI and rerun 'make setup'"
+# --no-deps on purpose (see MMDET_TEST_DEPS): pip's resolver then reports the opencv-python it
+# did not install; that report is filtered out, any other error shows.
+"$PY" -m pip --disable-pip-version-check -q install --no-deps "${MMDET_TEST_DEPS[@]}" 2> >(
+  grep -v -e "is ignored: it is neither a file" -e "dependency resolver does not currently" \
+    -e "requires opencv-python" >&2) ||
+  fail "test requirements" "pip could not install ${MMDET_TEST_DEPS[*]}; check network access to PyPI and rerun 'make setup'"
 
 # --- 4. detectron2 -------------------------------------------------------------------------------
 if "$PY" -c "import detectron2" >/dev/null 2>&1; then

@@ -13,10 +13,13 @@ from utils import CONFIGS, load_cfg
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.layers import BLOCK_TYPES
 
+# configs/mmdet (models of mmdetection's checkpoints): each is built on the meta device and matched
+# with mmdetection's own model in tests/test_convert_mmdet*.py, five of them run there.
 LEAVES = sorted(
     os.path.relpath(p, CONFIGS)
     for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
     if not os.path.basename(p).startswith("Base-")
+    and not p.startswith(os.path.join(CONFIGS, "mmdet"))
 )
 
 # Blocks expected in each config: name -> (class, in_channels, C_inner of a non-local block).

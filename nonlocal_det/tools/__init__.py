@@ -8,4 +8,5 @@ warm_start      check a warm start from a checkpoint without blocks
 lazy_train      train or evaluate a LazyConfig .py file
 d2_tool         run one of Detectron2's own tools/ scripts on a YAML config
 generate_data   write the demo dataset as plain COCO files
+convert_mmdet   an mmdetection checkpoint (GC, generalized attention) as a Detectron2 one
 """
