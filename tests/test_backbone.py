@@ -353,7 +353,7 @@ POSITIONS = ["after_conv1", "after_conv2", "after_conv3", "after_add"]
 def test_block_inside_a_residual_block_sits_where_its_position_says(depth, position):
     from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 
-    from nonlocal_det.modeling.backbone import ResidualWithBlock
+    from nonlocal_det.modeling.insertion import ResidualWithBlock
 
     F = torch.nn.functional
     torch.manual_seed(0)
