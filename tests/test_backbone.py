@@ -12,6 +12,7 @@ from utils import load_cfg, small_opts
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.layers import BLOCK_TYPES
+from nonlocal_det.modeling import check_model_config
 
 
 def build_backbone(cfg):
@@ -425,3 +426,76 @@ def test_scripted_backbone_with_blocks_inside_matches_eager(config):
         out = scripted(x)
     for k in ref:
         torch.testing.assert_close(out[k], ref[k])
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_block_inside_a_regnet_block_sits_where_its_position_says(position):
+    """RegNet's ResBottleneckBlock (RegNetY: with squeeze-excitation): f = a, a_bn, a_af, b, b_bn,
+    b_af, se, c, c_bn; the block after a_af, b_af (before se), c_bn, or after the add."""
+    from detectron2.modeling.backbone.regnet import ResBottleneckBlock
+
+    from nonlocal_det.modeling.insertion import RegNetResidualWithBlock
+
+    torch.manual_seed(0)
+    params = {"bot_mul": 1.0, "group_w": 8, "se_r": 0.25}
+    residual = ResBottleneckBlock(16, 32, 2, "BN", torch.nn.ReLU, params).eval()
+    for p in residual.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    probe = _Probe()
+    wrapped = RegNetResidualWithBlock(residual, position, probe).eval()
+    assert [n for n, _ in wrapped.named_children()] == ["proj", "bn", "f", "af", "nonlocal_block"]
+    x = torch.randn(2, 16, 12, 10)
+    after = {"after_conv1": "a_af", "after_conv2": "b_af", "after_conv3": "c_bn"}.get(position)
+    out = x
+    for name, layer in residual.f.named_children():
+        out = layer(out)
+        out = 2 * out + 1 if name == after else out
+    out = residual.bn(residual.proj(x)) + out
+    out = 2 * out + 1 if position == "after_add" else out
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), residual.af(out))
+    assert len(probe.seen) == 1
+
+
+class _StandInDeformConv(torch.nn.Module):
+    """Detectron2's DeformConv / ModulatedDeformConv need detectron2._C, which this install lacks:
+    the same arguments and parameters (``weight``, ``norm``), no deformation."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, norm=None, **kwargs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.register_parameter("bias", None)
+        self.norm = norm
+
+
+def test_deformable_stages_get_blocks_between_their_residual_blocks(monkeypatch):
+    """Detectron2's Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5.yaml (deformable res3-res5), built on
+    the meta device: blocks between or after its residual blocks, the same names, the baseline's
+    keys; a position inside a deformable block is refused with a message."""
+    from detectron2 import model_zoo
+    from detectron2.modeling.backbone import resnet
+
+    monkeypatch.setattr(resnet, "DeformConv", _StandInDeformConv)
+    monkeypatch.setattr(resnet, "ModulatedDeformConv", _StandInDeformConv)
+    cfg = load_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5.yaml"))
+    base_keys = None
+    with torch.device("meta"):
+        base_keys = set(build_backbone(cfg).state_dict())
+        cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_nonlocal_backbone"])
+        cfg.merge_from_list(["MODEL.NONLOCAL.PLACEMENT", "paper_1_all_res5"])
+        bb = build_backbone(cfg)
+    assert type(bb.bottom_up.res4[0]) is resnet.DeformBottleneckBlock
+    assert _block_names(bb) == ["bottom_up.res4.nonlocal4"] + [
+        f"bottom_up.res5.nonlocal{i}" for i in range(3)
+    ]
+    new = set(bb.state_dict()) - base_keys
+    assert base_keys < set(bb.state_dict()) and all(".nonlocal" in k for k in new)
+    cfg.merge_from_list(["MODEL.NONLOCAL.POSITION", "after_conv2"])
+    with pytest.raises(ValueError) as e, torch.device("meta"):
+        check_model_config(cfg)
+    assert str(e.value) == (
+        "MODEL.NONLOCAL.POSITION='after_conv2' puts a block inside res4.4, a "
+        "DeformBottleneckBlock; allowed there: 'after_block' (inside positions: BottleneckBlock "
+        "/ BasicBlock (ResNet), ResBottleneckBlock (RegNet), not deformable convs)"
+    )

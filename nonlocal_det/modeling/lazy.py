@@ -106,7 +106,8 @@ def remove_blocks(cfg: Any) -> Any:
             continue
         target = _target(node)
         if target is build_with_blocks:
-            node._target_ = node.pop("nonlocal_base")
+            base = node.pop("nonlocal_base")
+            node._target_ = locate(base) if isinstance(base, str) else base
             for k in _ARGS:
                 node.pop(k, None)
         elif target is NonLocalResNet:
