@@ -499,3 +499,34 @@ def test_deformable_stages_get_blocks_between_their_residual_blocks(monkeypatch)
         "DeformBottleneckBlock; allowed there: 'after_block' (inside positions: BottleneckBlock "
         "/ BasicBlock (ResNet), ResBottleneckBlock (RegNet), not deformable convs)"
     )
+
+
+def test_a_new_block_argument_is_an_option_with_nothing_but_a_config_key(monkeypatch):
+    """The non-local type's options are NonLocalBlock's keyword arguments: one more (as a new
+    initialisation switch would be) reaches the blocks from a YAML key of the same name, from a
+    LazyConfig spec and in the keypoint head, without any other change."""
+    import inspect
+
+    from nonlocal_det.layers import BLOCK_TYPES
+    from nonlocal_det.modeling import insert_blocks
+
+    class WithSwitch(NonLocalBlock):
+        def __init__(self, *args, w_z_std=0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.w_z_std = w_z_std
+
+    params = list(inspect.signature(NonLocalBlock).parameters.values())
+    switch = inspect.Parameter("w_z_std", inspect.Parameter.KEYWORD_ONLY, default=0.0)
+    WithSwitch.__signature__ = inspect.Signature(params + [switch])
+    monkeypatch.setitem(BLOCK_TYPES, "nonlocal", WithSwitch)
+    cfg = load_cfg("keypoint_rcnn_R50_NL.yaml", ["MODEL.RESNETS.DEPTH", 18])
+    cfg.merge_from_list(["MODEL.RESNETS.RES2_OUT_CHANNELS", 64])
+    cfg.MODEL.NONLOCAL.W_Z_STD = 0.5  # the new key, as add_nonlocal_config would add it
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+        bb = build_backbone(load_cfg(opts=["MODEL.BACKBONE.NAME", "build_resnet_backbone"]))
+        insert_blocks(bb, nonlocal_spec={"type": "nonlocal", "options": {"w_z_std": 0.25}})
+    blocks = [m for m in model.modules() if isinstance(m, WithSwitch)]
+    assert len(blocks) == 5 and {b.w_z_std for b in blocks} == {0.5}  # res4 + 4 in the head
+    assert bb.res4.nonlocal4.w_z_std == 0.25

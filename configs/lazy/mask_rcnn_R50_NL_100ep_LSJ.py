@@ -20,17 +20,10 @@ optimizer = _base.optimizer
 train = _base.train
 model = _base.model
 
+# The paper's block (NonLocalBlock's defaults: embedded Gaussian, C_inner = C / 2, subsampled keys,
+# scaled dot products) with a norm after W_z like the rest of this recipe's backbone.
 add_blocks(
     model.backbone,
-    nonlocal_spec=dict(
-        type="nonlocal",
-        options=dict(
-            pairwise="embedded_gaussian",
-            inner_ratio=0.5,
-            subsample=True,
-            use_scale=True,
-            norm="SyncBN",  # like the rest of this recipe's backbone; gamma starts at zero
-        ),
-    ),
+    nonlocal_spec=dict(type="nonlocal", options=dict(norm="SyncBN")),  # gamma starts at zero
     nonlocal_placement="paper_1",
 )
