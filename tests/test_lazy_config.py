@@ -358,6 +358,11 @@ def test_add_blocks_to_a_resnet_node_custom_placement_and_options():
     )
     old = instantiate(cfg)
     assert old.state_dict().keys() == resnet.state_dict().keys()
+    cfg.nonlocal_placment = "paper_5"  # a typo is named, with what is allowed
+    with pytest.raises(
+        TypeError, match=r"\['nonlocal_placment'\]; allowed: .*'nonlocal_placement'"
+    ):
+        instantiate(cfg)
     assert repr(old).replace("NonLocalResNet", "ResNet", 1) == repr(resnet)
 
 

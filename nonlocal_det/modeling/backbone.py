@@ -191,6 +191,6 @@ class NonLocalResNet(ResNet):
         super().__init__(stem, stages, num_classes, out_features, freeze_at)
         args = {k: nonlocal_args.pop(k) for k in _INSERT_ARGS if k in nonlocal_args}
         args["nonlocal_spec"] = legacy_spec(
-            "NonLocalResNet", args.get("nonlocal_spec"), nonlocal_args
+            "NonLocalResNet", args.get("nonlocal_spec"), nonlocal_args, _INSERT_ARGS
         )
         insert_blocks(self, owner="NonLocalResNet", **args)

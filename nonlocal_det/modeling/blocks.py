@@ -98,7 +98,11 @@ def block_builder(owner: str, spec: Optional[Mapping] = None) -> Callable[[int],
         )
     defaults = inspect.signature(cls).parameters
     for name, value in options.items():
-        if name in defaults and isinstance(defaults[name].default, bool) and value not in (0, 1):
+        if (
+            name in defaults
+            and isinstance(defaults[name].default, bool)
+            and not isinstance(value, bool)
+        ):
             raise ValueError(
                 f"{cls.__name__}: {name}={value!r} is not supported; allowed: True or False"
             )
@@ -122,22 +126,29 @@ def block_builder(owner: str, spec: Optional[Mapping] = None) -> Callable[[int],
     return build
 
 
-def legacy_spec(owner: str, spec: Optional[Mapping], legacy: Mapping) -> Optional[Mapping]:
+def legacy_spec(owner: str, spec: Optional[Mapping], legacy: Mapping, others) -> Optional[Mapping]:
     """The spec given the old way: ``nonlocal_type``, ``nonlocal_options`` and one
     ``nonlocal_<option>`` argument per option of the non-local block (``nonlocal_pairwise``,
     ``nonlocal_inner_ratio``, ...), as :class:`NonLocalResNet` and :class:`NonLocalKRCNNHead`
-    took them before ``nonlocal_spec``. Returns ``spec`` when there is none."""
+    took them before ``nonlocal_spec``. Returns ``spec`` when there is none.
+
+    Raises:
+        TypeError: an argument that is none of these (``others``: the owner's other ones), or
+            these beside ``nonlocal_spec``.
+    """
     if not legacy:
         return spec
-    bad = sorted(k for k in legacy if not k.startswith("nonlocal_"))
-    if bad or spec is not None:
-        raise TypeError(
-            f"{owner}: unexpected arguments {bad or sorted(legacy)}"
-            + ("" if bad else " beside nonlocal_spec; allowed: nonlocal_spec alone")
-        )
     legacy = dict(legacy)
     kind = legacy.pop("nonlocal_type", "nonlocal")
     options = dict(legacy.pop("nonlocal_options", None) or {})
+    allowed = block_options(BLOCK_TYPES[kind]) if kind in BLOCK_TYPES else []
+    bad = sorted(k for k in legacy if k[len("nonlocal_") :] not in allowed)
+    if bad or spec is not None:
+        old = ["nonlocal_type", "nonlocal_options"] + [f"nonlocal_{o}" for o in allowed]
+        raise TypeError(
+            f"{owner}: unexpected arguments {bad or ['nonlocal_spec'] + sorted(legacy)}; "
+            f"allowed: {list(others)}, or instead of nonlocal_spec the older {old}"
+        )
     options.update({k[len("nonlocal_") :]: v for k, v in legacy.items()})
     return {"type": kind, "options": options}
 

@@ -54,7 +54,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         **kwargs,
     ):
         legacy = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("nonlocal_")}
-        nonlocal_spec = legacy_spec("NonLocalKRCNNHead", nonlocal_spec, legacy)
+        others = ["nonlocal_after", "nonlocal_spec"]
+        nonlocal_spec = legacy_spec("NonLocalKRCNNHead", nonlocal_spec, legacy, others)
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
         make_block = block_builder("NonLocalKRCNNHead", nonlocal_spec)
         after = _checked_after(nonlocal_after, conv_dims)
