@@ -530,3 +530,21 @@ def test_a_new_block_argument_is_an_option_with_nothing_but_a_config_key(monkeyp
     blocks = [m for m in model.modules() if isinstance(m, WithSwitch)]
     assert len(blocks) == 5 and {b.w_z_std for b in blocks} == {0.5}  # res4 + 4 in the head
     assert bb.res4.nonlocal4.w_z_std == 0.25
+
+
+def test_detectron2_retinanet_with_the_old_builder_name_keeps_p6_p7():
+    """Issue 19's reproduction: Detectron2's COCO-Detection/retinanet_R_50_FPN_1x.yaml with
+    MODEL.BACKBONE.NAME build_resnet_nonlocal_fpn_backbone stopped with KeyError 'p7' (an FPN with a
+    max-pooled P6 only); the name now goes over RetinaNet's own builder."""
+    from detectron2 import model_zoo
+    from detectron2.modeling.backbone.fpn import LastLevelP6P7
+
+    cfg = load_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_resnet_nonlocal_fpn_backbone"])
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert isinstance(model.backbone.top_block, LastLevelP6P7)
+    assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
+    assert _block_names(model) == ["backbone.bottom_up.res4.nonlocal4"]
