@@ -17,7 +17,6 @@ keys missing.
 
 import logging
 import re
-from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -321,37 +320,35 @@ def insert_blocks(
         owner,
         {s: name for s, (name, _) in stages.items()},
     )
-    plan = []  # (stage, child name, residual, wrapper class or None, channels), checked first
+    plan = {s: {} for s in placement}  # stage -> child -> (wrapper class or None, channels)
     for s, indices in placement.items():
-        name = stages[s][0]
         for i in indices:
             child, residual = residuals[s][i]
-            if nonlocal_position == "after_block":
-                plan.append((s, child, residual, None, residual.out_channels))
-            else:
-                where = f"{name}.{child}"
-                plan.append(
-                    (s, child, residual, *_inside(residual, nonlocal_position, where, owner))
-                )
+            where = f"{stages[s][0]}.{child}"
+            plan[s][child] = (
+                (None, residual.out_channels)
+                if nonlocal_position == "after_block"
+                else _inside(residual, nonlocal_position, where, owner)
+            )  # every error before the first change
     names = []
     with torch.random.fork_rng(devices=[]):
-        for s in placement:
+        for s, todo in plan.items():
             name, stage = stages[s]
-            children = OrderedDict(residuals[s])
-            for s_, child, residual, wrapper, channels in plan:
-                if s_ != s:
+            children = []
+            for child, residual in residuals[s]:
+                if child not in todo:
+                    children.append((child, residual))
                     continue
+                wrapper, channels = todo[child]
                 block = make_block(channels)
                 if _frozen(residual):
                     block.freeze()
                 if wrapper is None:
                     extra = f"nonlocal{re.sub(r'[^0-9]', '', child)}"
-                    items = list(children.items())
-                    at = [n for n, _ in items].index(child) + 1
-                    children = OrderedDict(items[:at] + [(extra, block)] + items[at:])
+                    children += [(child, residual), (extra, block)]
                     names.append(f"{prefix}{name}.{extra}")
                 else:
-                    children[child] = wrapper(residual, nonlocal_position, block)
+                    children.append((child, wrapper(residual, nonlocal_position, block)))
                     names.append(f"{prefix}{name}.{child}.nonlocal_block")
             stage._modules.clear()
             stage._modules.update(children)
