@@ -75,12 +75,12 @@ SMALL_YAML = [
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 10,
     "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.RETINANET.TOPK_CANDIDATES_TEST", 100,
     "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", (64,) * 8, "MODEL.ROI_MASK_HEAD.CONV_DIM", 64,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 256, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 256, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 20,
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
 ]  # fmt: skip
 SMALL_LAZY = {
     "proposal_generator.pre_nms_topk": [200, 200],
-    "proposal_generator.post_nms_topk": [100, 10],
+    "proposal_generator.post_nms_topk": [20, 10],
     "roi_heads.batch_size_per_image": 64,
     "roi_heads.box_predictor.test_score_thresh": 0.0,
     "roi_heads.box_predictor.test_topk_per_image": 10,
@@ -347,7 +347,7 @@ def test_models_with_blocks_train(name):
     torch.manual_seed(0)
     model = _train_model(name).train()
     _damp(model)
-    if hasattr(model, "roi_heads"):  # every proposal (100 + the 2 objects): no sampling noise
+    if hasattr(model, "roi_heads"):  # every proposal (20 + the 2 objects): no sampling noise
         model.roi_heads.batch_size_per_image = 256
     blocks = [m for m in model.modules() if isinstance(m, tuple(BLOCK_TYPES.values()))]
     assert len(blocks) == TRAINED[name]
