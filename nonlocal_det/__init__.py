@@ -1,6 +1,6 @@
 """nonlocal_det: Non-local Neural Networks (Wang et al., CVPR 2018) for Detectron2.
 
-Importing the package registers, as a side effect, the backbones
+Importing the package registers, as a side effect, the backbones ``build_nonlocal_backbone``,
 ``build_resnet_nonlocal_backbone`` and ``build_resnet_nonlocal_fpn_backbone`` in Detectron2's
 ``BACKBONE_REGISTRY`` and the keypoint head ``NonLocalKRCNNHead`` in
 ``ROI_KEYPOINT_HEAD_REGISTRY``; nothing else happens at import.

@@ -27,6 +27,11 @@ def add_nonlocal_config(cfg: CN) -> CN:
     _C = cfg.MODEL.NONLOCAL = CN()
     # False removes every block (backbone and keypoint head): a config's baseline in one override.
     _C.ENABLED = True
+    # With MODEL.BACKBONE.NAME "build_nonlocal_backbone": the registered Detectron2 builder whose
+    # backbone gets the blocks (in its ResNet or RegNet), e.g. "build_resnet_fpn_backbone" (R-CNN
+    # FPN models), "build_retinanet_resnet_fpn_backbone" (RetinaNet: P6/P7 from res5),
+    # "build_resnet_backbone" (C4, DC5).
+    _C.BASE_BACKBONE = "build_resnet_fpn_backbone"
     # The block: "nonlocal" (Wang et al. 2018; the keys PAIRWISE..NORM below), "simplified" (SNL)
     # or "global_context" (GC, Cao et al. 2019), "disentangled" (DNL, Yin et al. 2020),
     # "criss_cross" (CCNet, Huang et al. 2019), "generalized_attention" (Zhu et al. 2019); each

@@ -12,6 +12,7 @@ from utils import load_cfg, small_opts
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.layers import BLOCK_TYPES
+from nonlocal_det.modeling import check_model_config
 
 
 def build_backbone(cfg):
@@ -353,7 +354,7 @@ POSITIONS = ["after_conv1", "after_conv2", "after_conv3", "after_add"]
 def test_block_inside_a_residual_block_sits_where_its_position_says(depth, position):
     from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 
-    from nonlocal_det.modeling.backbone import ResidualWithBlock
+    from nonlocal_det.modeling.insertion import ResidualWithBlock
 
     F = torch.nn.functional
     torch.manual_seed(0)
@@ -425,3 +426,125 @@ def test_scripted_backbone_with_blocks_inside_matches_eager(config):
         out = scripted(x)
     for k in ref:
         torch.testing.assert_close(out[k], ref[k])
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_block_inside_a_regnet_block_sits_where_its_position_says(position):
+    """RegNet's ResBottleneckBlock (RegNetY: with squeeze-excitation): f = a, a_bn, a_af, b, b_bn,
+    b_af, se, c, c_bn; the block after a_af, b_af (before se), c_bn, or after the add."""
+    from detectron2.modeling.backbone.regnet import ResBottleneckBlock
+
+    from nonlocal_det.modeling.insertion import RegNetResidualWithBlock
+
+    torch.manual_seed(0)
+    params = {"bot_mul": 1.0, "group_w": 8, "se_r": 0.25}
+    residual = ResBottleneckBlock(16, 32, 2, "BN", torch.nn.ReLU, params).eval()
+    for p in residual.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    probe = _Probe()
+    wrapped = RegNetResidualWithBlock(residual, position, probe).eval()
+    assert [n for n, _ in wrapped.named_children()] == ["proj", "bn", "f", "af", "nonlocal_block"]
+    x = torch.randn(2, 16, 12, 10)
+    after = {"after_conv1": "a_af", "after_conv2": "b_af", "after_conv3": "c_bn"}.get(position)
+    out = x
+    for name, layer in residual.f.named_children():
+        out = layer(out)
+        out = 2 * out + 1 if name == after else out
+    out = residual.bn(residual.proj(x)) + out
+    out = 2 * out + 1 if position == "after_add" else out
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), residual.af(out))
+    assert len(probe.seen) == 1
+
+
+class _StandInDeformConv(torch.nn.Module):
+    """Detectron2's DeformConv / ModulatedDeformConv need detectron2._C, which this install lacks:
+    the same arguments and parameters (``weight``, ``norm``), no deformation."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, norm=None, **kwargs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.register_parameter("bias", None)
+        self.norm = norm
+
+
+def test_deformable_stages_get_blocks_between_their_residual_blocks(monkeypatch):
+    """Detectron2's Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5.yaml (deformable res3-res5), built on
+    the meta device: blocks between or after its residual blocks, the same names, the baseline's
+    keys; a position inside a deformable block is refused with a message."""
+    from detectron2 import model_zoo
+    from detectron2.modeling.backbone import resnet
+
+    monkeypatch.setattr(resnet, "DeformConv", _StandInDeformConv)
+    monkeypatch.setattr(resnet, "ModulatedDeformConv", _StandInDeformConv)
+    cfg = load_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5.yaml"))
+    base_keys = None
+    with torch.device("meta"):
+        base_keys = set(build_backbone(cfg).state_dict())
+        cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_nonlocal_backbone"])
+        cfg.merge_from_list(["MODEL.NONLOCAL.PLACEMENT", "paper_1_all_res5"])
+        bb = build_backbone(cfg)
+    assert type(bb.bottom_up.res4[0]) is resnet.DeformBottleneckBlock
+    assert _block_names(bb) == ["bottom_up.res4.nonlocal4"] + [
+        f"bottom_up.res5.nonlocal{i}" for i in range(3)
+    ]
+    new = set(bb.state_dict()) - base_keys
+    assert base_keys < set(bb.state_dict()) and all(".nonlocal" in k for k in new)
+    cfg.merge_from_list(["MODEL.NONLOCAL.POSITION", "after_conv2"])
+    with pytest.raises(ValueError) as e, torch.device("meta"):
+        check_model_config(cfg)
+    assert str(e.value) == (
+        "MODEL.NONLOCAL.POSITION='after_conv2' puts a block inside res4.4, a "
+        "DeformBottleneckBlock; allowed there: 'after_block' (inside positions: BottleneckBlock "
+        "/ BasicBlock (ResNet), ResBottleneckBlock (RegNet), not deformable convs)"
+    )
+
+
+def test_a_new_block_argument_is_an_option_with_nothing_but_a_config_key(monkeypatch):
+    """The non-local type's options are NonLocalBlock's keyword arguments: one more (as a new
+    initialisation switch would be) reaches the blocks from a YAML key of the same name, from a
+    LazyConfig spec and in the keypoint head, without any other change."""
+    import inspect
+
+    from nonlocal_det.layers import BLOCK_TYPES
+    from nonlocal_det.modeling import insert_blocks
+
+    class WithSwitch(NonLocalBlock):
+        def __init__(self, *args, w_z_std=0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.w_z_std = w_z_std
+
+    params = list(inspect.signature(NonLocalBlock).parameters.values())
+    switch = inspect.Parameter("w_z_std", inspect.Parameter.KEYWORD_ONLY, default=0.0)
+    WithSwitch.__signature__ = inspect.Signature(params + [switch])
+    monkeypatch.setitem(BLOCK_TYPES, "nonlocal", WithSwitch)
+    cfg = load_cfg("keypoint_rcnn_R50_NL.yaml", ["MODEL.RESNETS.DEPTH", 18])
+    cfg.merge_from_list(["MODEL.RESNETS.RES2_OUT_CHANNELS", 64])
+    cfg.MODEL.NONLOCAL.W_Z_STD = 0.5  # the new key, as add_nonlocal_config would add it
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+        bb = build_backbone(load_cfg(opts=["MODEL.BACKBONE.NAME", "build_resnet_backbone"]))
+        insert_blocks(bb, nonlocal_spec={"type": "nonlocal", "options": {"w_z_std": 0.25}})
+    blocks = [m for m in model.modules() if isinstance(m, WithSwitch)]
+    assert len(blocks) == 5 and {b.w_z_std for b in blocks} == {0.5}  # res4 + 4 in the head
+    assert bb.res4.nonlocal4.w_z_std == 0.25
+
+
+def test_detectron2_retinanet_with_the_old_builder_name_keeps_p6_p7():
+    """Issue 19's reproduction: Detectron2's COCO-Detection/retinanet_R_50_FPN_1x.yaml with
+    MODEL.BACKBONE.NAME build_resnet_nonlocal_fpn_backbone stopped with KeyError 'p7' (an FPN with a
+    max-pooled P6 only); the name now goes over RetinaNet's own builder."""
+    from detectron2 import model_zoo
+    from detectron2.modeling.backbone.fpn import LastLevelP6P7
+
+    cfg = load_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_resnet_nonlocal_fpn_backbone"])
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert isinstance(model.backbone.top_block, LastLevelP6P7)
+    assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
+    assert _block_names(model) == ["backbone.bottom_up.res4.nonlocal4"]

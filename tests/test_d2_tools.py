@@ -78,7 +78,7 @@ def lazy_trained(env, tmp_path_factory):
 def test_lazy_train_trains_checkpoints_and_evaluates(lazy_trained):
     out, log = lazy_trained
     assert "iter: 1" in log
-    assert "nonlocal_det.modeling.NonLocalResNet" in (out / "config.yaml").read_text()
+    assert "build_with_blocks" in (out / "config.yaml").read_text()  # add_blocks' target
     for task in ("bbox", "segm", "keypoints"):
         assert f"Evaluation results for {task}" in log, task
     for name in ("model_final.pth", "last_checkpoint", "config.yaml", "metrics.json"):

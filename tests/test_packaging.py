@@ -158,7 +158,11 @@ def _assert_import_only_registers(r):
     assert r["version"] == r["dist_version"] and r["version"].count(".") == 2
     assert {"NonLocalBlock", "add_nonlocal_config", "__version__"} <= set(r["all"])
     assert r["added"] == {
-        "BACKBONE": ["build_resnet_nonlocal_backbone", "build_resnet_nonlocal_fpn_backbone"],
+        "BACKBONE": [
+            "build_nonlocal_backbone",
+            "build_resnet_nonlocal_backbone",
+            "build_resnet_nonlocal_fpn_backbone",
+        ],
         "ROI_KEYPOINT_HEAD": ["NonLocalKRCNNHead"],
     }
     assert r["removed"] == []

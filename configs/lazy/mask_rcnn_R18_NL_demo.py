@@ -23,7 +23,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from nonlocal_det.data import synthetic_dataset
 from nonlocal_det.data.synthetic import SYNTHETIC_KEYPOINT_OKS_SIGMAS
 from nonlocal_det.engine import optimizer_with_gradient_clipping
-from nonlocal_det.modeling import NonLocalKRCNNHead, NonLocalResNet
+from nonlocal_det.modeling import NonLocalKRCNNHead, add_blocks
 
 _base = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
 model = _base.model
@@ -33,13 +33,12 @@ train = _base.train
 # ---- model (MODEL.*) ---------------------------------------------------------------------------
 model.pixel_std = [57.375, 57.120, 58.395]  # normalised inputs: the network trains from scratch
 _bottom_up = model.backbone.bottom_up
-_bottom_up._target_ = NonLocalResNet
 _bottom_up.freeze_at = 0
 _bottom_up.stem.norm = "BN"
 _bottom_up.stages.update(depth=18, norm="BN")
 _bottom_up.stages.pop("stride_in_1x1")  # a bottleneck option; ResNet-18 has basic blocks
-_bottom_up.update(nonlocal_placement="paper_1")  # ResNet-18: after block 0 of res4's 2 blocks
 model.backbone.update(out_channels=64, norm="GN")
+add_blocks(model.backbone, nonlocal_placement="paper_1")  # ResNet-18: after block 0 of res4's 2
 
 _rpn = model.proposal_generator
 _rpn.head.in_channels = 64
@@ -74,12 +73,7 @@ _heads.update(
         conv_dims=[64, 64, 64, 64],
         loss_weight=0.2,  # its loss is ~10x the others early on
         loss_normalizer="visible",
-        nonlocal_after=[2, 4],
-        nonlocal_pairwise="embedded_gaussian",
-        nonlocal_inner_ratio=0.5,
-        nonlocal_subsample=True,
-        nonlocal_use_scale=True,
-        nonlocal_norm="",
+        nonlocal_after=[2, 4],  # the paper's non-local block (the default nonlocal_spec)
     ),
 )
 

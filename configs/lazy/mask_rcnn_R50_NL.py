@@ -1,9 +1,9 @@
 """Mask R-CNN R50-FPN + 1 non-local block (res4), 1x: the LazyConfig twin of mask_rcnn_R50_NL.yaml.
 
 Detectron2's own ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py`` (model, COCO data, SGD,
-1x schedule, ImageNet R-50 weights), with its ResNet swapped for :class:`NonLocalResNet` (the same
-ResNet plus the paper's block right before the last residual block of res4). Importing
-``nonlocal_det`` here is what lets Detectron2's generic LazyConfig tooling use this file unchanged:
+1x schedule, ImageNet R-50 weights), its backbone wrapped by :func:`add_blocks` (the same network
+plus the paper's block right before the last residual block of res4). Importing ``nonlocal_det``
+here is what lets Detectron2's generic LazyConfig tooling use this file unchanged:
 
     python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --num-gpus 8
     python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py \\
@@ -12,7 +12,7 @@ ResNet plus the paper's block right before the last residual block of res4). Imp
 
 from detectron2 import model_zoo
 
-from nonlocal_det.modeling import NonLocalResNet  # the import also registers the YAML names
+from nonlocal_det.modeling import add_blocks  # the import also registers the YAML names
 
 _base = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
 dataloader = _base.dataloader
@@ -23,12 +23,17 @@ model = _base.model
 
 # MODEL.BACKBONE.NAME "build_resnet_nonlocal_fpn_backbone" + the MODEL.NONLOCAL keys of
 # configs/Base-RCNN-FPN-NL.yaml.
-model.backbone.bottom_up._target_ = NonLocalResNet
-model.backbone.bottom_up.update(
+add_blocks(
+    model.backbone,
+    nonlocal_spec=dict(
+        type="nonlocal",
+        options=dict(
+            pairwise="embedded_gaussian",
+            inner_ratio=0.5,  # C_inner = C / 2 = 512
+            subsample=True,  # 2x2 max-pool of phi and g
+            use_scale=True,  # 1/sqrt(C_inner) inside the softmax
+            norm="",  # no norm after W_z; W_z starts at zero (identity block)
+        ),
+    ),
     nonlocal_placement="paper_1",  # res4.nonlocal4 for R50, res4.nonlocal21 for R101
-    nonlocal_pairwise="embedded_gaussian",
-    nonlocal_inner_ratio=0.5,  # C_inner = C / 2 = 512
-    nonlocal_subsample=True,  # 2x2 max-pool of phi and g
-    nonlocal_use_scale=True,  # 1/sqrt(C_inner) inside the softmax
-    nonlocal_norm="",  # no norm after W_z; W_z starts at zero (identity block)
 )

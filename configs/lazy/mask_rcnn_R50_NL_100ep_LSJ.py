@@ -1,6 +1,6 @@
 """Mask R-CNN R50-FPN + 1 non-local block, Detectron2's new baseline recipe (100 epochs, large-scale
-jitter, SyncBN, from scratch): ``new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py`` with its ResNet
-swapped for :class:`NonLocalResNet`.
+jitter, SyncBN, from scratch): ``new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py``, its backbone
+wrapped by :func:`add_blocks`.
 
 The recipe trains every norm (SyncBN), so the block gets a norm after W_z whose gamma starts at
 zero, as in the authors' code. Not trained by this project (it needs 64 images per batch).
@@ -11,7 +11,7 @@ zero, as in the authors' code. Not trained by this project (it needs 64 images p
 
 from detectron2 import model_zoo
 
-from nonlocal_det.modeling import NonLocalResNet
+from nonlocal_det.modeling import add_blocks
 
 _base = model_zoo.get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
 dataloader = _base.dataloader
@@ -20,12 +20,10 @@ optimizer = _base.optimizer
 train = _base.train
 model = _base.model
 
-model.backbone.bottom_up._target_ = NonLocalResNet
-model.backbone.bottom_up.update(
+# The paper's block (NonLocalBlock's defaults: embedded Gaussian, C_inner = C / 2, subsampled keys,
+# scaled dot products) with a norm after W_z like the rest of this recipe's backbone.
+add_blocks(
+    model.backbone,
+    nonlocal_spec=dict(type="nonlocal", options=dict(norm="SyncBN")),  # gamma starts at zero
     nonlocal_placement="paper_1",
-    nonlocal_pairwise="embedded_gaussian",
-    nonlocal_inner_ratio=0.5,
-    nonlocal_subsample=True,
-    nonlocal_use_scale=True,
-    nonlocal_norm="SyncBN",  # like the rest of this recipe's backbone; gamma starts at zero
 )

@@ -14,6 +14,7 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_bool",
+    "check_positive",
     "check_ratio",
     "check_input",
     "flat_query_indices",
@@ -41,6 +42,14 @@ def check_int(owner: str, name: str, value, minimum: int) -> None:
 def check_bool(owner: str, name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: True or False")
+
+
+def check_positive(owner: str, name: str, value) -> None:
+    """A ValueError naming ``owner``, the argument and its value unless it is a finite number
+    > 0 (bools refused)."""
+    real = not isinstance(value, bool) and isinstance(value, Real)
+    if not real or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: a number > 0")
 
 
 def check_ratio(owner: str, name: str, value, in_channels: int) -> int:

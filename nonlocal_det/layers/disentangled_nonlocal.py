@@ -25,6 +25,7 @@ from ._common import (
     check_bool,
     check_input,
     check_int,
+    check_positive,
     check_ratio,
     flat_query_indices,
     matmul_fp32,
@@ -86,15 +87,7 @@ class DisentangledNonLocalBlock(CNNBlockBase):
     ):
         check_int(_NAME, "in_channels", in_channels, 1)
         planes = check_ratio(_NAME, "ratio", ratio, in_channels)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(
-                f"{_NAME}: temperature={temperature!r} is not supported; allowed: a number > 0"
-            )
+        check_positive(_NAME, "temperature", temperature)
         check_bool(_NAME, "downsample", downsample)
         check_bool(_NAME, "zero_init", zero_init)
         super().__init__(in_channels, in_channels, stride=1)

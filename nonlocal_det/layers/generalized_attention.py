@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import check_input, check_int, flat_query_indices, matmul_fp32, softmax_fp32
+from ._common import (
+    check_input,
+    check_int,
+    check_positive,
+    flat_query_indices,
+    matmul_fp32,
+    softmax_fp32,
+)
 
 __all__ = ["GeneralizedAttention"]
 
@@ -146,16 +153,7 @@ class GeneralizedAttention(CNNBlockBase):
                 f"supported with attention_type={attention_type!r}; allowed: D a positive "
                 f"multiple of 4 (D = in_channels when -1)"
             )
-        if (
-            isinstance(position_magnitude, bool)
-            or not isinstance(position_magnitude, (int, float))
-            or not math.isfinite(position_magnitude)
-            or position_magnitude <= 0
-        ):
-            raise ValueError(
-                f"{_NAME}: position_magnitude={position_magnitude!r} is not supported; "
-                f"allowed: a number > 0"
-            )
+        check_positive(_NAME, "position_magnitude", position_magnitude)
         super().__init__(in_channels, in_channels, stride=1)
         self.spatial_range = spatial_range
         self.num_heads = num_heads

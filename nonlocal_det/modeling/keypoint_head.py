@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
 from torch import nn
 
-from .blocks import block_factory, config_block_args, config_wording
+from .blocks import block_builder, config_block_spec, config_wording, legacy_spec
 
 __all__ = ["NonLocalKRCNNHead"]
 
@@ -36,9 +36,10 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         input_shape, num_keypoints, conv_dims, kwargs: as ``KRCNNConvDeconvUpsampleHead``.
         nonlocal_after: 1-based indices of the convs followed by a block
             (``MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS``).
-        nonlocal_type, nonlocal_options, nonlocal_pairwise, nonlocal_inner_ratio,
-            nonlocal_subsample, nonlocal_use_scale, nonlocal_norm: the blocks, as for
-            :class:`NonLocalResNet`.
+        nonlocal_spec: the blocks, ``{"type": ..., "options": {...}}`` as for the backbone
+            (:mod:`nonlocal_det.modeling.blocks`); default the paper's non-local block. The old
+            ``nonlocal_type``, ``nonlocal_options`` and ``nonlocal_<option>`` arguments are still
+            read into it.
     """
 
     @configurable
@@ -49,26 +50,14 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         num_keypoints,
         conv_dims: Sequence[int],
         nonlocal_after: Sequence[int] = (2, 4, 6, 8),
-        nonlocal_type: str = "nonlocal",
-        nonlocal_options: Optional[Mapping] = None,
-        nonlocal_pairwise: str = "embedded_gaussian",
-        nonlocal_inner_ratio: float = 0.5,
-        nonlocal_subsample: bool = True,
-        nonlocal_use_scale: bool = True,
-        nonlocal_norm: str = "",
+        nonlocal_spec: Optional[Mapping] = None,
         **kwargs,
     ):
+        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("nonlocal_")}
+        others = ["nonlocal_after", "nonlocal_spec"]
+        nonlocal_spec = legacy_spec("NonLocalKRCNNHead", nonlocal_spec, legacy, others)
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
-        make_block = block_factory(
-            "NonLocalKRCNNHead",
-            type=nonlocal_type,
-            options=nonlocal_options,
-            pairwise=nonlocal_pairwise,
-            inner_ratio=nonlocal_inner_ratio,
-            subsample=nonlocal_subsample,
-            use_scale=nonlocal_use_scale,
-            norm=nonlocal_norm,
-        )
+        make_block = block_builder("NonLocalKRCNNHead", nonlocal_spec)
         after = _checked_after(nonlocal_after, conv_dims)
         children = list(self._modules.items())
         for name, _ in children:
@@ -84,10 +73,11 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret.update(config_block_args(cfg))
+        ret["nonlocal_spec"] = config_block_spec(cfg)
         nl = cfg.MODEL.NONLOCAL
         ret["nonlocal_after"] = list(nl.KEYPOINT_HEAD_BLOCKS) if nl.ENABLED else []
         with config_wording():
+            block_builder("NonLocalKRCNNHead", ret["nonlocal_spec"])
             _checked_after(ret["nonlocal_after"], ret["conv_dims"])
         return ret
 

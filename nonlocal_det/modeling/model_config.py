@@ -7,11 +7,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.roi_heads import build_keypoint_head
 
+from .backbone import OURS as NONLOCAL_BACKBONES
 from .blocks import config_wording
 
 __all__ = ["NONLOCAL_BACKBONES", "baseline_config", "check_model_config"]
-
-NONLOCAL_BACKBONES = ("build_resnet_nonlocal_backbone", "build_resnet_nonlocal_fpn_backbone")
 
 
 def check_model_config(cfg) -> None:
@@ -39,11 +38,12 @@ def check_model_config(cfg) -> None:
 
 
 def baseline_config(cfg):
-    """A copy of ``cfg`` without any non-local block: Detectron2's own backbone and keypoint head
-    (the same parameter names, minus the blocks')."""
+    """A copy of ``cfg`` without any block: the backbone of Detectron2's builder as it returns it
+    (``MODEL.NONLOCAL.ENABLED False``) and Detectron2's keypoint head (the same parameter names,
+    minus the blocks')."""
     base = cfg.clone()
     base.defrost()
-    base.MODEL.BACKBONE.NAME = base.MODEL.BACKBONE.NAME.replace("_nonlocal", "")
+    base.MODEL.NONLOCAL.ENABLED = False
     if base.MODEL.ROI_KEYPOINT_HEAD.NAME == "NonLocalKRCNNHead":
         base.MODEL.ROI_KEYPOINT_HEAD.NAME = "KRCNNConvDeconvUpsampleHead"
     return base

@@ -1,8 +1,10 @@
-"""Parameters and FLOPs of a config, with and without its blocks.
+"""Parameters and FLOPs of a config (YAML or LazyConfig), with and without its blocks.
 
     python -m nonlocal_det.tools.analyze --config-file configs/mask_rcnn_R50_NL.yaml
     python -m nonlocal_det.tools.analyze --config-file configs/keypoint_rcnn_R50_NL.yaml --height 800 \\
         --width 1216
+    python -m nonlocal_det.tools.analyze \\
+        --config-file configs/lazy/mask_rcnn_regnety_4gf_dds_FPN_GC_r16_100ep_LSJ.py
 
 FLOPs are counted by fvcore through Detectron2's ``FlopCountAnalysis`` (one multiply-add = one
 flop; element-wise ops are not counted), on one image of the given size, in inference mode.
@@ -10,7 +12,8 @@ Handles are registered for the blocks' ops that fvcore would skip, count as zero
 ``scaled_dot_product_attention`` (L*M*(E + E_v) per head), ``cumsum`` (the concatenation form's
 prefix sums) and two-operand ``einsum`` (exactly). Both models are built from the same seed and
 the blocks start as the identity (configs with ZERO_INIT where their authors' do not), so both
-detect the same boxes and the difference of the totals is the cost of the blocks.
+detect the same boxes and the difference of the totals is the cost of the blocks. The model
+without blocks: ``MODEL.NONLOCAL.ENABLED False`` (YAML), ``remove_blocks`` (LazyConfig).
 """
 
 import argparse
@@ -18,12 +21,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from tabulate import tabulate
 
 from ..layers import BLOCK_TYPES
-from ..modeling import baseline_config
+from ..modeling import baseline_config, remove_blocks
 from ._common import load_config
 
 __all__ = ["nonlocal_flop_handles", "count_flops", "analyze", "main", "parser"]
@@ -87,11 +91,22 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _build(cfg) -> torch.nn.Module:
+    """The model of a YAML config (on the CPU, no weights) or of a LazyConfig's ``model``."""
+    if not isinstance(cfg, CfgNode):
+        return instantiate(cfg)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return build_model(cfg)
+
+
 def analyze(cfg, height: int = 800, width: int = 1333, seed: int = 0) -> Tuple[list, list]:
     """Rows of the model table and of the per-block table (see :func:`main`).
 
     Args:
-        cfg: a config with ``MODEL.NONLOCAL``.
+        cfg: a YAML config with ``MODEL.NONLOCAL``, or a LazyConfig (its ``model``).
         height, width: the input image size (after Detectron2's resizing).
         seed: seed of the random image and of both models' initialisation.
 
@@ -102,13 +117,11 @@ def analyze(cfg, height: int = 800, width: int = 1333, seed: int = 0) -> Tuple[l
     image = torch.rand(3, height, width, generator=generator) * 255
     inputs = [{"image": image, "height": height, "width": width}]
     results = {}
-    for label, c in (("with blocks", cfg), ("without", baseline_config(cfg))):
-        c = c.clone()
-        c.defrost()
-        c.MODEL.DEVICE = "cpu"
-        c.MODEL.WEIGHTS = ""
+    yaml = isinstance(cfg, CfgNode)
+    pair = (cfg, baseline_config(cfg)) if yaml else (cfg.model, remove_blocks(cfg.model))
+    for label, c in zip(("with blocks", "without"), pair):
         torch.manual_seed(seed)
-        model = build_model(c).eval()
+        model = _build(c).eval()
         with torch.no_grad():
             flops = count_flops(model, inputs)
             by_module = flops.by_module()
@@ -148,14 +161,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--height", type=int, default=800, help="input height (default 800)")
     p.add_argument("--width", type=int, default=1333, help="input width (default 1333)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (LazyConfig: key=value)"
+    )
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> Tuple[list, list]:
     """Command-line entry point: prints the two tables; returns their rows."""
     args = parser().parse_args(argv)
-    cfg = load_config(args.config_file, args.opts)
+    if args.config_file.endswith(".py"):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    else:
+        cfg = load_config(args.config_file, args.opts)
     model_rows, block_rows = analyze(cfg, args.height, args.width)
     with_nl, without = model_rows
     model_rows.append(
