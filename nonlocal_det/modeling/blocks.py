@@ -18,7 +18,8 @@ from ..layers import BLOCK_TYPES, NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock, chec
 __all__ = ["CONFIG_NODES", "block_factory", "config_block_args", "config_wording"]
 
 # MODEL.NONLOCAL.TYPE -> the config node holding that type's options (the non-local block's are
-# MODEL.NONLOCAL.{PAIRWISE, INNER_RATIO, SUBSAMPLE, USE_SCALE, NORM}).
+# MODEL.NONLOCAL.{PAIRWISE, INNER_RATIO, SUBSAMPLE, USE_SCALE, NORM, THETA_PHI_INIT, OUT_INIT_STD,
+# WHITEN}, the last three its nonlocal_options).
 CONFIG_NODES = {
     "simplified": "SNL",
     "global_context": "GC",
@@ -26,6 +27,8 @@ CONFIG_NODES = {
     "criss_cross": "CC",
     "generalized_attention": "GA",
 }
+# NonLocalBlock's arguments block_factory passes explicitly (the rest: nonlocal_options)
+_EXPLICIT = ("in_channels", "inner_channels", "pairwise", "dim", "subsample", "use_scale", "norm")
 
 
 def block_factory(
@@ -44,7 +47,8 @@ def block_factory(
     Args:
         type: a key of :data:`nonlocal_det.layers.BLOCK_TYPES`.
         options: for the other types, arguments of their class (e.g. ``{"ratio": 1 / 4}`` for
-            ``GlobalContextBlock``); the class's defaults are its authors'.
+            ``GlobalContextBlock``); the class's defaults are its authors'. For ``"nonlocal"``,
+            ``NonLocalBlock``'s other arguments (``theta_phi_init``, ``out_init_std``, ``whiten``).
         pairwise, inner_ratio, subsample, use_scale, norm: the non-local block (type
             ``"nonlocal"``), C_inner = ``inner_ratio`` x C (at least 1).
 
@@ -63,11 +67,13 @@ def block_factory(
                 f"nonlocal_type={type!r} ({cls.__name__}); allowed: {allowed}"
             )
         return lambda channels: cls(channels, **options)
-    if options:
+    # the non-local block's other arguments (its initialisation options) come as options
+    allowed = [p for p in inspect.signature(NonLocalBlock).parameters if p not in _EXPLICIT]
+    if set(options) - set(allowed):
         raise ValueError(
-            f"{owner}: nonlocal_options={options} is for the other block types; the non-local "
-            "block takes nonlocal_pairwise, nonlocal_inner_ratio, nonlocal_subsample, "
-            "nonlocal_use_scale and nonlocal_norm; allowed: empty"
+            f"{owner}: nonlocal_options={options} has unknown keys "
+            f"{sorted(set(options) - set(allowed))} for nonlocal_type='nonlocal' (the others are "
+            f"nonlocal_pairwise, nonlocal_inner_ratio, ...); allowed: {allowed}"
         )
     check_choice(owner, "nonlocal_pairwise", pairwise, PAIRWISE_FUNCTIONS)
     check_choice(owner, "nonlocal_norm", norm, NORMS)
@@ -83,7 +89,7 @@ def block_factory(
 
     def build(channels: int) -> nn.Module:
         inner = max(1, int(round(channels * inner_ratio)))
-        return NonLocalBlock(channels, inner, pairwise, 2, subsample, use_scale, norm)
+        return NonLocalBlock(channels, inner, pairwise, 2, subsample, use_scale, norm, **options)
 
     return build
 
@@ -100,7 +106,11 @@ def config_block_args(cfg) -> dict:
     node = CONFIG_NODES.get(nl.TYPE)
     return {
         "nonlocal_type": nl.TYPE,
-        "nonlocal_options": {k.lower(): v for k, v in nl[node].items()} if node else {},
+        "nonlocal_options": (
+            {k.lower(): v for k, v in nl[node].items()}
+            if node
+            else {k.lower(): nl[k] for k in ("THETA_PHI_INIT", "OUT_INIT_STD", "WHITEN")}
+        ),
         "nonlocal_pairwise": nl.PAIRWISE,
         "nonlocal_inner_ratio": nl.INNER_RATIO,
         "nonlocal_subsample": nl.SUBSAMPLE,
@@ -112,6 +122,7 @@ def config_block_args(cfg) -> dict:
 # Explicit argument -> the config key it comes from (nonlocal_<key> -> MODEL.NONLOCAL.<KEY>).
 _KEY_OF = {"nonlocal_after": "KEYPOINT_HEAD_BLOCKS"}
 _NODE_OF_CLASS = {BLOCK_TYPES[t].__name__: node for t, node in CONFIG_NODES.items()}
+_NODE_OF_CLASS["NonLocalBlock"] = ""  # its options: MODEL.NONLOCAL.<KEY>
 
 
 def _reword(message: str) -> str:
@@ -119,7 +130,7 @@ def _reword(message: str) -> str:
     message = re.sub(  # an option of a block type: its key in the type's node
         r"^(\w+): ([a-z_]+)=",
         lambda m: (
-            f"MODEL.NONLOCAL.{_NODE_OF_CLASS[m[1]]}.{m[2].upper()}="
+            ".".join(filter(None, ("MODEL.NONLOCAL", _NODE_OF_CLASS[m[1]], m[2].upper()))) + "="
             if m[1] in _NODE_OF_CLASS
             else m[0]
         ),
