@@ -11,6 +11,7 @@ from itertools import combinations
 import cv2
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_util
 
 from nonlocal_det.data.coco_check import check_coco_json
@@ -269,6 +270,40 @@ def test_confusion_and_partners():
     assert share["top"] == pytest.approx(1 / 20) and share["mass"] == pytest.approx(0.5)
 
 
+def test_mechanism_recorder_changes_nothing(tmp_path):
+    """The recorder's attention measurement runs the bottom-up network in training mode on
+    validation images: the model's parameters and buffers (BN running statistics) and the RNG
+    states (torch's, numpy's) are as before; its record holds the attention of every object's
+    centre."""
+    from types import SimpleNamespace
+
+    from detectron2.modeling import build_model
+    from utils import load_cfg
+
+    probe = _probe_module()
+    root = str(tmp_path / "cue")
+    generate_relation_coco(root, "cue", num_train=1, num_val=3)
+    cfg = load_cfg("probe/faster_rcnn_R18_NL_probe.yaml", ["MODEL.FPN.OUT_CHANNELS", 16])
+    model = build_model(cfg).train()
+    gt = _coco(root, "val")
+    hook = probe.mechanism_recorder(cfg, gt, os.path.join(root, "val"), "cue")
+    hook.trainer = SimpleNamespace(model=model, max_iter=30, iter=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    np.random.seed(5)  # the training loader's flips draw from numpy's global RNG
+    hook.before_train()
+    hook.before_step()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert np.random.randint(2**31) == np.random.RandomState(5).randint(2**31)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert hook.record["attention_iters"] == [0]
+    att = hook.record["attention"]["pairwise"]
+    assert att["queries"] == [len(gt["annotations"])]
+    assert 0 < att["entropy"][0] <= att["uniform"][0] == pytest.approx(np.log(144))
+    assert probe.mechanism_iters(30) == [0, 1, 2, 3, 4, 5, 10, 20, 30]
+
+
 @pytest.mark.slow
 def test_probe_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "probe"
@@ -286,20 +321,29 @@ def test_probe_quick_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     probe = _probe_module()
-    for model in probe.MODELS:
+    for model in probe.FAMILY_MODELS:
         assert probe.LABELS[model] in text, model
     assert "red -> blue" in text and "wall time" in text and "machine:" in text
     assert "target 1" in text and "target 2" in text
     summary = json.load(open(out / "s.json"))["summary"]
-    assert set(summary) == set(probe.MODELS)
+    assert set(summary) == set(probe.FAMILY_MODELS)
     assert summary["baseline"]["attention"] == {}
     assert set(summary["nonlocal"]["attention"]) == {"pairwise"}
     assert set(summary["global_context"]["attention"]) == {"map"}
     assert set(summary["disentangled"]["attention"]) == {"pairwise", "map"}
     assert set(summary["criss_cross"]["attention"]) == {"pairwise", "two_pass"}
-    for model in probe.MODELS:
+    for model in probe.FAMILY_MODELS:
         if model != "baseline":
             assert (out / f"{model}_seed1" / "attention.png").is_file(), model
+    # the mechanism's record: gradients every iteration, the attention at 0, 1 and the end
+    mech = json.load(open(out / "nonlocal_seed1" / "result.json"))["mechanism"]
+    assert mech["grad_iters"] == [0, 1] and mech["attention_iters"] == [0, 1, 2]
+    assert mech["grad"]["theta.weight"][0] == 0 < mech["grad"]["out.weight"][0]  # W_z = 0
+    att = mech["attention"]["pairwise"]
+    assert all(0 < e <= u + 1e-9 for e, u in zip(att["entropy"], att["uniform"]))
+    mech = json.load(open(out / "global_context_seed1" / "result.json"))["mechanism"]
+    assert "conv_mask.weight" in mech["grad"] and set(mech["attention"]) == {"map"}
+    assert json.load(open(out / "baseline_seed1" / "result.json"))["mechanism"] == {}
     # a second run reuses every result
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "6 run(s) already in" in again.stdout
