@@ -688,8 +688,9 @@ def mechanism_numbers(rows: List[Dict[str, Any]], at: Sequence[int] = (0, 1, 10,
                 continue
             i = mech["attention_iters"].index(it)
             grads = ""
-            if it in mech["grad_iters"]:
-                g = mech["grad_iters"].index(it)
+            last = mech["grad_iters"][-1] if mech["grad_iters"] else None
+            if it in mech["grad_iters"] or (it == last + 1 and last is not None):
+                g = mech["grad_iters"].index(min(it, last))  # the end: the last step's
                 grads = ", ".join(
                     f"{n.split('.weight')[0]} {mech['grad'][n][g]:.1e}"
                     for n in params[kind]
@@ -766,7 +767,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     from nonlocal_det.data.relational import RELATION_TASKS
 
     p.add_argument("--task", choices=list(RELATION_TASKS), default="cue")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=FAMILY_MODELS)
+    p.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=None,
+        help="default: the baseline and each block type; with --collect, every model",
+    )  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (one core each)")
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: config's)")
@@ -800,6 +804,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--jobs {args.jobs}: allowed: an integer >= 1")
     if args.iters is not None and args.iters < 1:
         p.error(f"--iters {args.iters}: allowed: an integer >= 1")
+    if args.models is None:
+        args.models = list(MODELS) if args.collect else FAMILY_MODELS
     return args
 
 
@@ -1041,7 +1047,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _worker_main(args.worker)
         return 0
     if args.collect:
-        rows = collect(args.collect)
+        rows = [r for r in collect(args.collect) if r["model"] in args.models]
         print(sweep_table(rows, args.markdown))
         curves = [r for r in rows if r.get("mechanism") and r["model"] in CURVE_MODELS]
         if args.curves and curves:
