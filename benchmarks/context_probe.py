@@ -4,16 +4,20 @@
     python benchmarks/context_probe.py --jobs 2          # two trainings at once (two free cores)
     python benchmarks/context_probe.py --quick           # smoke run: tiny data and model, seconds
     python benchmarks/context_probe.py --task twin --models baseline nonlocal --markdown
+    python benchmarks/context_probe.py --task bar --iters 1200 --models nonlocal nonlocal_he
+    python benchmarks/context_probe.py --collect output/context_probe --curves curves.png
 
 Trains Faster R-CNN R18-FPN from scratch (``configs/probe/faster_rcnn_R18_NL_probe.yaml``: the
 ResNet stops at res4, no norm in the FPN) on a generated dataset (``nonlocal_det.data.relational``)
 where an object's class depends on something far away: ``--task cue`` (default), its shape x the
 colour (red / blue) of a cue square in a corner; ``--task twin``, its shape x whether another
-object has exactly its colour; ``--task match``, whether it has the colour of a cue triangle. Once
-per model and seed: the baseline without any block, and one block of each type at the same place
-(after block 0 of res4, 12 x 12 positions), every other setting the same. Each training runs in a
-worker process with ``OMP_NUM_THREADS=1``; ``--jobs N`` runs N at once (use it only with N free
-cores).
+object has exactly its colour; ``--task match``, whether it has the colour of a cue triangle;
+``--task bar`` / ``plus``, the two held-out variants of the cue task. Once per model and seed: the
+baseline without any block, and one block of each type at the same place (after block 0 of res4,
+12 x 12 positions), every other setting the same; or the non-local block with one of its
+initialisation options (``nonlocal_he``, ``nonlocal_lecun``, ``nonlocal_noscale``,
+``nonlocal_wz``, ``nonlocal_whiten``). Each training runs in a worker process with
+``OMP_NUM_THREADS=1``; ``--jobs N`` runs N at once (use it only with N free cores).
 
 Prints, per model: box AP (mean +- std over seeds) and AP50; the confusion of the
 relation-determined classes for the matched detections (every ground-truth object takes the
@@ -27,7 +31,10 @@ machine, and whether the issue's two targets are met.
 
 Results are cached: a run whose ``result.json`` exists in ``--output-dir`` with the same settings
 is not trained again (``--fresh`` starts over). The first seed of every model with a block also
-draws ``attention.png`` (``nonlocal_det.tools.visualize.draw``) on a validation image.
+draws ``attention.png`` (``nonlocal_det.tools.visualize.draw``) on a validation image. Every run
+with a block records how it learns (:func:`mechanism_recorder`: gradient norms, the attention's
+entropy and its share on the cue along training) in its ``result.json``; ``--collect DIR...``
+prints the task x model x seed table of finished runs and ``--curves PNG`` draws those records.
 """
 
 import argparse
@@ -58,6 +65,12 @@ MODELS = {
     "global_context": ["MODEL.NONLOCAL.TYPE", "global_context", "MODEL.NONLOCAL.GC.RATIO", "0.25"],
     "disentangled": ["MODEL.NONLOCAL.TYPE", "disentangled", "MODEL.NONLOCAL.DNL.ZERO_INIT", "True"],
     "criss_cross": ["MODEL.NONLOCAL.TYPE", "criss_cross"],
+    # the non-local block's initialisation options (issue 22; docs/context_probe.md)
+    "nonlocal_he": ["MODEL.NONLOCAL.THETA_PHI_INIT", "he"],
+    "nonlocal_lecun": ["MODEL.NONLOCAL.THETA_PHI_INIT", "lecun"],
+    "nonlocal_noscale": ["MODEL.NONLOCAL.USE_SCALE", "False"],
+    "nonlocal_wz": ["MODEL.NONLOCAL.OUT_INIT_STD", "0.01"],
+    "nonlocal_whiten": ["MODEL.NONLOCAL.WHITEN", "True"],
 }
 LABELS = {
     "baseline": "baseline (no block)",
@@ -66,7 +79,14 @@ LABELS = {
     "global_context": "GC (global context)",
     "disentangled": "DNL (disentangled NL)",
     "criss_cross": "CC (criss-cross)",
+    "nonlocal_he": "NL, theta/phi He init",
+    "nonlocal_lecun": "NL, theta/phi LeCun init",
+    "nonlocal_noscale": "NL, no 1/sqrt(C') scale",
+    "nonlocal_wz": "NL, W_z std 0.01",
+    "nonlocal_whiten": "NL, whitened theta/phi",
 }
+# the models run by default: the baseline and one of each block type
+FAMILY_MODELS = list(MODELS)[:6]
 PAIRWISE_MODELS = ("nonlocal", "disentangled", "criss_cross")
 GLOBAL_MODELS = ("simplified", "global_context")
 TOPK = 20
@@ -152,15 +172,15 @@ def relation_confusion(gt: Dict[str, Any], detections: List[Dict[str, Any]], iou
 
 def partner_pairs(gt: Dict[str, Any], task: str) -> Dict[int, List[Tuple[List[float], list]]]:
     """{image id: [(query box, partner box)]}: for the twin task every paired object and its
-    twin (the other object of exactly its colour, from the generator's record); for the match
-    and cue tasks every object and the cue."""
+    twin (the other object of exactly its colour, from the generator's record); for the other
+    tasks every object and the cue."""
     anns: Dict[int, List[Dict[str, Any]]] = {}
     for a in gt["annotations"]:
         anns.setdefault(a["image_id"], []).append(a)
     out: Dict[int, List[Tuple[List[float], list]]] = {}
     for image in gt["images"]:
         objects = anns.get(image["id"], [])
-        if task in ("match", "cue"):
+        if task != "twin":
             pairs = [(a["bbox"], image["cue"]["bbox"]) for a in objects]
         else:
             pairs = [
@@ -187,14 +207,19 @@ def _cells_on(box: Sequence[float], grid: Tuple[int, int], cell: Tuple[float, fl
 
 def _share(weights: np.ndarray, on: np.ndarray, topk: int) -> Dict[str, float]:
     """Of a (kh, kw) attention map: the share of its ``topk`` positions on ``on``, its mass
-    there, and the chance level of both (``on``'s share of the grid)."""
+    there, the chance level of both (``on``'s share of the grid), its entropy (of the map
+    normalised to sum 1, negative weights as 0) and that of the uniform map, log(kh kw)."""
     flat = weights.reshape(-1)
     k = min(topk, flat.size)
     top = np.argsort(-flat, kind="stable")[:k]
+    p = np.clip(flat.astype(np.float64), 0.0, None)
+    p = p / max(p.sum(), 1e-12)
     return {
         "top": float(on.reshape(-1)[top].mean()),
         "mass": float(flat[on.reshape(-1)].sum() / max(flat.sum(), 1e-12)),
         "chance": float(on.mean()),
+        "entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum()),
+        "uniform": float(np.log(flat.size)),
     }
 
 
@@ -205,6 +230,53 @@ def _block_input(model, image_bgr: np.ndarray, cfg, block):
     return run_with_block_input(model, image_bgr, cfg, block)[1:]
 
 
+_SHARE_KEYS = ("top", "mass", "chance", "entropy", "uniform")
+
+
+def _add_partner_shares(sums, block, x, pairs, scale, stride: float, topk: int) -> None:
+    """Add to ``sums`` ({kind: running sums}) the :func:`_share` of the block's maps for one
+    image: ``x`` its block input (1, C, h, w), ``pairs`` its (query box, partner box) in
+    original-image pixels, ``scale`` (sy, sx) from the original image to the network input."""
+    import torch
+
+    from nonlocal_det.layers import CrissCrossAttention
+    from nonlocal_det.tools.visualize import context_map
+
+    sy, sx = scale
+    h, w = x.shape[-2:]
+    maps: Dict[str, List[np.ndarray]] = {}
+    coords = [
+        [min(int((qy + qh / 2) * sy // stride), h - 1), min(int((qx + qw / 2) * sx // stride), w - 1)]
+        for (qx, qy, qw, qh), _ in pairs
+    ]  # fmt: skip
+    q = torch.tensor(coords, dtype=torch.long)
+    with torch.no_grad():
+        if hasattr(block, "attention_for_queries"):
+            maps["pairwise"] = list(block.attention_for_queries(x, q)[0].float().numpy())
+        if isinstance(block, CrissCrossAttention) and block.recurrence >= 2:
+            first = block.attention_for_queries(x, torch.arange(h * w))[0].reshape(h * w, -1)
+            second = block.attention_for_queries(block._pass(x), q)[0].reshape(len(q), -1)
+            maps["two_pass"] = list((second @ first).reshape(len(q), h, w).float().numpy())
+        if hasattr(block, "context_weights"):
+            maps["map"] = [context_map(block, x)] * len(pairs)
+    for kind, weights in maps.items():
+        kh, kw = weights[0].shape
+        cell = ((h // kh) * stride / sy, (w // kw) * stride / sx)
+        for m, (_, partner) in zip(weights, pairs):
+            s = _share(m, _cells_on(partner, (kh, kw), cell), topk)
+            acc = sums.setdefault(kind, dict({k: 0.0 for k in _SHARE_KEYS}, queries=0))
+            for key in _SHARE_KEYS:
+                acc[key] += s[key]
+            acc["queries"] += 1
+
+
+def _means(sums: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    return {
+        kind: {k: (v / acc["queries"] if k != "queries" else v) for k, v in acc.items()}
+        for kind, acc in sums.items()
+    }
+
+
 def attention_on_partner(
     model, cfg, gt: Dict[str, Any], image_root: str, task: str, topk: int = TOPK
 ) -> Dict[str, Dict[str, float]]:
@@ -212,19 +284,19 @@ def attention_on_partner(
 
     From the centre of every query object (:func:`partner_pairs`): the share of the ``topk``
     most attended key positions that fall on the partner (a key cell intersecting its box), the
-    attention mass on the partner, and the chance level (the partner's cells / all cells).
+    attention mass on the partner, and the chance level (the partner's cells / all cells); the
+    attention's entropy and the uniform one's.
 
     Returns:
-        {kind: {"top", "mass", "chance", "queries"}}, kind ``pairwise`` (non-local, DNL's
-        pairwise term, criss-cross's first pass), ``two_pass`` (criss-cross: the second pass's
-        weights composed with the first's, residual paths left out) and ``map`` (the one map of
-        SNL, GC and DNL's unary term, the same for every query). Empty without a block.
+        {kind: {"top", "mass", "chance", "entropy", "uniform", "queries"}}, kind ``pairwise``
+        (non-local, DNL's pairwise term, criss-cross's first pass), ``two_pass`` (criss-cross:
+        the second pass's weights composed with the first's, residual paths left out) and
+        ``map`` (the one map of SNL, GC and DNL's unary term, the same for every query). Empty
+        without a block.
     """
     import cv2
-    import torch
 
-    from nonlocal_det.layers import CrissCrossAttention
-    from nonlocal_det.tools.visualize import backbone_blocks, context_map
+    from nonlocal_det.tools.visualize import backbone_blocks
 
     names = backbone_blocks(model)
     if not names:
@@ -235,36 +307,153 @@ def attention_on_partner(
     files = {im["id"]: im["file_name"] for im in gt["images"]}
     for image_id, pairs in sorted(partner_pairs(gt, task).items()):
         image = cv2.imread(os.path.join(image_root, files[image_id]), cv2.IMREAD_COLOR)
-        x, (sy, sx), stride = _block_input(model, image, cfg, block)
-        h, w = x.shape[-2:]
-        maps: Dict[str, List[np.ndarray]] = {}
-        coords = [
-            [min(int((qy + qh / 2) * sy // stride), h - 1), min(int((qx + qw / 2) * sx // stride), w - 1)]
-            for (qx, qy, qw, qh), _ in pairs
-        ]  # fmt: skip
-        q = torch.tensor(coords, dtype=torch.long)
-        with torch.no_grad():
-            if hasattr(block, "attention_for_queries"):
-                maps["pairwise"] = list(block.attention_for_queries(x, q)[0].float().numpy())
-            if isinstance(block, CrissCrossAttention) and block.recurrence >= 2:
-                first = block.attention_for_queries(x, torch.arange(h * w))[0].reshape(h * w, -1)
-                second = block.attention_for_queries(block._pass(x), q)[0].reshape(len(q), -1)
-                maps["two_pass"] = list((second @ first).reshape(len(q), h, w).float().numpy())
-            if hasattr(block, "context_weights"):
-                maps["map"] = [context_map(block, x)] * len(pairs)
-        for kind, weights in maps.items():
-            kh, kw = weights[0].shape
-            cell = ((h // kh) * stride / sy, (w // kw) * stride / sx)
-            for m, (_, partner) in zip(weights, pairs):
-                s = _share(m, _cells_on(partner, (kh, kw), cell), topk)
-                acc = sums.setdefault(kind, {"top": 0.0, "mass": 0.0, "chance": 0.0, "queries": 0})
-                for key in ("top", "mass", "chance"):
-                    acc[key] += s[key]
-                acc["queries"] += 1
-    return {
-        kind: {k: (v / acc["queries"] if k != "queries" else v) for k, v in acc.items()}
-        for kind, acc in sums.items()
-    }
+        x, scale, stride = _block_input(model, image, cfg, block)
+        _add_partner_shares(sums, block, x, pairs, scale, stride, topk)
+    return _means(sums)
+
+
+def mechanism_iters(max_iter: int) -> List[int]:
+    """The iterations before which :func:`mechanism_recorder` measures the attention: 0-5, then
+    every 10th; and the end of training (``max_iter``)."""
+    return sorted(set(range(min(6, max_iter))) | set(range(10, max_iter, 10)) | {max_iter})
+
+
+def mechanism_recorder(cfg, gt: Dict[str, Any], image_root: str, task: str, num_images=16):
+    """A Detectron2 hook recording how the first backbone block learns (for the curves of
+    docs/context_probe.md); it lives here, outside the library, and changes nothing in training.
+
+    Every iteration, from the backward pass (before gradient clipping): the gradient norm, and
+    after the step the weight norm and the distance from the initial weights, of every
+    parameter of the block (``theta.weight``, ``phi.weight``,
+    ``g.weight``, ``out.weight`` of the non-local block; ``conv_mask.weight``, ... of GC).
+    Before the iterations of :func:`mechanism_iters` and after the last: on the first
+    ``num_images`` validation images with partner pairs, the block's input through the bottom-up
+    network in training mode (batch statistics, as in training; the BN running statistics and
+    torch's RNG state restored afterwards, numpy's and Python's never drawn from: the training
+    trajectory is the one without the hook), then :func:`_share` of the attention of every object's
+    centre (entropy, uniform entropy, top-k share and mass on the partner), averaged.
+
+    Returns:
+        The hook; ``hook.record`` is {"grad_iters": [...], "grad": {name: [...]}, "weight":
+        {name: [...]}, "delta": {name: [...]}, "attention_iters": [...], "attention": {kind:
+        {key: [...]}}}, empty when the model has no block.
+    """
+    import cv2
+    import torch
+    from detectron2.data import transforms as T
+    from detectron2.engine import HookBase
+    from torch import nn
+
+    from nonlocal_det.tools.visualize import backbone_blocks
+
+    class _Caught(Exception):
+        pass
+
+    class MechanismRecorder(HookBase):
+        def __init__(self):
+            self.record: Dict[str, Any] = {}
+            self.block = None
+
+        def before_train(self):
+            model = self.trainer.model
+            names = backbone_blocks(model)
+            if not names:
+                return
+            self.block = model.get_submodule(names[0])
+            self.params = [(n, p) for n, p in self.block.named_parameters() if p.requires_grad]
+            self.grads: Dict[str, float] = {}
+            self.initial = {n: p.detach().clone() for n, p in self.params}
+            for n, p in self.params:
+                p.register_hook(lambda grad, n=n: self._catch_grad(n, grad))
+            self.record = {
+                "block": names[0],
+                "grad_iters": [],
+                "grad": {n: [] for n, _ in self.params},
+                "weight": {n: [] for n, _ in self.params},
+                "delta": {n: [] for n, _ in self.params},
+                "attention_iters": [],
+                "attention": {},
+            }
+            pairs = partner_pairs(gt, task)
+            files = {im["id"]: im["file_name"] for im in gt["images"]}
+            inputs, self.pairs, self.scales = [], [], []
+            for image_id in sorted(pairs)[:num_images]:
+                bgr = cv2.imread(os.path.join(image_root, files[image_id]), cv2.IMREAD_COLOR)
+                # the test resize without ResizeShortestEdge.get_transform, which draws from
+                # numpy's global RNG (the training loader's flips draw from it too)
+                h, w = bgr.shape[:2]
+                size = T.ResizeShortestEdge.get_output_shape(
+                    h, w, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+                )
+                image = T.ResizeTransform(h, w, *size).apply_image(bgr)
+                self.scales.append((image.shape[0] / bgr.shape[0], image.shape[1] / bgr.shape[1]))
+                if cfg.INPUT.FORMAT == "RGB":
+                    image = image[:, :, ::-1]
+                chw = np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32")
+                inputs.append({"image": torch.as_tensor(chw)})
+                self.pairs.append(pairs[image_id])
+            with torch.no_grad():
+                self.images = model.preprocess_image(inputs).tensor
+            self.when = set(mechanism_iters(self.trainer.max_iter))
+
+        def _attention(self, iteration: int) -> None:
+            model = self.trainer.model
+            bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            saved = [[b.clone() for b in m.buffers()] for m in bns]
+            rng = torch.get_rng_state()
+            caught = []
+
+            def catch(module, inputs):
+                caught.append(inputs[0].detach())
+                raise _Caught
+
+            handle = self.block.register_forward_pre_hook(catch)
+            try:
+                with torch.no_grad():
+                    getattr(model.backbone, "bottom_up", model.backbone)(self.images)
+            except _Caught:
+                pass
+            finally:
+                handle.remove()
+                with torch.no_grad():
+                    for m, buffers in zip(bns, saved):
+                        for b, v in zip(m.buffers(), buffers):
+                            b.copy_(v)
+                torch.set_rng_state(rng)
+            x = caught[0]
+            stride = 2 ** round(np.log2(self.images.shape[-2] / x.shape[-2]))
+            sums: Dict[str, Dict[str, float]] = {}
+            for i, (pairs, scale) in enumerate(zip(self.pairs, self.scales)):
+                _add_partner_shares(sums, self.block, x[i : i + 1], pairs, scale, stride, TOPK)
+            self.record["attention_iters"].append(iteration)
+            for kind, values in _means(sums).items():
+                series = self.record["attention"].setdefault(kind, {})
+                for key, value in values.items():
+                    series.setdefault(key, []).append(value)
+
+        def before_step(self):
+            if self.block is not None and self.trainer.iter in self.when:
+                self._attention(self.trainer.iter)
+
+        def _catch_grad(self, name: str, grad):
+            self.grads[name] = float(grad.detach().norm())
+
+        def after_step(self):
+            # DefaultTrainer runs the step in an inner SimpleTrainer, which calls its own hooks'
+            # after_backward: the gradients are caught by tensor hooks instead, before clipping.
+            if self.block is None:
+                return
+            self.record["grad_iters"].append(self.trainer.iter)
+            for n, p in self.params:
+                self.record["grad"][n].append(self.grads.pop(n, 0.0))
+                self.record["weight"][n].append(float(p.detach().norm()))
+                self.record["delta"][n].append(float((p.detach() - self.initial[n]).norm()))
+
+        def after_train(self):
+            if self.block is not None:
+                self._attention(self.trainer.max_iter)
+
+    return MechanismRecorder()
 
 
 def draw_attention(model, cfg, gt, image_root: str, task: str, output: str, index=None) -> None:
@@ -355,12 +544,15 @@ def _run_one(run: Dict[str, Any]) -> Dict[str, Any]:
         check_datasets(cfg)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
+        with open(cfg.DATASETS.TEST_JSON) as f:
+            gt = json.load(f)
+        recorder = mechanism_recorder(cfg, gt, cfg.DATASETS.TEST_IMAGES, run["task"])
+        trainer.register_hooks([recorder])
+        load = os.getloadavg()
         t0 = time.perf_counter()
         trainer.train()  # evaluates at the end (Detectron2's EvalHook)
         train_s = time.perf_counter() - t0
         bbox = dict(trainer._last_eval_results["bbox"])
-        with open(cfg.DATASETS.TEST_JSON) as f:
-            gt = json.load(f)
         name = cfg.DATASETS.TEST[0]
         with open(os.path.join(out, "inference", name, "coco_instances_results.json")) as f:
             detections = json.load(f)
@@ -375,6 +567,8 @@ def _run_one(run: Dict[str, Any]) -> Dict[str, Any]:
                 model, cfg, gt, cfg.DATASETS.TEST_IMAGES, run["task"], TOPK
             ),
             "train_s": train_s,
+            "load": [load, os.getloadavg()],
+            "mechanism": recorder.record,
         }
         if run.get("picture"):
             draw_attention(model, cfg, gt, cfg.DATASETS.TEST_IMAGES, run["task"], run["picture"])
@@ -402,14 +596,181 @@ def _worker_main(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Sweeps over tasks and schedules: the table and the mechanism's curves (--collect)
+# ------------------------------------------------------------------------------------------------
+LEARNED = 0.9  # a run learned the cue when its relation accuracy reaches this (chance: 0.5)
+CURVE_MODELS = ("nonlocal", "global_context", "nonlocal_he", "nonlocal_lecun", "nonlocal_noscale",
+                "nonlocal_wz", "nonlocal_whiten")  # fmt: skip
+
+
+def collect(dirs: Sequence[str]) -> List[Dict[str, Any]]:
+    """Every finished run under ``dirs`` (``<dir>/<model>_seed<N>/result.json``), with its task
+    and schedule read from the run's ``config.yaml``."""
+    import glob
+
+    import yaml
+
+    rows = []
+    for d in dirs:
+        for path in sorted(glob.glob(os.path.join(d, "*_seed*", "result.json"))):
+            with open(path) as f:
+                result = json.load(f)
+            with open(os.path.join(os.path.dirname(path), "config.yaml")) as f:
+                cfg = yaml.safe_load(f)
+            data = os.path.basename(os.path.dirname(os.path.dirname(cfg["DATASETS"]["TEST_JSON"])))
+            acc = result["confusion"]["relation_accuracy"]
+            rows.append(
+                dict(
+                    result,
+                    task=data.split("_coco_v")[0],
+                    iters=cfg["SOLVER"]["MAX_ITER"],
+                    learned=acc >= LEARNED,
+                )
+            )
+    return rows
+
+
+def sweep_table(rows: List[Dict[str, Any]], markdown: bool = True) -> str:
+    """Per task, schedule and model: every seed's box AP and relation accuracy, how many
+    learned the cue (accuracy >= :data:`LEARNED`), minutes per run and the load average."""
+    groups: Dict[Tuple[str, int, str], List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["iters"], r["model"]), []).append(r)
+    order = {m: i for i, m in enumerate(MODELS)}
+    head = ["task", "iterations", "model", "box AP per seed (accuracy)", "mean AP", "learned",
+            "min/run", "load (1 min avg, start-end)"]  # fmt: skip
+    out = []
+    for (task, iters, model), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):  # fmt: skip
+        rs = sorted(rs, key=lambda r: r["seed"])
+        seeds = " / ".join(
+            f"s{r['seed']}: {r['bbox']['AP']:.1f} ({100 * r['confusion']['relation_accuracy']:.0f}%)"
+            for r in rs
+        )
+        loads = [r["load"] for r in rs if "load" in r]
+        load = (
+            f"{statistics.mean(a[0] for a, _ in loads):.1f}-{statistics.mean(b[0] for _, b in loads):.1f}"
+            if loads
+            else "-"
+        )
+        out.append(
+            [task, str(iters), LABELS[model], seeds,
+             "{:.1f} ± {:.1f}".format(*_mean_std([r["bbox"]["AP"] for r in rs])),
+             f"{sum(r['learned'] for r in rs)}/{len(rs)}",
+             f"{statistics.mean(r['total_s'] for r in rs) / 60:.1f}", load]
+        )  # fmt: skip
+    return _table(head, out, markdown)
+
+
+def _smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < window:
+        return v
+    return np.convolve(v, np.ones(window) / window, mode="valid")
+
+
+def mechanism_numbers(rows: List[Dict[str, Any]], at: Sequence[int] = (0, 1, 10, 100, 300, 600)):
+    """Markdown rows of the mechanism at chosen iterations, per model and seed: the gradient
+    norms (theta, phi, g, W_z; GC: conv_mask and the transform's two convs), the attention's
+    entropy over the uniform one, its top-20 share and mass on the cue."""
+    head = ["model", "seed", "iteration", "gradient norms", "entropy / uniform",
+            f"top-{TOPK} on the cue", "mass on the cue (chance)"]  # fmt: skip
+    params = {
+        "pairwise": ("theta.weight", "phi.weight", "g.weight", "out.weight"),
+        "map": ("conv_mask.weight", "channel_add_conv.0.weight", "channel_add_conv.3.weight"),
+    }
+    out = []
+    for r in sorted(rows, key=lambda r: (CURVE_MODELS.index(r["model"]), r["seed"])):
+        mech = r["mechanism"]
+        kind = "pairwise" if "pairwise" in mech["attention"] else "map"
+        att = mech["attention"][kind]
+        for it in at:
+            if it not in mech["attention_iters"]:
+                continue
+            i = mech["attention_iters"].index(it)
+            grads = ""
+            last = mech["grad_iters"][-1] if mech["grad_iters"] else None
+            if it in mech["grad_iters"] or (it == last + 1 and last is not None):
+                g = mech["grad_iters"].index(min(it, last))  # the end: the last step's
+                grads = ", ".join(
+                    f"{n.split('.weight')[0]} {mech['grad'][n][g]:.1e}"
+                    for n in params[kind]
+                    if n in mech["grad"]
+                )
+            out.append(
+                [LABELS[r["model"]], str(r["seed"]), str(it), grads,
+                 f"{att['entropy'][i] / att['uniform'][i]:.3f}", f"{100 * att['top'][i]:.0f}%",
+                 f"{100 * att['mass'][i]:.0f}% ({100 * att['chance'][i]:.0f}%)"]
+            )  # fmt: skip
+    return _table(head, out, True)
+
+
+def mechanism_curves(rows: List[Dict[str, Any]], output: str, title: str = "") -> None:
+    """One PNG: per model (colour) and seed (line style), along training: the gradient norm
+    reaching theta (GC: conv_mask; 10-iteration mean), the weight change of theta from its
+    initialisation, the attention's entropy over the uniform one, the top-20 share and the mass
+    on the cue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["gradient norm: theta (NL), conv_mask (GC)", "gradient norm: W_z (NL), last conv (GC)",
+              "|W - W_0| / |W_0|: theta (NL), conv_mask (GC)", "attention entropy / uniform",
+              f"top-{TOPK} keys on the cue", "attention mass on the cue"]  # fmt: skip
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colours = dict(zip(CURVE_MODELS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    styles = {1: "-", 2: "--", 3: ":"}
+    for r in sorted(rows, key=lambda r: (CURVE_MODELS.index(r["model"]), r["seed"])):
+        mech = r["mechanism"]
+        kind = "pairwise" if "pairwise" in mech["attention"] else "map"
+        first, last = (
+            ("theta.weight", "out.weight") if kind == "pairwise" else
+            ("conv_mask.weight", "channel_add_conv.3.weight")
+        )  # fmt: skip
+        style = dict(color=colours[r["model"]], ls=styles.get(r["seed"], "-"), lw=1.2)
+        label = f"{LABELS[r['model']]}, seed {r['seed']} ({r['bbox']['AP']:.0f} AP)"
+        its = np.asarray(mech["grad_iters"])
+        for ax, name in ((axes[0, 0], first), (axes[0, 1], last)):
+            smooth = _smooth(mech["grad"][name])
+            ax.plot(its[len(its) - len(smooth) :], np.maximum(smooth, 1e-12), **style)
+        if "delta" in mech:  # (not recorded by the first runs)
+            w0 = np.linalg.norm(mech["weight"][first][0])  # after step 0: W_0 to 1e-3 or better
+            axes[0, 2].plot(its, np.asarray(mech["delta"][first]) / w0, **style)
+        att = mech["attention"][kind]
+        ai = mech["attention_iters"]
+        axes[1, 0].plot(ai, np.asarray(att["entropy"]) / np.asarray(att["uniform"]), **style)
+        axes[1, 1].plot(ai, att["top"], **style)
+        axes[1, 2].plot(ai, att["mass"], label=label, **style)
+    for ax, name in zip(axes.flat, panels):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    for ax in axes[0, :2]:
+        ax.set_yscale("log")
+    axes[0, 2].set_yscale("log")
+    axes[1, 2].legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
 # Main: data, runs, table
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--task", choices=["cue", "twin", "match"], default="cue")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    from nonlocal_det.data.relational import RELATION_TASKS
+
+    p.add_argument("--task", choices=list(RELATION_TASKS), default="cue")
+    p.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=None,
+        help="default: the baseline and each block type; with --collect, every model",
+    )  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (one core each)")
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: config's)")
@@ -424,12 +785,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--markdown", action="store_true", help="markdown tables")
     p.add_argument("--json", default=None, help="also write the summary here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every model")
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="print the table of the finished runs under these output folders",
+    )
+    p.add_argument(
+        "--curves",
+        default=None,
+        metavar="PNG",
+        help="with --collect: draw the mechanism's curves of the runs with a block",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: allowed: an integer >= 1")
     if args.iters is not None and args.iters < 1:
         p.error(f"--iters {args.iters}: allowed: an integer >= 1")
+    if args.models is None:
+        args.models = list(MODELS) if args.collect else FAMILY_MODELS
     return args
 
 
@@ -670,6 +1046,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker is not None:
         _worker_main(args.worker)
         return 0
+    if args.collect:
+        rows = [r for r in collect(args.collect) if r["model"] in args.models]
+        print(sweep_table(rows, args.markdown))
+        curves = [r for r in rows if r.get("mechanism") and r["model"] in CURVE_MODELS]
+        if args.curves and curves:
+            mechanism_curves(curves, args.curves, ", ".join(args.collect))
+            print(mechanism_numbers(curves))
+        return 0
     start = time.perf_counter()
     if args.output_dir is None:
         args.output_dir = os.path.join(REPO, "output", "context_probe" + "_quick" * args.quick)
@@ -689,10 +1073,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     procs = []
     for j in range(min(args.jobs, len(todo))):
         chunk = todo[j :: args.jobs]
-        path = os.path.join(args.output_dir, f"worker{j}.json")
+        # named by this process too: several sweeps may share an output folder
+        path = os.path.join(args.output_dir, f"worker{os.getpid()}_{j}.json")
         with open(path, "w") as f:
             json.dump(chunk, f)
-        log = open(os.path.join(args.output_dir, f"worker{j}.log"), "w")
+        log = open(path[: -len(".json")] + ".log", "w")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", path]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     pending = {run["out"]: run for run in todo}
@@ -709,7 +1094,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 )
         if pending and all(p.poll() is not None for p, _ in procs):
             failed = [p.returncode for p, _ in procs if p.returncode]
-            logs = [os.path.join(args.output_dir, f"worker{j}.log") for j in range(len(procs))]
+            logs = [log.name for _, log in procs]
             raise RuntimeError(
                 f"worker(s) stopped (exit {failed}) with {len(pending)} run(s) unfinished; "
                 f"see {logs}"

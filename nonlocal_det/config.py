@@ -47,6 +47,12 @@ def add_nonlocal_config(cfg: CN) -> CN:
     _C.SUBSAMPLE = True
     # 1/sqrt(d) inside exp() (the authors' code; not in the paper). Softmax forms only.
     _C.USE_SCALE = True
+    # theta / phi initialisation: "normal" (std 0.01, the authors'), "he" or "lecun" (fan-in
+    # scale); OUT_INIT_STD > 0: W_z starts normal(0, OUT_INIT_STD), not zero (NORM ""); WHITEN:
+    # theta and phi minus their means over positions (DNL). docs/context_probe.md: when they help.
+    _C.THETA_PHI_INIT = "normal"
+    _C.OUT_INIT_STD = 0.0
+    _C.WHITEN = False
     # Norm after W_z: "" (W_z zero-initialised), "GN", "BN" or "SyncBN" (gamma zero-initialised).
     _C.NORM = ""
     # Where the backbone's blocks go: "none"; "paper_1" (right before the last residual block of

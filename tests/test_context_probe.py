@@ -11,10 +11,12 @@ from itertools import combinations
 import cv2
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_util
 
 from nonlocal_det.data.coco_check import check_coco_json
 from nonlocal_det.data.relational import (
+    HELD_OUT_RULES,
     RELATION_TASKS,
     RelationSpec,
     generate_relation_coco,
@@ -26,7 +28,7 @@ from nonlocal_det.tools.generate_data import main as generate_data_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(REPO, "benchmarks", "context_probe.py")
-SMALL = dict(num_train=40, num_val=8)
+SMALL = dict(num_train=16, num_val=4)
 SPEC = RelationSpec()
 
 
@@ -92,7 +94,8 @@ def test_categories_and_masks(generated, split):
     coco = _coco(root, split)
     summary = check_coco_json(os.path.join(root, "annotations", f"instances_{split}.json"))
     words = RELATION_TASKS[task]
-    assert summary.thing_classes == [f"{s}_{w}" for s in ("circle", "square") for w in words]
+    shapes = HELD_OUT_RULES[task]["shapes"] if task in HELD_OUT_RULES else ("circle", "square")
+    assert summary.thing_classes == [f"{s}_{w}" for s in shapes for w in words]
     assert coco["categories"] == list(relation_categories(task))
     names = {c["id"]: c["name"] for c in coco["categories"]}
     counts = Counter(names[a["category_id"]] for a in coco["annotations"])
@@ -114,7 +117,9 @@ def test_categories_and_masks(generated, split):
         # the pixels are the recorded colour (plus the noise)
         pixels = cv2.imread(os.path.join(root, split, im["file_name"]))[:, :, ::-1][mask > 0]
         assert np.abs(pixels.mean(axis=0) - a["colour"]).max() < 3.0
-        if task != "cue":
+        if task in HELD_OUT_RULES:
+            assert list(HELD_OUT_RULES[task]["palette"][a["colour_index"]]) == a["colour"]
+        elif task != "cue":
             assert list(SPEC.palette[a["colour_index"]]) == a["colour"]
 
 
@@ -122,19 +127,35 @@ def _centre(box):
     return np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
 
 
+def _far_from_cue(task, box, cue_box):
+    """The distance the task's rule bounds: an object's centre to the cue's centre (cue, plus) or
+    to the nearest point of the bar's box (bar); and that bound, in pixels at 192 px."""
+    c = _centre(box)
+    if task == "bar":
+        lo = np.array(cue_box[:2], dtype=float)
+        nearest = np.clip(c, lo, lo + np.array(cue_box[2:]))
+        return np.hypot(*(c - nearest)), HELD_OUT_RULES[task]["cue_distance"] * 192
+    far = HELD_OUT_RULES[task]["cue_distance"] if task in HELD_OUT_RULES else SPEC.cue_distance
+    return np.hypot(*(c - _centre(cue_box))), far * 192
+
+
 def test_the_relation_decides_the_category(generated):
     """From the generator's own record of colours: twin task, paired iff another object of the
-    image has exactly its colour (never three); match task, match iff the cue's colour; cue task,
-    the cue's colour. Every two objects (the cue included, but in the cue task, where objects are
-    cue_distance from it) are at least min_distance x the image size apart."""
+    image has exactly its colour (never three); match task, match iff the cue's colour; cue tasks,
+    the cue's colour (objects of one colour: grey in the cue task, from their own palette in the
+    held-out ones). Every two objects (the cue included in the match task) are at least
+    min_distance x the image size apart; the cue tasks' objects at least their cue_distance from
+    the cue."""
     task, root = generated
+    rule = HELD_OUT_RULES.get(task)
+    min_distance = rule["min_distance"] if rule else SPEC.min_distance
+    holds_count = total = 0
     for split in ("train", "val"):
         coco = _coco(root, split)
         names = {c["id"]: c["name"] for c in coco["categories"]}
         by_image = {}
         for a in coco["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
-        holds_count = total = 0
         for im in coco["images"]:
             anns = by_image[im["id"]]
             colours = Counter(tuple(a["colour"]) for a in anns)
@@ -145,6 +166,12 @@ def test_the_relation_decides_the_category(generated):
                     holds = colours[tuple(a["colour"])] == 2
                 elif task == "match":
                     holds = a["colour"] == im["cue"]["colour"]
+                elif rule:
+                    first, second = (list(c) for c in rule["cue_colours"])
+                    assert im["cue"]["colour"] in (first, second)
+                    assert im["cue"]["colour_index"] == (im["cue"]["colour"] == second)
+                    holds = im["cue"]["colour"] == first
+                    assert a["colour"] not in (first, second)
                 else:
                     holds = im["cue"]["colour"] == [220, 40, 40]  # red
                     assert im["cue"]["colour"] in ([220, 40, 40], [50, 90, 230])
@@ -155,29 +182,37 @@ def test_the_relation_decides_the_category(generated):
             boxes = [a["bbox"] for a in anns] + ([im["cue"]["bbox"]] if task == "match" else [])
             # a drawn shape's box centre is within 2 px of the centre it was placed at
             for b, c in combinations(boxes, 2):
-                assert np.hypot(*(_centre(b) - _centre(c))) >= SPEC.min_distance * 192 - 4
-            if task == "cue":
+                assert np.hypot(*(_centre(b) - _centre(c))) >= min_distance * 192 - 4
+            if task not in ("twin", "match"):
                 for b in boxes:
-                    d = np.hypot(*(_centre(b) - _centre(im["cue"]["bbox"])))
-                    assert d >= SPEC.cue_distance * 192 - 4
-        assert 0.25 < holds_count / total < 0.75, (split, holds_count, total)
+                    d, far = _far_from_cue(task, b, im["cue"]["bbox"])
+                    assert d >= far - 4, (im["id"], d, far)
+    assert 0.25 < holds_count / total < 0.75, (holds_count, total)
 
 
-def test_own_colour_and_place_do_not_tell_the_category():
-    """Over many images every palette colour is as often of either kind (twin, match), and the
-    kinds are placed alike (mean distance from the image centre)."""
-    for task, words in RELATION_TASKS.items():
-        by_colour, dist = Counter(), {True: [], False: []}
-        for i in range(600):
-            _, anns, _ = make_relation_image(np.random.default_rng([7, 0, i]), 192, task)
-            for a in anns:
-                holds = a["category_id"] in (1, 3)
-                by_colour[(a["colour_index"], holds)] += task != "cue"
-                dist[holds].append(np.hypot(*(_centre(a["bbox"]) - 96)))
-        for c in range(len(SPEC.palette)) if task != "cue" else ():
-            share = by_colour[(c, True)] / (by_colour[(c, True)] + by_colour[(c, False)])
-            assert 0.3 < share < 0.7, (task, c, share)
-        assert abs(np.mean(dist[True]) - np.mean(dist[False])) < 4.0, task
+@pytest.mark.parametrize("task", list(RELATION_TASKS))
+def test_own_colour_and_place_do_not_tell_the_category(task):
+    """Over many images every palette colour is as often of either kind (twin, match, the
+    held-out tasks' object palettes), and the kinds are placed alike (mean distance from the
+    image centre), as are the cue's two colours (the held-out tasks)."""
+    palette = HELD_OUT_RULES[task]["palette"] if task in HELD_OUT_RULES else SPEC.palette
+    by_colour, dist, cue_dist = Counter(), {True: [], False: []}, {True: [], False: []}
+    for i in range(600 if task in ("twin", "match", "cue") else 200):
+        _, anns, extra = make_relation_image(np.random.default_rng([7, 0, i]), 192, task)
+        for a in anns:
+            holds = a["category_id"] in (1, 3)
+            by_colour[(a["colour_index"], holds)] += task != "cue"
+            dist[holds].append(np.hypot(*(_centre(a["bbox"]) - 96)))
+        if task in HELD_OUT_RULES:
+            cue_dist[extra["cue"]["colour_index"] == 0].append(
+                np.hypot(*(_centre(extra["cue"]["bbox"]) - 96))
+            )
+    for c in range(len(palette)) if task != "cue" else ():
+        share = by_colour[(c, True)] / (by_colour[(c, True)] + by_colour[(c, False)])
+        assert 0.3 < share < 0.7, (task, c, share)
+    assert abs(np.mean(dist[True]) - np.mean(dist[False])) < 4.0, task
+    if task in HELD_OUT_RULES:
+        assert abs(np.mean(cue_dist[True]) - np.mean(cue_dist[False])) < 4.0, task
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -235,6 +270,40 @@ def test_confusion_and_partners():
     assert share["top"] == pytest.approx(1 / 20) and share["mass"] == pytest.approx(0.5)
 
 
+def test_mechanism_recorder_changes_nothing(tmp_path):
+    """The recorder's attention measurement runs the bottom-up network in training mode on
+    validation images: the model's parameters and buffers (BN running statistics) and the RNG
+    states (torch's, numpy's) are as before; its record holds the attention of every object's
+    centre."""
+    from types import SimpleNamespace
+
+    from detectron2.modeling import build_model
+    from utils import load_cfg
+
+    probe = _probe_module()
+    root = str(tmp_path / "cue")
+    generate_relation_coco(root, "cue", num_train=1, num_val=3)
+    cfg = load_cfg("probe/faster_rcnn_R18_NL_probe.yaml", ["MODEL.FPN.OUT_CHANNELS", 16])
+    model = build_model(cfg).train()
+    gt = _coco(root, "val")
+    hook = probe.mechanism_recorder(cfg, gt, os.path.join(root, "val"), "cue")
+    hook.trainer = SimpleNamespace(model=model, max_iter=30, iter=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    np.random.seed(5)  # the training loader's flips draw from numpy's global RNG
+    hook.before_train()
+    hook.before_step()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert np.random.randint(2**31) == np.random.RandomState(5).randint(2**31)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert hook.record["attention_iters"] == [0]
+    att = hook.record["attention"]["pairwise"]
+    assert att["queries"] == [len(gt["annotations"])]
+    assert 0 < att["entropy"][0] <= att["uniform"][0] == pytest.approx(np.log(144))
+    assert probe.mechanism_iters(30) == [0, 1, 2, 3, 4, 5, 10, 20, 30]
+
+
 @pytest.mark.slow
 def test_probe_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "probe"
@@ -252,20 +321,29 @@ def test_probe_quick_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     probe = _probe_module()
-    for model in probe.MODELS:
+    for model in probe.FAMILY_MODELS:
         assert probe.LABELS[model] in text, model
     assert "red -> blue" in text and "wall time" in text and "machine:" in text
     assert "target 1" in text and "target 2" in text
     summary = json.load(open(out / "s.json"))["summary"]
-    assert set(summary) == set(probe.MODELS)
+    assert set(summary) == set(probe.FAMILY_MODELS)
     assert summary["baseline"]["attention"] == {}
     assert set(summary["nonlocal"]["attention"]) == {"pairwise"}
     assert set(summary["global_context"]["attention"]) == {"map"}
     assert set(summary["disentangled"]["attention"]) == {"pairwise", "map"}
     assert set(summary["criss_cross"]["attention"]) == {"pairwise", "two_pass"}
-    for model in probe.MODELS:
+    for model in probe.FAMILY_MODELS:
         if model != "baseline":
             assert (out / f"{model}_seed1" / "attention.png").is_file(), model
+    # the mechanism's record: gradients every iteration, the attention at 0, 1 and the end
+    mech = json.load(open(out / "nonlocal_seed1" / "result.json"))["mechanism"]
+    assert mech["grad_iters"] == [0, 1] and mech["attention_iters"] == [0, 1, 2]
+    assert mech["grad"]["theta.weight"][0] == 0 < mech["grad"]["out.weight"][0]  # W_z = 0
+    att = mech["attention"]["pairwise"]
+    assert all(0 < e <= u + 1e-9 for e, u in zip(att["entropy"], att["uniform"]))
+    mech = json.load(open(out / "global_context_seed1" / "result.json"))["mechanism"]
+    assert "conv_mask.weight" in mech["grad"] and set(mech["attention"]) == {"map"}
+    assert json.load(open(out / "baseline_seed1" / "result.json"))["mechanism"] == {}
     # a second run reuses every result
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "6 run(s) already in" in again.stdout

@@ -109,6 +109,9 @@ def reference(
     key_shape = list(phi.shape[2:])
     theta = theta.flatten(2).transpose(1, 2)  # (N, L, C_q)
     phi = phi.flatten(2).transpose(1, 2)  # (N, M, C_q)
+    if block.whiten:  # DNL's whitening: minus the mean over the (query / key) positions
+        theta = theta - theta.sum(dim=1, keepdim=True) / theta.shape[1]
+        phi = phi - phi.sum(dim=1, keepdim=True) / phi.shape[1]
     g = g.flatten(2).transpose(1, 2)  # (N, M, C_inner)
     num_keys = phi.shape[1]
 
@@ -165,6 +168,12 @@ def make_input(shape, dtype=torch.float32, seed: int = 1, scale: float = 1.0) ->
 
 def _tolerance(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def assert_close_dtype(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(got.to(torch.float64), expected, atol=tol, rtol=tol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,6 +317,151 @@ def test_identity_at_init_then_learns(norm, pairwise):
     block.train()
     ((block(x) - target) ** 2).sum().backward()
     assert block.g.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The initialisation options (issue 22): theta_phi_init, out_init_std, whiten
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("subsample", [True, False])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("pairwise", PAIRWISE_FUNCTIONS)
+def test_whiten_matches_reference(pairwise, dim, subsample, dtype):
+    block = NonLocalBlock(8, pairwise=pairwise, dim=dim, subsample=subsample, whiten=True)
+    randomize_(block).to(dtype)
+    x = make_input((2, 8, *SPATIAL[dim]), dtype, scale=2.0) + 1.0  # means far from zero
+    expected, attention, key_shape = reference(block, x)
+    plain, _, _ = reference(NonLocalBlock(8, pairwise=pairwise, dim=dim, subsample=subsample), x)
+    assert not torch.allclose(expected, plain)  # the whitening changes the block
+    assert_close_dtype(block(x), expected, dtype)
+    flat = torch.tensor([0, 3, math.prod(SPATIAL[dim]) - 1])
+    with torch.no_grad():
+        w = block.attention_for_queries(x, flat)
+    assert_close_dtype(w, attention[:, flat].reshape([2, 3] + key_shape), dtype)
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE_FUNCTIONS)
+def test_whiten_gradcheck(pairwise):
+    block = randomize_(NonLocalBlock(4, pairwise=pairwise, dim=2, whiten=True)).double()
+    x = (make_input((2, 4, 3, 5), torch.float64) + 1.0).requires_grad_()
+    names = [name for name, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in block.named_parameters()]
+
+    def fn(inp, *ps):
+        return torch.func.functional_call(block, dict(zip(names, ps)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_defaults_are_the_papers():
+    """The options' defaults draw exactly the authors' initialisation, written plainly: the four
+    1x1 convs made in order (theta, phi, g, W_z), then theta, phi, g normal(0, 0.01), W_z zero;
+    no whitening."""
+    torch.manual_seed(0)
+    default = NonLocalBlock(256, subsample=False)
+    torch.manual_seed(0)
+    explicit = NonLocalBlock(
+        256, subsample=False, theta_phi_init="normal", out_init_std=0.0, whiten=False
+    )
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(256, 128, 1) for _ in range(3)] + [nn.Conv2d(128, 256, 1)]
+    plain = [nn.init.normal_(c.weight, std=0.01).reshape(128, 256) for c in convs[:3]]
+    for name, expected in zip(("theta", "phi", "g"), plain):
+        for block in (default, explicit):
+            w = getattr(block, name).weight.reshape(128, 256)
+            assert torch.equal(w, expected), name
+    assert not default.out.weight.any() and not default.whiten
+    assert "theta_phi_init" not in repr(default) and "whiten=True" in repr(
+        NonLocalBlock(8, whiten=True)
+    )
+
+
+@pytest.mark.parametrize("init,std", [("he", math.sqrt(2 / 256)), ("lecun", math.sqrt(1 / 256))])
+def test_theta_phi_fan_in_init(init, std):
+    torch.manual_seed(0)
+    block = NonLocalBlock(256, subsample=False, theta_phi_init=init)
+    for name in ("theta", "phi"):
+        conv = getattr(block, name)
+        assert abs(conv.weight.std().item() / std - 1) < 0.02, name
+        assert not conv.bias.any()
+    assert abs(block.g.weight.std().item() / 0.01 - 1) < 0.02  # g keeps the authors' init
+    assert not block.out.weight.any()
+    gaussian = NonLocalBlock(8, pairwise="gaussian", theta_phi_init=init)  # no theta / phi
+    assert gaussian.theta is None and not gaussian.out.weight.any()
+
+
+def _post_relu_input(shape, seed=1):
+    return make_input(shape, seed=seed).relu() * 2.0  # non-negative, like a ResNet stage's output
+
+
+@pytest.mark.parametrize(
+    "options,eps",
+    [
+        (dict(), 0.0),
+        (dict(theta_phi_init="he"), 0.0),
+        (dict(theta_phi_init="lecun"), 0.0),
+        (dict(whiten=True), 0.0),
+        (dict(use_scale=False), 0.0),
+        (dict(out_init_std=0.01), 5e-3),
+    ],
+    ids=["paper", "he", "lecun", "whiten", "no_scale", "out_init_std"],
+)
+def test_options_identity_at_init_and_first_gradients(options, eps):
+    """Identity at initialisation (exact with W_z = 0; with out_init_std 0.01, within 0.5% of
+    the input's largest value, for a post-ReLU input of mean ~0.8); gradients at step 0 reach
+    theta / phi / g only with a non-zero W_z; after one SGD step, theta's and phi's gradients
+    grow with the other embedding's init std (the bilinear logits): fan-in inits give at least
+    half the std ratio (He 17.7x, LeCun 12.5x at C = 64) over the paper's init."""
+    x = _post_relu_input((2, 64, 6, 6))
+    target = make_input((2, 64, 6, 6), seed=3)
+    grads = {}
+    for name, opts in (("paper", {}), ("option", options)):
+        torch.manual_seed(0)
+        block = NonLocalBlock(64, subsample=False, **opts)
+        with torch.no_grad():
+            err = (block(x) - x).abs().max().item()
+        assert err <= eps * x.abs().max().item(), (name, err)
+        opt = torch.optim.SGD(block.parameters(), lr=0.1)
+        norms = []
+        for _ in range(2):
+            opt.zero_grad()
+            ((block(x) - target) ** 2).mean().backward()
+            norms.append(
+                {
+                    n: block.get_parameter(f"{n}.weight").grad.norm().item()
+                    for n in ("theta", "phi", "g")
+                }
+            )
+            opt.step()
+        grads[name] = norms
+    step0, step1 = grads["option"]
+    if options.get("out_init_std", 0) > 0:
+        assert min(step0.values()) > 0
+        assert err > 0
+    else:
+        assert max(step0.values()) == 0  # W_z = 0: nothing reaches the embeddings at step 0
+    assert min(step1.values()) > 0
+    if options.get("theta_phi_init", "normal") != "normal":
+        ratio = math.sqrt((2 if options["theta_phi_init"] == "he" else 1) / 64) / 0.01
+        for n in ("theta", "phi"):
+            paper = grads["paper"][1][n]
+            assert step1[n] > 0.5 * ratio * paper, (n, step1[n], paper)
+
+
+@pytest.mark.parametrize(
+    "kwargs,substrings",
+    [
+        (dict(theta_phi_init="xavier"), ["theta_phi_init", "'xavier'", "'he'", "'lecun'"]),
+        (dict(whiten=1), ["whiten=1", "True or False"]),
+        (dict(out_init_std=-0.1), ["out_init_std=-0.1", "a number >= 0"]),
+        (dict(out_init_std=0.01, norm="GN"), ["out_init_std=0.01", "norm='GN'", "gamma"]),
+    ],
+)
+def test_option_errors(kwargs, substrings):
+    with pytest.raises(ValueError) as info:
+        NonLocalBlock(8, **kwargs)
+    for s in substrings:
+        assert s in str(info.value), f"{s!r} not in {str(info.value)!r}"
 
 
 # ------------------------------------------------------------------------------------------------

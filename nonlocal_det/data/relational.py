@@ -2,7 +2,7 @@
 
 Each square image shows a plain grey background and small flat-coloured objects, every colour from
 a small palette, every two objects at least ``min_distance`` x the image size apart (centre to
-centre): an object's nearest neighbour is always far. Two tasks (``task``):
+centre): an object's nearest neighbour is always far. The tasks (``task``):
 
 - ``"twin"`` (same-colour twin): 3-5 circles and squares. An object is *paired* when another
   object of the image has exactly its colour (its twin), else *single*; categories
@@ -17,6 +17,16 @@ centre): an object's nearest neighbour is always far. Two tasks (``task``):
   annotated), red or blue, in a corner; every object at least ``cue_distance`` x the image size
   from the cue. An object's category is its shape x the cue's colour: ``circle_red``,
   ``circle_blue``, ``square_red``, ``square_blue``. No comparison, only the cue's colour, far away.
+- ``"bar"`` and ``"plus"``: two held-out variants of the cue task (issue 22), with another cue
+  shape, cue colours, placement rule, objects and background (:data:`HELD_OUT_RULES`, written
+  down in docs/context_probe.md before any training on them). ``"bar"``: a green or magenta bar
+  along a random edge, 2-3 light triangles and stars on a dark background, every object at
+  least 0.45 x the image size from the nearest point of the bar; categories ``triangle_green``,
+  ``triangle_magenta``, ``star_green``, ``star_magenta``. ``"plus"``: a yellow or cyan plus sign,
+  any rotation, anywhere, 2-3 dark diamonds and hexagons on a light background, every object
+  at least 0.5 x the image size from the plus's centre; ``diamond_yellow``, ``diamond_cyan``,
+  ``hexagon_yellow``, ``hexagon_cyan``. Their objects' colours (from the task's own palette) are
+  drawn independently of the cue.
 
 Which objects are twins, or of the cue's colour, is drawn independently of where they are, and
 every colour is as often of either kind: neither the layout nor an object's own colour tells its
@@ -25,9 +35,11 @@ the cue's colour).
 
 Annotations are plain COCO (``bbox``, ``area``, polygons of the mask), plus the generator's own
 record of each object: ``shape``, ``colour`` (the RGB drawn, before the pixel noise) and
-``colour_index`` (into the palette; -1 for the cue task's greys); with ``"match"`` and ``"cue"``
-each image entry records its ``cue`` (``bbox``, ``colour``, ``colour_index``). One ``numpy`` generator per image, seeded from ``(seed,
-split, index)``: the same parameters give byte-identical files (:func:`write_generated_coco`).
+``colour_index`` (into the palette, the held-out tasks' own palette; -1 for the cue task's
+greys); with every task but ``"twin"`` each image entry records its ``cue`` (``bbox``,
+``colour``, ``colour_index``; for the cue tasks 0 is the first word of the categories). One
+``numpy`` generator per image, seeded from ``(seed, split, index)``: the same parameters give
+byte-identical files (:func:`write_generated_coco`).
 """
 
 import os
@@ -60,9 +72,43 @@ RELATION_TASKS = {
     "twin": ("paired", "single"),
     "match": ("match", "other"),
     "cue": ("red", "blue"),
+    "bar": ("green", "magenta"),
+    "plus": ("yellow", "cyan"),
 }
 # Shape name -> the category id of nonlocal_det.data.shapes.shape_parts.
 RELATION_SHAPES = {"circle": 1, "square": 2}
+
+# The held-out cue tasks (issue 22): fixed before their first training run and not tuned after
+# (docs/context_probe.md). Colours are RGB; lengths in pixels at any image size; distances as
+# fractions of the image size. They take from RelationSpec only min_size, max_size, noise_std
+# and placement_tries.
+HELD_OUT_RULES = {
+    "bar": {
+        "shapes": ("triangle", "star"),
+        "cue_colours": ((40, 180, 60), (200, 60, 200)),  # green, magenta
+        "cue_thickness": (8.0, 12.0),
+        "cue_length": (64.0, 88.0),
+        "cue_edge_gap": (2.0, 6.0),  # from the image edge to the bar's outer side
+        "cue_distance": 0.45,  # object centre to the nearest point of the bar
+        "min_distance": 0.35,  # between object centres
+        "objects": (2, 3),
+        # white, yellow, cyan, orange: none of the cue's colours
+        "palette": ((235, 235, 235), (235, 210, 40), (40, 200, 210), (240, 140, 30)),
+        "background": (25.0, 110.0),  # grey levels low .. low + span: dark
+    },
+    "plus": {
+        "shapes": ("diamond", "hexagon"),
+        "cue_colours": ((235, 210, 40), (40, 200, 210)),  # yellow, cyan
+        "cue_span": (34.0, 42.0),  # arm tip to arm tip
+        "cue_thickness": (9.0, 12.0),
+        "cue_distance": 0.5,  # object centre to the plus's centre
+        "min_distance": 0.35,
+        "objects": (2, 3),
+        # navy, dark red, dark green, near black
+        "palette": ((30, 40, 110), (120, 30, 30), (30, 90, 40), (25, 25, 25)),
+        "background": (120.0, 100.0),  # light
+    },
+}
 _CUE_SHAPE = 3  # the match task's cue: a triangle
 _CUE_COLOURS = ((220, 40, 40), (50, 90, 230))  # the cue task's cue: red or blue
 
@@ -84,20 +130,24 @@ def _check_task(caller: str, task: str) -> None:
         )
 
 
+def _shapes(task: str) -> Tuple[str, ...]:
+    return HELD_OUT_RULES[task]["shapes"] if task in HELD_OUT_RULES else tuple(RELATION_SHAPES)
+
+
 def relation_categories(task: str) -> Tuple[Dict[str, Any], ...]:
     """The COCO categories of ``task``: shape x (relation holds, does not)."""
     _check_task("relation_categories", task)
     return tuple(
         {"id": 2 * i + j + 1, "name": f"{shape}_{word}", "supercategory": shape}
-        for i, shape in enumerate(RELATION_SHAPES)
+        for i, shape in enumerate(_shapes(task))
         for j, word in enumerate(RELATION_TASKS[task])
     )
 
 
-def relation_category_id(shape: str, holds: bool) -> int:
-    """The category id of a ``shape`` ('circle' or 'square') for which the relation holds
-    (paired / match) or not (single / other)."""
-    return 2 * list(RELATION_SHAPES).index(shape) + (1 if holds else 2)
+def relation_category_id(shape: str, holds: bool, task: str = "twin") -> int:
+    """The category id of a ``shape`` of ``task`` ('circle' or 'square'; the held-out tasks'
+    own shapes) for which the relation holds (paired / match / the first cue colour) or not."""
+    return 2 * list(_shapes(task)).index(shape) + (1 if holds else 2)
 
 
 @dataclass(frozen=True)
@@ -130,6 +180,8 @@ class RelationSpec:
 
     def objects(self, task: str) -> Tuple[int, int]:
         """(min, max) annotated objects per image for ``task``."""
+        if task in HELD_OUT_RULES:
+            return HELD_OUT_RULES[task]["objects"]
         low, high = (3, 5) if task == "twin" else (2, 4)
         return (
             low if self.min_objects is None else self.min_objects,
@@ -146,7 +198,7 @@ class RelationSpec:
                 "max_objects"
             )
         colours = len(set(self.palette))
-        needed = {"twin": high, "match": 2, "cue": 0}[task]
+        needed = {"twin": high, "match": 2}.get(task, 0)
         if colours < needed:
             problems.append(
                 f"palette has {colours} distinct colours; allowed: at least {needed} for the "
@@ -181,10 +233,12 @@ def relation_dataset_root(task: str = "twin") -> str:
     return os.path.join(cache_root(), f"{task}_coco_v{RELATION_DATASET_VERSION}")
 
 
-def _grey_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """The demo's smooth background, made grey and moderately bright (float32)."""
+def _grey_background(
+    rng: np.random.Generator, size: int, low: float = 60.0, span: float = 130.0
+) -> np.ndarray:
+    """The demo's smooth background made grey, in levels ``low .. low + span`` (float32)."""
     grey = background(rng, size).mean(axis=2, keepdims=True)
-    return np.repeat(60.0 + grey * (130.0 / 255.0), 3, axis=2).astype(np.float32)
+    return np.repeat(low + grey * (span / 255.0), 3, axis=2).astype(np.float32)
 
 
 def _layout(
@@ -193,14 +247,23 @@ def _layout(
     """``n`` centres, every two at least ``min_distance`` x ``size`` apart, and at least
     ``cue_distance`` x ``size`` from ``cue`` (a centre) if given (random sequential placement,
     started over when stuck)."""
+    if cue is None:
+        return _place(rng, size, n, spec, spec.min_distance, lambda c: True)
+    far = spec.cue_distance * size
+    return _place(rng, size, n, spec, spec.min_distance, lambda c: np.hypot(*(c - cue)) >= far)
+
+
+def _place(rng, size: int, n: int, spec: RelationSpec, min_distance: float, allowed) -> np.ndarray:
+    """``n`` centres, every two at least ``min_distance`` x ``size`` apart, each one where
+    ``allowed(centre)`` holds (random sequential placement, started over when stuck)."""
     low, high = spec.max_size / 2.0, size - 1 - spec.max_size / 2.0
-    d = spec.min_distance * size
+    d = min_distance * size
     for _ in range(spec.placement_tries):
         centres: List[np.ndarray] = []
         for _slot in range(n):
             for _try in range(30):
                 c = rng.uniform(low, high, size=2)
-                if cue is not None and np.hypot(*(c - cue)) < spec.cue_distance * size:
+                if not allowed(c):
                     continue
                 if all(np.hypot(*(c - o)) >= d for o in centres):
                     centres.append(c)
@@ -210,21 +273,61 @@ def _layout(
         if len(centres) == n:
             return np.stack(centres)
     raise RuntimeError(
-        f"could not place {n} objects {spec.min_distance} x {size} px apart in "
+        f"could not place {n} objects {min_distance} x {size} px apart in "
         f"{spec.placement_tries} tries; allowed: a smaller RelationSpec.min_distance or fewer "
         "objects"
     )
 
 
-def _draw(rng, image, shape_id: int, centre, size: int, spec: RelationSpec, colour):
-    """Draw one object; returns its mask (uint8, image-sized) and COCO box."""
+def _draw(rng, image, shape, centre, size: int, spec: RelationSpec, colour):
+    """Draw one object (a shape_parts category id, or a name of :func:`_polygon`); returns
+    its mask (uint8, image-sized) and COCO box."""
     obj_size = rng.uniform(spec.min_size, spec.max_size)
-    body, _, _ = shape_parts(rng, shape_id, centre, obj_size)
-    mask = np.ascontiguousarray(rasterize(body, size + 2 * PAD)[PAD : PAD + size, PAD : PAD + size])
+    if isinstance(shape, str):
+        body = [("poly", _polygon(rng, shape, centre, obj_size))]
+    else:
+        body, _, _ = shape_parts(rng, shape, centre, obj_size)
+    return _paint(image, body, size, colour)
+
+
+def _paint(image, parts, size: int, colour):
+    """Fill ``parts`` (of :func:`nonlocal_det.data.shapes.rasterize`) with ``colour``; returns
+    the mask (uint8, image-sized) and its COCO box."""
+    mask = np.ascontiguousarray(
+        rasterize(parts, size + 2 * PAD)[PAD : PAD + size, PAD : PAD + size]
+    )
     image[mask.astype(bool)] = colour
     ys, xs = np.nonzero(mask)
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     return mask, [x0, y0, x1 - x0, y1 - y0]
+
+
+def _rotated(points: np.ndarray, angle_deg: float, centre) -> np.ndarray:
+    a = np.deg2rad(angle_deg)
+    rotation = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return points @ rotation.T + centre
+
+
+def _polygon(rng: np.random.Generator, shape: str, centre, size: float) -> np.ndarray:
+    """The outline (K, 2) of a held-out task's object of extent ``size``, any rotation:
+    ``triangle`` (as shape_parts'), ``star`` (5 tips, inner radius 0.42-0.5 of the outer),
+    ``diamond`` (a rhombus, its short diagonal 0.55-0.65 of the long one) or ``hexagon``."""
+    r = size / 2.0
+    if shape == "triangle":
+        return shape_parts(rng, 3, centre, size)[0][0][1]
+    if shape == "star":
+        inner = r * rng.uniform(0.42, 0.5)
+        angles = np.deg2rad(np.arange(10) * 36.0)
+        radii = np.where(np.arange(10) % 2 == 0, r, inner)
+        pts = np.stack([np.sin(angles) * radii, -np.cos(angles) * radii], axis=1)
+        return _rotated(pts, rng.uniform(0.0, 72.0), centre)
+    if shape == "diamond":
+        short = r * rng.uniform(0.55, 0.65)
+        pts = np.array([[0.0, -r], [short, 0.0], [0.0, r], [-short, 0.0]])
+        return _rotated(pts, rng.uniform(0.0, 180.0), centre)
+    angles = np.deg2rad(np.arange(6) * 60.0)  # hexagon
+    pts = np.stack([np.sin(angles) * r, -np.cos(angles) * r], axis=1)
+    return _rotated(pts, rng.uniform(0.0, 60.0), centre)
 
 
 def make_relation_image(
@@ -233,6 +336,8 @@ def make_relation_image(
     """One RGB uint8 image of ``task``, its (not yet numbered) annotations and the extra keys of
     its image entry (``{"cue": ...}`` for the match and cue tasks, else empty)."""
     _check_task("make_relation_image", task)
+    if task in HELD_OUT_RULES:
+        return _held_out_image(rng, size, task, spec)
     image = _grey_background(rng, size)
     low, high = spec.objects(task)
     n = int(rng.integers(low, high + 1))
@@ -315,6 +420,77 @@ def _cue_image(rng, size: int, spec: RelationSpec, image: np.ndarray, n: int):
                 "shape": shape,
                 "colour": list(grey),
                 "colour_index": -1,
+            }
+        )
+    image = image + rng.normal(0.0, spec.noise_std, size=image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), annotations, extra
+
+
+def _bar(rng, size: int, rule) -> Tuple[list, np.ndarray, np.ndarray]:
+    """The bar task's cue: its parts and its rectangle's corners (x0, y0), (x1, y1)."""
+    thick = rng.uniform(*rule["cue_thickness"])
+    length = rng.uniform(*rule["cue_length"])
+    gap = rng.uniform(*rule["cue_edge_gap"])
+    edge = int(rng.integers(4))  # top, bottom, left, right
+    along = rng.uniform(length / 2.0 + 4.0, size - length / 2.0 - 4.0)
+    across = gap if edge in (0, 2) else size - gap - thick
+    start, end = along - length / 2.0, along + length / 2.0
+    if edge < 2:  # horizontal
+        lo, hi = np.array([start, across]), np.array([end, across + thick])
+    else:
+        lo, hi = np.array([across, start]), np.array([across + thick, end])
+    corners = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
+    return [("poly", corners)], lo, hi
+
+
+def _plus(rng, size: int, rule) -> Tuple[list, np.ndarray]:
+    """The plus task's cue: its parts (two bars, any rotation) and its centre."""
+    span = rng.uniform(*rule["cue_span"])
+    thick = rng.uniform(*rule["cue_thickness"])
+    margin = span / np.sqrt(2.0) + 2.0  # inside the image at any rotation
+    centre = rng.uniform(margin, size - 1 - margin, size=2)
+    angle = rng.uniform(0.0, 90.0)
+    a, b = span / 2.0, thick / 2.0
+    arm = np.array([[-a, -b], [a, -b], [a, b], [-a, b]])
+    parts = [("poly", _rotated(arm, angle, centre)), ("poly", _rotated(arm, angle + 90.0, centre))]
+    return parts, centre
+
+
+def _held_out_image(rng, size: int, task: str, spec: RelationSpec):
+    """The held-out cue tasks (:data:`HELD_OUT_RULES`): the cue's colour (the first or second
+    of ``cue_colours``, probability 1/2, independent of its place) decides every object's
+    category; the objects' shapes and colours are drawn uniformly, independently of the cue."""
+    rule = HELD_OUT_RULES[task]
+    image = _grey_background(rng, size, *rule["background"])
+    n = int(rng.integers(rule["objects"][0], rule["objects"][1] + 1))
+    first = bool(rng.random() < 0.5)
+    colour = rule["cue_colours"][0 if first else 1]
+    far = rule["cue_distance"] * size
+    if task == "bar":
+        parts, lo, hi = _bar(rng, size, rule)
+        allowed = lambda c: np.hypot(*(c - np.clip(c, lo, hi))) >= far  # noqa: E731
+    else:
+        parts, centre = _plus(rng, size, rule)
+        allowed = lambda c: np.hypot(*(c - centre)) >= far  # noqa: E731
+    centres = _place(rng, size, n, spec, rule["min_distance"], allowed)
+    _, cue_box = _paint(image, parts, size, colour)
+    extra = {"cue": {"bbox": cue_box, "colour": list(colour), "colour_index": 0 if first else 1}}
+    annotations = []
+    for i in range(n):
+        shape = rule["shapes"][int(rng.integers(2))]
+        index = int(rng.integers(len(rule["palette"])))
+        own = rule["palette"][index]
+        mask, box = _draw(rng, image, shape, centres[i], size, spec, own)
+        annotations.append(
+            {
+                "category_id": relation_category_id(shape, first, task),
+                "bbox": box,
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+                "segmentation": mask_to_polygons(mask),
+                "shape": shape,
+                "colour": list(own),
+                "colour_index": index,
             }
         )
     image = image + rng.normal(0.0, spec.noise_std, size=image.shape)

@@ -18,6 +18,7 @@ matrix (N query positions, M key positions), neither in the forward nor in the b
 """
 
 import math
+from numbers import Real
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,12 +26,15 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import check_choice, flat_query_indices
+from ._common import check_bool, check_choice, flat_query_indices
 
-__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS"]
+__all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS", "THETA_PHI_INITS"]
 
 PAIRWISE_FUNCTIONS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 NORMS = ("", "GN", "BN", "SyncBN")
+# theta / phi weights at initialisation: normal(0, 0.01) (the authors'), or normal with a fan-in
+# scale: He (std sqrt(2 / C), as GC's conv_mask) or LeCun (std sqrt(1 / C)).
+THETA_PHI_INITS = ("normal", "he", "lecun")
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -72,6 +76,20 @@ class NonLocalBlock(CNNBlockBase):
         norm (str): normalisation after W_z: ``""`` (none; then W_z starts at zero), ``"GN"``,
             ``"BN"`` or ``"SyncBN"`` (then its gamma starts at zero). A frozen BN is refused: with
             gamma = 0 it would output zero forever.
+        theta_phi_init (str): the initialisation of the theta and phi weights: ``"normal"``
+            (normal(0, 0.01), the authors' and mmcv's; default), ``"he"`` (normal(0, 2 / C), the
+            fan-in scale GC's ``conv_mask`` uses) or ``"lecun"`` (normal(0, 1 / C)). With 0.01
+            the attention logits start near zero and their gradients, a product of the two small
+            matrices, stay small: the attention can stay near uniform (docs/context_probe.md).
+            Ignored by ``gaussian`` (no theta / phi).
+        out_init_std (float): W_z starts normal(0, out_init_std) instead of zero, so that theta,
+            phi and g get a gradient at the first step; the block is then the identity only
+            within about ``out_init_std`` times the size of y. Default 0 (the authors'). Only
+            without a norm (with one, W_z is already random and the norm's gamma starts at 0).
+        whiten (bool): DNL's whitening (Yin et al. 2020): the query embedding minus its mean
+            over the query positions and the key embedding minus its mean over the (pooled) key
+            positions, before the pairwise function. In the softmax forms it removes the
+            query-independent term mean(theta)^T phi_j. Default False (the paper).
     """
 
     def __init__(
@@ -83,6 +101,9 @@ class NonLocalBlock(CNNBlockBase):
         subsample: bool = True,
         use_scale: bool = True,
         norm: str = "",
+        theta_phi_init: str = "normal",
+        out_init_std: float = 0.0,
+        whiten: bool = False,
     ):
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
             raise ValueError(
@@ -102,6 +123,20 @@ class NonLocalBlock(CNNBlockBase):
         check_choice("NonLocalBlock", "pairwise", pairwise, PAIRWISE_FUNCTIONS)
         check_choice("NonLocalBlock", "dim", dim, (1, 2, 3))
         check_choice("NonLocalBlock", "norm", norm, NORMS)
+        check_choice("NonLocalBlock", "theta_phi_init", theta_phi_init, THETA_PHI_INITS)
+        check_bool("NonLocalBlock", "whiten", whiten)
+        if (
+            isinstance(out_init_std, bool)
+            or not isinstance(out_init_std, Real)
+            or not math.isfinite(out_init_std)
+            or out_init_std < 0
+            or (out_init_std > 0 and norm != "")
+        ):
+            raise ValueError(
+                f"NonLocalBlock: out_init_std={out_init_std!r} is not supported with "
+                f"norm={norm!r}; allowed: a number >= 0 without a norm, 0 with one (its gamma "
+                "starts at zero)"
+            )
         super().__init__(in_channels, in_channels, stride=1)
 
         self.inner_channels = inner_channels
@@ -110,6 +145,9 @@ class NonLocalBlock(CNNBlockBase):
         self.subsample = bool(subsample)
         self.use_scale = bool(use_scale)
         self.norm_name = norm
+        self.theta_phi_init = theta_phi_init
+        self.out_init_std = float(out_init_std)
+        self.whiten = whiten
         conv = _CONVS[dim]
 
         self.theta: Optional[nn.Module] = None
@@ -131,26 +169,41 @@ class NonLocalBlock(CNNBlockBase):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official initialisation: normal(0, 0.01) embeddings; W_z (or its norm's gamma) zero."""
+        """Official initialisation: normal(0, 0.01) embeddings; W_z (or its norm's gamma) zero.
+        ``theta_phi_init`` and ``out_init_std`` change theta / phi and W_z."""
         for m in (self.theta, self.phi, self.g):
             if m is not None:
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
+        if self.theta_phi_init != "normal":
+            gain = "relu" if self.theta_phi_init == "he" else "linear"
+            for m in (self.theta, self.phi):
+                if m is not None:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity=gain)
         if self.concat_project is not None:
             nn.init.normal_(self.concat_project.weight, std=0.01)
         if self.norm is None:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
+            if self.out_init_std > 0:
+                nn.init.normal_(self.out.weight, std=self.out_init_std)
         else:
             nn.init.normal_(self.out.weight, std=0.01)
             nn.init.zeros_(self.norm.weight)
             nn.init.zeros_(self.norm.bias)
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"pairwise={self.pairwise}, dim={self.dim}, inner_channels={self.inner_channels}, "
             f"subsample={self.subsample}, use_scale={self.use_scale}, norm={self.norm_name!r}"
         )
+        if self.theta_phi_init != "normal":
+            text += f", theta_phi_init={self.theta_phi_init!r}"
+        if self.out_init_std > 0:
+            text += f", out_init_std={self.out_init_std:g}"
+        if self.whiten:
+            text += ", whiten=True"
+        return text
 
     # ----------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -178,7 +231,8 @@ class NonLocalBlock(CNNBlockBase):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
         """Returns theta(x) (N, C_q, L), pooled phi(x) (N, C_k, M) and pooled g(x) (N, C_inner, M),
-        with the pooled spatial shape of the keys."""
+        with the pooled spatial shape of the keys; with ``whiten``, theta and phi minus their
+        means over the positions."""
         v = self._pool(self.g(x))
         theta = self.theta
         phi = self.phi
@@ -189,7 +243,11 @@ class NonLocalBlock(CNNBlockBase):
             q = x
             k = self._pool(x)
         key_shape: List[int] = k.shape[2:]
-        return q.flatten(2), k.flatten(2), v.flatten(2), key_shape
+        q, k = q.flatten(2), k.flatten(2)
+        if self.whiten:
+            q = q - q.mean(dim=2, keepdim=True)
+            k = k - k.mean(dim=2, keepdim=True)
+        return q, k, v.flatten(2), key_shape
 
     def _concat_terms(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """a_i = w_theta . theta_i (N, L) and b_j = w_phi . phi_j (N, M)."""

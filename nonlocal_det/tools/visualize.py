@@ -75,7 +75,13 @@ def backbone_blocks(model: torch.nn.Module) -> List[str]:
 def space_time_view(block: NonLocalBlock) -> NonLocalBlock:
     """A dim=3 block with the same pairwise embeddings (1x1 convs as 1x1x1), for clips."""
     view = NonLocalBlock(
-        block.in_channels, block.inner_channels, block.pairwise, 3, block.subsample, block.use_scale
+        block.in_channels,
+        block.inner_channels,
+        block.pairwise,
+        3,
+        block.subsample,
+        block.use_scale,
+        whiten=block.whiten,
     )
     for name in ("theta", "phi", "g"):
         src, dst = getattr(block, name), getattr(view, name)
