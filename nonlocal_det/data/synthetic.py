@@ -340,7 +340,9 @@ def write_generated_coco(
                 "categories": [dict(c) for c in categories],
             }
             with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
-                json.dump(data, f, separators=(",", ":"))
+                # dumps, not dump: the same bytes from the C encoder (dump streams through the
+                # pure-Python one, a quarter of the generation time)
+                f.write(json.dumps(data, separators=(",", ":")))
         os.chmod(tmp, 0o755)  # mkdtemp makes a 0700 folder
         try:
             os.rename(tmp, root)  # replaces an empty folder, fails on a non-empty one
