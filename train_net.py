@@ -30,7 +30,7 @@ from nonlocal_det.data import (
     configure_coco_json_datasets,
     register_datasets_for_config,
 )
-from nonlocal_det.engine import NonLocalTrainer, fall_back_to_cpu
+from nonlocal_det.engine import NonLocalTrainer, fall_back_to_cpu, share_cpu_threads
 from nonlocal_det.modeling import check_model_config
 
 
@@ -63,7 +63,10 @@ def setup(args):
     )
     if cfg.MODEL.DEVICE == "cpu":
         why = ": CUDA is not available" if on_cpu or not torch.cuda.is_available() else ""
-        logging.getLogger("detectron2").info(f"Running on the CPU (MODEL.DEVICE=cpu){why}")
+        threads = share_cpu_threads(cfg)  # --num-gpus N: each process its share of the cores
+        logging.getLogger("detectron2").info(
+            f"Running on the CPU (MODEL.DEVICE=cpu){why}; {threads} torch thread(s) per process"
+        )
     register_datasets_for_config(cfg)  # the generated demo data (made on first use), own files
     check_datasets(cfg)
     return cfg

@@ -9,6 +9,7 @@ from .trainer import (
     NamedErrorsMapper,
     NonLocalTrainer,
     fall_back_to_cpu,
+    share_cpu_threads,
 )
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "NonLocalTrainer",
     "fall_back_to_cpu",
     "optimizer_with_gradient_clipping",
+    "share_cpu_threads",
     "trim_metrics_after",
 ]

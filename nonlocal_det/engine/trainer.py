@@ -7,7 +7,8 @@ Each change says which Detectron2 behaviour it works around:
 * ``resume_or_load(resume=True)`` trims ``metrics.json`` back to the checkpoint's iteration
   (Detectron2 appends after the records of iterations it will redo, :func:`trim_metrics_after`);
 * several CPU processes (``--num-gpus N`` without CUDA): Detectron2's ``create_ddp_model`` passes
-  ``device_ids=[local_rank]``, which ``DistributedDataParallel`` refuses for a CPU model;
+  ``device_ids=[local_rank]``, which ``DistributedDataParallel`` refuses for a CPU model, and
+  every process would use all cores (:func:`share_cpu_threads` splits them);
 * ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA; here the training forward
   runs under bfloat16 autocast (fp32's range: no grad scaler needed), evaluation in fp32;
 * data loader errors name the image being loaded (Detectron2's often do not, and come from a
@@ -38,6 +39,7 @@ __all__ = [
     "NamedErrorsMapper",
     "NonLocalTrainer",
     "fall_back_to_cpu",
+    "share_cpu_threads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,17 @@ def fall_back_to_cpu(cfg) -> bool:
         cfg.MODEL.DEVICE = "cpu"
         return True
     return False
+
+
+def share_cpu_threads(cfg) -> int:
+    """With several CPU processes (``--num-gpus N`` without CUDA), each process gets its share of
+    the cores as torch threads (the default // N, at least 1): by default every process takes
+    them all, N times more threads than cores. Nothing changes with one process, on CUDA, or
+    when ``OMP_NUM_THREADS`` is set. Returns the number of threads."""
+    world = comm.get_world_size()
+    if cfg.MODEL.DEVICE == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    return torch.get_num_threads()
 
 
 class ImageLoadError(RuntimeError):
