@@ -13,7 +13,7 @@ import pytest
 import torch
 from coco_files import write_split
 from subproc import DEMO, TINY, command, env_for, load_train_net, run_train_net
-from utils import REPO
+from utils import REPO, shared_datasets_dir
 
 
 def _last_record_iteration(path):
@@ -40,12 +40,12 @@ def _equal(a, b):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume(tmp_path):
+def test_sigkill_then_resume(tmp_path, tmp_path_factory):
     data = write_split(str(tmp_path / "data"), "train")
     out = tmp_path / "out"
     opts = ["DATASETS.TRAIN_JSON", data["json"], "DATASETS.TRAIN_IMAGES", data["images"], *TINY]
     opts += ["SOLVER.CHECKPOINT_PERIOD", "15", "OUTPUT_DIR", str(out)]
-    env = env_for(tmp_path / "cache")
+    env = env_for(shared_datasets_dir(tmp_path_factory))  # the evaluation's demo data, small
 
     # 1. train, and kill -9 right after the second metrics.json record (Detectron2 writes one every
     # 20 iterations: 19, 39), i.e. between the checkpoints of iterations 29 and 44

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 from detectron2.config import get_cfg
-from utils import CONFIGS, REPO, shared_datasets_dir
+from utils import CONFIGS, REPO, SMALL_DEMO_DATA, shared_datasets_dir
 
 LAZY_DEMO = os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py")
 YAML_DEMO = os.path.join(CONFIGS, "demo", "mask_rcnn_R18_NL_demo.yaml")
@@ -152,7 +152,7 @@ def test_detectron2_tools_on_yaml_configs_through_the_entry_point(env, tmp_path)
         + ["--output-dir", str(vis), "DATASETS.TRAIN", '("nl_synthetic_val",)'],
         env,
     )
-    assert len(list(vis.glob("*.png"))) == 50
+    assert len(list(vis.glob("*.png"))) == SMALL_DEMO_DATA["num_val"]  # one per image
 
 
 def test_entry_point_patches_get_cfg_only_while_the_tool_runs(tmp_path, monkeypatch, capsys):

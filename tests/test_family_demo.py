@@ -5,6 +5,7 @@ import json
 
 import pytest
 from subproc import DEMO, TINY, env_for, run_train_net
+from utils import shared_datasets_dir
 
 # The demo's ResNet-18 has BasicBlocks (2 convs): GC and generalized attention go after conv2 there.
 OVERRIDES = {
@@ -30,7 +31,7 @@ def test_block_type_trains_and_evaluates_on_the_demo_data(block_type, tmp_path_f
     args = ["--config-file", DEMO, *TINY, "MODEL.KEYPOINT_ON", "False"]
     args += ["MODEL.NONLOCAL.TYPE", block_type, *OVERRIDES[block_type]]
     args += ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", out]
-    datasets = tmp_path_factory.getbasetemp() / "nl_datasets"
+    datasets = shared_datasets_dir(tmp_path_factory)
     log = run_train_net(args, env_for(datasets), timeout=600)
     assert f"Blocks ({block_type}," in log
     records = [json.loads(line) for line in open(out / "metrics.json")]

@@ -7,6 +7,7 @@ import re
 
 import pytest
 from subproc import DEMO, run_train_net
+from utils import shared_datasets_dir
 
 FAST = ["DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "10"]
 FAST += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # a barely trained model: keep all its boxes
@@ -21,7 +22,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_net")
     # PYTHONOPTIMIZE drops `assert`s: Detectron2's keypoint decoding asserts that a heatmap's argmax
     # survives exp(), which the near-flat maps of a 6-iteration model fail now and then.
-    env = dict(os.environ, NONLOCAL_DET_DATASETS=str(root / "datasets"), PYTHONOPTIMIZE="1")
+    datasets = shared_datasets_dir(tmp_path_factory)  # the demo's data, fewer images
+    env = dict(os.environ, NONLOCAL_DET_DATASETS=datasets, PYTHONOPTIMIZE="1")
     out = root / "out"
     log = run(
         [

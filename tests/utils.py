@@ -7,6 +7,7 @@ from detectron2.config import get_cfg
 from nonlocal_det import add_nonlocal_config
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data import configure_coco_json_datasets
+from nonlocal_det.data.synthetic import SYNTHETIC_DATASET_VERSION, generate_synthetic_coco
 from nonlocal_det.engine import fall_back_to_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,11 +56,20 @@ def small_opts(depth: int = 18):
     return opts
 
 
+# The demo dataset of the tests: the demo's generator and files, fewer images (the demo's 400 / 50
+# cost seconds to generate, and every evaluation in a test would run on 50 images).
+SMALL_DEMO_DATA = dict(num_train=12, num_val=6)
+
+
 def shared_datasets_dir(tmp_path_factory) -> str:
-    """One ``NONLOCAL_DET_DATASETS`` folder for the whole test session: the generated dataset is
-    made once (generation is idempotent and locked), whichever test needs it first."""
+    """One ``NONLOCAL_DET_DATASETS`` folder for the whole test session, holding the demo dataset
+    (:data:`SMALL_DEMO_DATA`) where the demo looks for it: made once, whichever test needs it
+    first (generation is idempotent)."""
     path = tmp_path_factory.getbasetemp() / "nl_datasets"
     path.mkdir(exist_ok=True)
+    generate_synthetic_coco(
+        os.path.join(path, f"synthetic_coco_v{SYNTHETIC_DATASET_VERSION}"), **SMALL_DEMO_DATA
+    )
     return str(path)
 
 
