@@ -123,3 +123,24 @@ def test_commands_parse_and_their_configs_load(words, monkeypatch):
         assert args[args.index("--config-file") + 1].startswith("configs/lazy/")
     else:
         pytest.fail(f"a command this test does not know how to check: {words}")
+
+
+def test_coco_key_table_lists_what_the_code_allows():
+    """docs/coco.md's MODEL.NONLOCAL table: the allowed values of each choice key are the code's."""
+    from nonlocal_det.layers.nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, THETA_PHI_INITS
+    from nonlocal_det.modeling.insertion import PLACEMENTS
+
+    rows = {}
+    for line in open(os.path.join(REPO, "docs", "coco.md")):
+        cells = [c.strip() for c in line.split(" | ")]
+        if line.startswith("| `") and len(cells) >= 4:
+            values = re.findall(r"`([^`]*)`", cells[2])
+            rows[cells[0].strip("| `")] = {"" if v == '""' else v for v in values}
+    expected = {
+        "PAIRWISE": PAIRWISE_FUNCTIONS,
+        "THETA_PHI_INIT": THETA_PHI_INITS,
+        "NORM": NORMS,
+        "PLACEMENT": PLACEMENTS,
+    }
+    for key, allowed in expected.items():
+        assert rows[key] == set(allowed), (key, rows[key] ^ set(allowed))
