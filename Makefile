@@ -5,8 +5,9 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup_env.sh
 
+# --durations=25: the slowest tests at the end of every run, where the suite's time goes.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 DEMO_CFG := configs/demo/mask_rcnn_R18_NL_demo.yaml
 DEMO_OUT := output/demo
