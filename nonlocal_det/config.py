@@ -8,8 +8,9 @@ __all__ = ["ConfigKeyError", "add_nonlocal_config", "get_nonlocal_cfg"]
 
 
 def add_nonlocal_config(cfg: CN) -> CN:
-    """Add ``cfg.MODEL.NONLOCAL`` (non-local blocks) and ``cfg.DATASETS.{TRAIN,TEST}_{JSON,IMAGES}``
-    (your own COCO files) to a Detectron2 config, before ``merge_from_file``. Idempotent.
+    """Add ``cfg.MODEL.NONLOCAL`` (non-local blocks), ``cfg.DATASETS.{TRAIN,TEST}_{JSON,IMAGES}``
+    (your own COCO files) and ``cfg.MODEL.ROI_{MASK,KEYPOINT}_HEAD.TRAIN_ROIS_PER_IMAGE`` (read by
+    ``HeadSampledROIHeads``) to a Detectron2 config, before ``merge_from_file``. Idempotent.
 
     Returns:
         The same ``cfg``, for chaining.
@@ -22,6 +23,11 @@ def add_nonlocal_config(cfg: CN) -> CN:
         cfg.DATASETS.TRAIN_IMAGES = ""
         cfg.DATASETS.TEST_JSON = ""
         cfg.DATASETS.TEST_IMAGES = ""
+    for head in (cfg.MODEL.ROI_MASK_HEAD, cfg.MODEL.ROI_KEYPOINT_HEAD):
+        if "TRAIN_ROIS_PER_IMAGE" not in head:
+            # With MODEL.ROI_HEADS.NAME "HeadSampledROIHeads": the head trains on at most this
+            # many foreground RoIs per image, drawn at random; 0: all (Detectron2's behaviour).
+            head.TRAIN_ROIS_PER_IMAGE = 0
     if "NONLOCAL" in cfg.MODEL:
         return cfg
     _C = cfg.MODEL.NONLOCAL = CN()

@@ -163,6 +163,7 @@ def _assert_import_only_registers(r):
             "build_resnet_nonlocal_backbone",
             "build_resnet_nonlocal_fpn_backbone",
         ],
+        "ROI_HEADS": ["HeadSampledROIHeads"],
         "ROI_KEYPOINT_HEAD": ["NonLocalKRCNNHead"],
     }
     assert r["removed"] == []

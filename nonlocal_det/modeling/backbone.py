@@ -28,6 +28,7 @@ __all__ = [
     "build_resnet_nonlocal_backbone",
     "build_resnet_nonlocal_fpn_backbone",
     "config_insert_args",
+    "last_level_max_pool",
 ]
 
 OURS = ("build_nonlocal_backbone", "build_resnet_nonlocal_backbone")
@@ -156,6 +157,15 @@ def build_resnet_nonlocal_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         stride = backbone.bottom_up.output_shape()[cfg.MODEL.FPN.IN_FEATURES[-1]].stride
         backbone.top_block.in_feature = f"p{int(math.log2(stride))}"
     return backbone
+
+
+def last_level_max_pool(in_feature: str = "p5") -> LastLevelMaxPool:
+    """Detectron2's ``LastLevelMaxPool`` (one more FPN level: a stride-2 max-pool) of
+    ``in_feature``. Detectron2's pools ``p5``, which an FPN whose inputs end at ``res4`` lacks; for
+    such a LazyConfig: ``model.backbone.top_block = L(last_level_max_pool)(in_feature="p4")``."""
+    block = LastLevelMaxPool()
+    block.in_feature = in_feature
+    return block
 
 
 _INSERT_ARGS = [p for p in inspect.signature(insert_blocks).parameters if p.startswith("nonlocal")]

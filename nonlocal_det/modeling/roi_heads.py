@@ -1,0 +1,87 @@
+"""Detectron2's ``StandardROIHeads`` whose mask and keypoint heads train on at most a given number
+of foreground RoIs per image (``MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE``,
+``MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE``; 0: every one, Detectron2's behaviour).
+
+Late in training most sampled RoIs are foreground and the mask and keypoint heads run on all of
+them: tens of near-duplicate boxes per object, which made these heads 40% of a CPU demo step
+(docs/demo.md). The cap draws a random subset (without replacement, from torch's generator) of
+the RoIs Detectron2 would give each head: the foreground, and for keypoints those with a visible
+keypoint. The box head and inference are unchanged; the losses keep their normalisation (the mask
+loss is a mean over RoIs, the keypoint loss over visible keypoints by default).
+"""
+
+from typing import List
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.roi_heads import (
+    select_foreground_proposals,
+    select_proposals_with_visible_keypoints,
+)
+from detectron2.structures import Instances
+
+__all__ = ["HeadSampledROIHeads", "subsample_per_image"]
+
+
+def subsample_per_image(instances: List[Instances], limit: int) -> List[Instances]:
+    """At most ``limit`` of each image's instances, drawn at random without replacement (in their
+    original order); ``limit`` 0 keeps them all."""
+    if limit == 0:
+        return instances
+    out = []
+    for x in instances:
+        if len(x) > limit:
+            keep = torch.randperm(len(x))[:limit].sort().values
+            x = x[keep.to(x.proposal_boxes.device)]
+        out.append(x)
+    return out
+
+
+@ROI_HEADS_REGISTRY.register()
+class HeadSampledROIHeads(StandardROIHeads):
+    """``StandardROIHeads`` whose mask and keypoint heads train on at most ``mask_train_rois`` /
+    ``keypoint_train_rois`` foreground RoIs per image (0: all, as ``StandardROIHeads``).
+
+    Args:
+        mask_train_rois: ``MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE``.
+        keypoint_train_rois: ``MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE``.
+        kwargs: as ``StandardROIHeads``.
+    """
+
+    @configurable
+    def __init__(self, *, mask_train_rois: int = 0, keypoint_train_rois: int = 0, **kwargs):
+        for key, value in (
+            ("ROI_MASK_HEAD", mask_train_rois),
+            ("ROI_KEYPOINT_HEAD", keypoint_train_rois),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"MODEL.{key}.TRAIN_ROIS_PER_IMAGE={value!r} is not supported; allowed: an "
+                    "integer >= 0 (0: every foreground RoI, Detectron2's behaviour)"
+                )
+        super().__init__(**kwargs)
+        self.mask_train_rois = mask_train_rois
+        self.keypoint_train_rois = keypoint_train_rois
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["mask_train_rois"] = cfg.MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE
+        ret["keypoint_train_rois"] = cfg.MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE
+        return ret
+
+    # Detectron2's heads select the foreground (and visible keypoints) themselves; selecting
+    # again what is already selected keeps it as it is.
+    def _forward_mask(self, features, instances):
+        if self.training and self.mask_on and self.mask_train_rois:
+            instances, _ = select_foreground_proposals(instances, self.num_classes)
+            instances = subsample_per_image(instances, self.mask_train_rois)
+        return super()._forward_mask(features, instances)
+
+    def _forward_keypoint(self, features, instances):
+        if self.training and self.keypoint_on and self.keypoint_train_rois:
+            instances, _ = select_foreground_proposals(instances, self.num_classes)
+            instances = select_proposals_with_visible_keypoints(instances)
+            instances = subsample_per_image(instances, self.keypoint_train_rois)
+        return super()._forward_keypoint(features, instances)
