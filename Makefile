@@ -5,9 +5,10 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup_env.sh
 
-# --durations=25: the slowest tests at the end of every run, where the suite's time goes.
+# -n auto: one pytest-xdist worker per core, each test file on one worker (its module fixtures
+# made once); --durations=25: the slowest tests at the end of every run, where the time goes.
 test: setup
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=25 tests
 
 DEMO_CFG := configs/demo/mask_rcnn_R18_NL_demo.yaml
 DEMO_OUT := output/demo

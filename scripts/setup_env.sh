@@ -21,8 +21,9 @@ D2_FALLBACK="sal-detectron2==0.7.2"
 D2_DEPS=(Pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard
   "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.4" hydra-core black packaging
   "setuptools<81" opencv-python-headless)
-# onnx + onnxruntime: the ONNX export tests run the exported graphs.
-DEV_DEPS=(pytest wheel isort onnx onnxruntime)
+# onnx + onnxruntime: the ONNX export tests run the exported graphs; pytest-xdist: `make test`
+# runs the tests in one process per core.
+DEV_DEPS=(pytest pytest-xdist wheel isort onnx onnxruntime)
 # mmdetection 3 with mmcv-lite and mmengine: test dependencies only (tests/test_convert_mmdet*.py
 # check the converter against mmdetection's own models; the library never imports them).
 # Installed with --no-deps: mmdet's own metadata asks for full mmcv < 2.2 (pip would compile it),
@@ -47,8 +48,8 @@ pip_q() {
 # --- fast path: everything already there -------------------------------------------------------
 if [ -x "$PY" ] && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
 import importlib, importlib.util, os, sys
-for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "cv2",
-          "onnx", "onnxruntime"):
+for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "xdist",
+          "cv2", "onnx", "onnxruntime"):
     importlib.import_module(m)
 # the test dependencies: present (importing mmdetection costs seconds)
 if any(importlib.util.find_spec(m) is None for m in ("mmdet", "mmengine", "mmcv", "scipy",
@@ -59,7 +60,7 @@ root = os.path.realpath(sys.argv[1])
 sys.exit(0 if os.path.realpath(nonlocal_det.__file__).startswith(root + os.sep) else 1)
 PYEOF
 then
-  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, onnxruntime, mmdet, nonlocal_det): nothing to do"
+  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, pytest-xdist, onnxruntime, mmdet, nonlocal_det): nothing to do"
   exit 0
 fi
 
@@ -79,7 +80,7 @@ else
 fi
 
 # --- 3. detectron2's requirements and dev tools -------------------------------------------------
-say "installing detectron2's requirements, pycocotools, fvcore, pytest, onnx, onnxruntime"
+say "installing detectron2's requirements, pycocotools, fvcore, pytest, pytest-xdist, onnx, onnxruntime"
 "${PIP[@]}" install "${D2_DEPS[@]}" "${DEV_DEPS[@]}" ||
   fail "requirements" "pip could not install detectron2's requirements (${D2_DEPS[*]}); check network access to PyPI and rerun 'make setup'"
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 from utils import shared_datasets_dir
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs one pytest-xdist worker per core: each worker its share of (at most 2) cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):
