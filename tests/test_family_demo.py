@@ -7,11 +7,14 @@ import pytest
 from subproc import DEMO, TINY, env_for, run_train_net
 from utils import shared_datasets_dir
 
-# The demo's ResNet-18 has BasicBlocks (2 convs): GC and generalized attention go after conv2 there.
+# The demo's ResNet-18 has BasicBlocks (2 convs): GC and generalized attention go after conv2 there,
+# in every block of its last stages (the demo has no res5: res3-res4 for GC, res4 for GA).
+EVERY = ["MODEL.NONLOCAL.PLACEMENT", "custom", "MODEL.NONLOCAL.RES4_BLOCKS", "[0, 1]"]
 OVERRIDES = {
     "simplified": ["MODEL.NONLOCAL.POSITION", "after_add", "MODEL.NONLOCAL.SNL.ZERO_INIT", "True"],
-    "global_context": ["MODEL.NONLOCAL.PLACEMENT", "all_res3_res5"]
-    + ["MODEL.NONLOCAL.POSITION", "after_conv2", "MODEL.NONLOCAL.GC.RATIO", "0.25"],
+    "global_context": EVERY
+    + ["MODEL.NONLOCAL.RES3_BLOCKS", "[0, 1]", "MODEL.NONLOCAL.POSITION", "after_conv2"]
+    + ["MODEL.NONLOCAL.GC.RATIO", "0.25"],
     "disentangled": [
         "MODEL.NONLOCAL.POSITION",
         "after_add",
@@ -19,8 +22,7 @@ OVERRIDES = {
         "True",
     ],
     "criss_cross": [],
-    "generalized_attention": ["MODEL.NONLOCAL.PLACEMENT", "all_res4_res5"]
-    + ["MODEL.NONLOCAL.POSITION", "after_conv2"],
+    "generalized_attention": EVERY + ["MODEL.NONLOCAL.POSITION", "after_conv2"],
 }
 
 

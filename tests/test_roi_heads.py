@@ -6,6 +6,7 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
+from detectron2.utils.events import EventStorage
 from utils import load_cfg
 
 from nonlocal_det.modeling import HeadSampledROIHeads, subsample_per_image
@@ -73,8 +74,6 @@ def train_losses(heads, seed=2):
     heads.train()
     features, proposals, targets = inputs()
     torch.manual_seed(seed)
-    from detectron2.utils.events import EventStorage
-
     with EventStorage():
         _, losses = heads(None, features, proposals, targets)
     return losses
@@ -121,6 +120,21 @@ def test_the_cap_draws_other_rois_each_step_and_keeps_the_box_head():
     for k in ("loss_cls", "loss_box_reg"):  # the box head's RoIs and losses are unchanged
         assert torch.equal(first[k], box_losses[k]), k
     assert torch.isfinite(torch.stack(list(second.values()))).all()
+
+
+def test_a_cap_of_a_head_that_is_off_is_ignored():
+    cfg = heads_cfg(mask_rois=4, keypoint_rois=2)
+    cfg.MODEL.KEYPOINT_ON = False  # the targets have no keypoints then
+    heads = build(cfg)
+    features, proposals, targets = inputs()
+    for t in targets:
+        t.remove("gt_keypoints")
+    seen = []
+    heads.mask_head.register_forward_pre_hook(lambda m, args: seen.append(list(args[1])))
+    heads.train()
+    with EventStorage():
+        _, losses = heads(None, features, proposals, targets)
+    assert "loss_keypoint" not in losses and [len(x) for x in seen[0]] == [4, 4]
 
 
 def test_inference_is_unchanged():

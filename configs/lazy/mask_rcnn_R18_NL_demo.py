@@ -1,7 +1,8 @@
 """The CPU demo as a LazyConfig: the twin of configs/demo/mask_rcnn_R18_NL_demo.yaml.
 
-Mask R-CNN + keypoints, ResNet-18-FPN (64 channels), slim heads, from scratch, one non-local block
-in res4 and two in the keypoint head, on the project's generated dataset (made and registered on
+Mask R-CNN + keypoints, ResNet-18-FPN without res5 (64 channels), slim heads whose mask and keypoint
+heads train on a few RoIs per image, from scratch, one non-local block in res4 and two in the
+keypoint head, on the project's generated dataset (made and registered on
 first use when the config is instantiated). Small enough to run Detectron2's LazyConfig tools end
 to end on a laptop CPU:
 
@@ -23,7 +24,12 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from nonlocal_det.data import synthetic_dataset
 from nonlocal_det.data.synthetic import SYNTHETIC_KEYPOINT_OKS_SIGMAS
 from nonlocal_det.engine import optimizer_with_gradient_clipping
-from nonlocal_det.modeling import NonLocalKRCNNHead, add_blocks
+from nonlocal_det.modeling import (
+    HeadSampledROIHeads,
+    NonLocalKRCNNHead,
+    add_blocks,
+    last_level_max_pool,
+)
 
 _base = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
 model = _base.model
@@ -37,20 +43,27 @@ _bottom_up.freeze_at = 0
 _bottom_up.stem.norm = "BN"
 _bottom_up.stages.update(depth=18, norm="BN")
 _bottom_up.stages.pop("stride_in_1x1")  # a bottleneck option; ResNet-18 has basic blocks
+_bottom_up.out_features = ["res2", "res3", "res4"]  # no res5; P5 is P4 max-pooled
 model.backbone.update(out_channels=64, norm="GN")
+model.backbone.top_block = L(last_level_max_pool)(in_feature="p4")  # P5: P4 max-pooled
 add_blocks(model.backbone, nonlocal_placement="paper_1")  # ResNet-18: after block 0 of res4's 2
 
 _rpn = model.proposal_generator
 _rpn.head.in_channels = 64
-_rpn.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
-_rpn.pre_nms_topk = (500, 500)  # (train, test)
-_rpn.post_nms_topk = (150, 200)
+_rpn.in_features = ["p2", "p3", "p4", "p5"]
+_rpn.anchor_generator.sizes = [[16], [32], [64], [128]]
+_rpn.anchor_generator.strides = [4, 8, 16, 32]
+_rpn.pre_nms_topk = (300, 500)  # (train, test)
+_rpn.post_nms_topk = (100, 200)
 
 _heads = model.roi_heads
+_heads._target_ = HeadSampledROIHeads
+_heads.mask_train_rois = 8  # the mask / keypoint heads train on at most 8 / 4 foreground RoIs
+_heads.keypoint_train_rois = 4  # per image, drawn at random
 _heads.num_classes = 4
 _heads.batch_size_per_image = 48
 _heads.positive_fraction = 0.5  # twice the positives per step for every head
-_heads.box_pooler.sampling_ratio = 2  # torchvision's CPU ROIAlign backward is slow with adaptive
+_heads.box_pooler.sampling_ratio = 1  # torchvision's CPU ROIAlign backward is slow with adaptive
 _heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
 _heads.box_head.fc_dims = [256, 256]
 _heads.box_predictor.input_shape = ShapeSpec(channels=256)
@@ -81,7 +94,9 @@ _heads.update(
 dataloader.train.dataset.names = L(synthetic_dataset)(split="train")
 dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 0
-dataloader.train.mapper.augmentations[0].update(short_edge_length=(192,), max_size=192)
+dataloader.train.mapper.augmentations[0].update(
+    short_edge_length=(144, 160, 176, 192), sample_style="choice", max_size=192
+)
 dataloader.train.mapper.update(
     use_keypoint=True,
     keypoint_hflip_indices=L(create_keypoint_hflip_indices)(dataset_names="${...dataset.names}"),
@@ -97,14 +112,14 @@ optimizer = L(optimizer_with_gradient_clipping)(
     clip_type="norm",  # SOLVER.CLIP_GRADIENTS: each parameter's gradient norm <= 1
     clip_value=1.0,
     params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
-    lr=0.02,
+    lr=0.03,
     momentum=0.9,
     weight_decay=1e-4,
 )
-train.max_iter = 750
+train.max_iter = 650
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[560, 700], num_updates=train.max_iter
+        values=[1.0, 0.1, 0.01], milestones=[490, 605], num_updates=train.max_iter
     ),
     warmup_length=50 / train.max_iter,
     warmup_method="linear",

@@ -10,6 +10,7 @@ keypoint. The box head and inference are unchanged; the losses keep their normal
 loss is a mean over RoIs, the keypoint loss over visible keypoints by default).
 """
 
+import copy
 from typing import List
 
 import torch
@@ -71,17 +72,31 @@ class HeadSampledROIHeads(StandardROIHeads):
         ret["keypoint_train_rois"] = cfg.MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE
         return ret
 
-    # Detectron2's heads select the foreground (and visible keypoints) themselves; selecting
-    # again what is already selected keeps it as it is.
     def _forward_mask(self, features, instances):
-        if self.training and self.mask_on and self.mask_train_rois:
-            instances, _ = select_foreground_proposals(instances, self.num_classes)
-            instances = subsample_per_image(instances, self.mask_train_rois)
+        if self.training and self.mask_on and self.mask_train_rois > 0:
+            instances = self._rois_for_head(instances, self.mask_train_rois, False)
         return super()._forward_mask(features, instances)
 
     def _forward_keypoint(self, features, instances):
-        if self.training and self.keypoint_on and self.keypoint_train_rois:
-            instances, _ = select_foreground_proposals(instances, self.num_classes)
-            instances = select_proposals_with_visible_keypoints(instances)
-            instances = subsample_per_image(instances, self.keypoint_train_rois)
+        if self.training and self.keypoint_on and self.keypoint_train_rois > 0:
+            instances = self._rois_for_head(instances, self.keypoint_train_rois, True)
         return super()._forward_keypoint(features, instances)
+
+    def _rois_for_head(self, instances, limit: int, keypoints: bool):
+        """At most ``limit`` per image of the RoIs Detectron2's head would train on: the
+        foreground (and with ``keypoints``, those with a visible keypoint). Detectron2's method
+        selects them again, which keeps them as they are."""
+        instances, _ = select_foreground_proposals(instances, self.num_classes)
+        if keypoints:
+            instances = select_proposals_with_visible_keypoints(instances)
+        return subsample_per_image(instances, limit)
+
+    def __prepare_scriptable__(self):
+        """For TorchScript, which has no ``super()``: this module as Detectron2's
+        ``StandardROIHeads``, whose inference it is, with ``training`` a constant (as Detectron2's
+        ``scripting_with_instances`` makes it for the model's own classes): the cap and the rest
+        of the training branch are compiled away."""
+        scriptable = copy.copy(self)
+        scriptable.__class__ = StandardROIHeads
+        scriptable.__constants__ = ["training"]
+        return scriptable
