@@ -78,8 +78,6 @@ def model():
 def test_scripted_model_matches_eager(model, tmp_path):
     path = str(tmp_path / "model.ts")
     script_model(model).save(path)
-    # the demo's HeadSampledROIHeads is scripted as Detectron2's StandardROIHeads (a copy)
-    assert type(model.roi_heads).__name__ == "HeadSampledROIHeads"
     scripted = torch.jit.load(path)
     for img in (image(), image(160, 96, seed=2)):  # scripting is not tied to one input size
         ref = eager(model, img)
