@@ -70,9 +70,13 @@ def record_rois(heads):
     return seen
 
 
-def train_losses(heads, seed=2):
+def train_losses(heads, seed=2, keypoints=True):
+    """One training forward's losses; ``keypoints`` False: the targets without keypoints."""
     heads.train()
     features, proposals, targets = inputs()
+    if not keypoints:
+        for t in targets:
+            t.remove("gt_keypoints")
     torch.manual_seed(seed)
     with EventStorage():
         _, losses = heads(None, features, proposals, targets)
@@ -126,14 +130,9 @@ def test_a_cap_of_a_head_that_is_off_is_ignored():
     cfg = heads_cfg(mask_rois=4, keypoint_rois=2)
     cfg.MODEL.KEYPOINT_ON = False  # the targets have no keypoints then
     heads = build(cfg)
-    features, proposals, targets = inputs()
-    for t in targets:
-        t.remove("gt_keypoints")
     seen = []
     heads.mask_head.register_forward_pre_hook(lambda m, args: seen.append(list(args[1])))
-    heads.train()
-    with EventStorage():
-        _, losses = heads(None, features, proposals, targets)
+    losses = train_losses(heads, keypoints=False)
     assert "loss_keypoint" not in losses and [len(x) for x in seen[0]] == [4, 4]
 
 
