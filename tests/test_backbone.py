@@ -548,3 +548,106 @@ def test_detectron2_retinanet_with_the_old_builder_name_keeps_p6_p7():
     assert isinstance(model.backbone.top_block, LastLevelP6P7)
     assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
     assert _block_names(model) == ["backbone.bottom_up.res4.nonlocal4"]
+
+
+# ------------------------------------------------------------------------------------------------
+# ResNet-18/34 at other widths (Detectron2's builders assert RES2_OUT_CHANNELS 64)
+# ------------------------------------------------------------------------------------------------
+
+_C4 = ["MODEL.BACKBONE.NAME", "build_nonlocal_backbone"]
+_C4 += ["MODEL.NONLOCAL.BASE_BACKBONE", "build_resnet_backbone"]
+_C4 += ["MODEL.RESNETS.OUT_FEATURES", ["res4"], "MODEL.RPN.IN_FEATURES", ["res4"]]
+_C4 += ["MODEL.ROI_HEADS.IN_FEATURES", ["res4"]]
+BASIC_BASES = {
+    "fpn": ("mask_rcnn_R50_NL.yaml", []),
+    "retinanet": ("retinanet_R50_NL.yaml", []),
+    "c4": ("mask_rcnn_R50_NL.yaml", _C4),
+}
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+@pytest.mark.parametrize("base", sorted(BASIC_BASES))
+def test_basic_resnet_path_at_width_64_builds_detectron2s_network(monkeypatch, base, depth):
+    """The path that builds the other widths, forced at 64, builds exactly what Detectron2's
+    builder builds: names, shapes, weights from the same seed, outputs (FPN, RetinaNet's P6/P7, C4).
+    """
+    import nonlocal_det.modeling.backbone as backbone_module
+
+    config, opts = BASIC_BASES[base]
+    cfg = load_cfg(
+        config, opts + ["MODEL.RESNETS.DEPTH", depth, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
+    )
+    torch.manual_seed(0)
+    d2 = build_backbone(cfg).eval()
+    taken = []
+    monkeypatch.setattr(backbone_module, "_narrow_basic", lambda cfg: taken.append(1) or True)
+    torch.manual_seed(0)
+    ours = build_backbone(cfg).eval()
+    assert taken
+    assert ours.output_shape() == d2.output_shape()
+    a, b = d2.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        oa, ob = d2(x), ours(x)
+    assert list(oa) == list(ob)
+    for k in oa:
+        assert torch.equal(oa[k], ob[k]), k
+
+
+@pytest.mark.parametrize("width", [32, 16])
+def test_narrow_resnet18_keeps_the_names_and_scales_every_stage(width):
+    opts = ["MODEL.RESNETS.DEPTH", 18, "MODEL.NONLOCAL.PLACEMENT", "paper_1"]
+    wide = build_backbone(
+        load_cfg("mask_rcnn_R50_NL.yaml", opts + ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64])
+    )
+    opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", width, "MODEL.RESNETS.STEM_OUT_CHANNELS", width]
+    narrow = build_backbone(load_cfg("mask_rcnn_R50_NL.yaml", opts))
+    # Detectron2's parameter names, each weight scaled to the width (the FPN's outputs unchanged).
+    assert list(narrow.state_dict()) == list(wide.state_dict())
+    shapes = {k: v.shape for k, v in narrow.bottom_up.named_parameters()}
+    assert shapes["stem.conv1.weight"] == (width, 3, 7, 7)
+    assert shapes["res2.0.conv1.weight"] == (width, width, 3, 3)
+    assert shapes["res5.1.conv2.weight"] == (8 * width, 8 * width, 3, 3)
+    assert [s.channels for s in narrow.bottom_up.output_shape().values()] == [
+        width,
+        2 * width,
+        4 * width,
+        8 * width,
+    ]
+    block = dict(narrow.named_modules())["bottom_up.res4.nonlocal0"]
+    assert block.in_channels == 4 * width
+    out = narrow(torch.randn(2, 3, 64, 64))
+    assert out["p2"].shape == (2, 256, 16, 16) and out["p6"].shape == (2, 256, 1, 1)
+    sum(v.sum() for v in out.values()).backward()
+    assert all(p.grad is not None for p in narrow.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("width", [60, 128, 256, 0])
+def test_basic_block_widths_detectron2_and_we_refuse(width):
+    """256 is the RES2_OUT_CHANNELS default: a ResNet-18 config that forgot to set it stops."""
+    opts = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", width]
+    with pytest.raises(ValueError) as err:
+        build_backbone(load_cfg("mask_rcnn_R50_NL.yaml", opts))
+    for needle in (f"MODEL.RESNETS.RES2_OUT_CHANNELS={width}", "DEPTH=18", "64", "8-56"):
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_basic_resnet_stages_at_64_are_detectron2s_default_stages():
+    from detectron2.modeling.backbone.resnet import ResNet
+
+    from nonlocal_det.modeling import basic_resnet_stages
+
+    for depth in (18, 34):
+        torch.manual_seed(0)
+        ours = torch.nn.ModuleList(torch.nn.Sequential(*s) for s in basic_resnet_stages(depth))
+        torch.manual_seed(0)
+        d2 = ResNet.make_default_stages(depth, norm="BN")
+        d2 = torch.nn.ModuleList(torch.nn.Sequential(*s) for s in d2)
+        a, b = ours.state_dict(), d2.state_dict()
+        assert list(a) == list(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"depth=50 is not supported; allowed: \[18, 34\]"):
+        basic_resnet_stages(50)

@@ -191,7 +191,7 @@ CASES = [
         ValueError,
     ),
     (
-        "R18 with `RES2_OUT_CHANNELS 256` (a Detectron2 `assert`)",
+        "R18 with `RES2_OUT_CHANNELS 256` (a Detectron2 `assert`; 256 is the key's default)",
         lambda r, f: ["MODEL.RESNETS.RES2_OUT_CHANNELS", "256"],
         ValueError,
     ),

@@ -2,6 +2,7 @@
 # (ROI_KEYPOINT_HEAD_REGISTRY) and the RoI heads (ROI_HEADS_REGISTRY).
 from .backbone import (
     NonLocalResNet,
+    basic_resnet_stages,
     build_nonlocal_backbone,
     build_resnet_nonlocal_backbone,
     build_resnet_nonlocal_fpn_backbone,
@@ -22,6 +23,7 @@ __all__ = [
     "NonLocalResNet",
     "add_blocks",
     "baseline_config",
+    "basic_resnet_stages",
     "block_builder",
     "build_nonlocal_backbone",
     "build_resnet_nonlocal_backbone",

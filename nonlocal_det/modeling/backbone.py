@@ -7,16 +7,20 @@ inserts the blocks of ``MODEL.NONLOCAL`` into the ResNet or RegNet it returns. D
 builder does everything else (P6/P7, C4, DC5, deformable stages), with the same parameter names.
 ``build_resnet_nonlocal_backbone`` and ``build_resnet_nonlocal_fpn_backbone`` are the same with
 a fixed base. :class:`NonLocalResNet` is Detectron2's ``ResNet`` with the blocks as arguments.
+
+Detectron2's builders make ResNet-18/34 only at ``MODEL.RESNETS.RES2_OUT_CHANNELS`` 64 (an
+``assert``); with another width, these builders make the same network from Detectron2's stem, basic
+blocks and FPN at that width (:func:`basic_resnet_stages`; the CPU demo's ResNet-18 is 32 wide).
 """
 
 import inspect
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import ResNet
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 from torch import nn
 
 from .blocks import block_builder, config_block_spec, config_wording, legacy_spec
@@ -24,6 +28,7 @@ from .insertion import STAGES, insert_blocks, residual_network
 
 __all__ = [
     "NonLocalResNet",
+    "basic_resnet_stages",
     "build_nonlocal_backbone",
     "build_resnet_nonlocal_backbone",
     "build_resnet_nonlocal_fpn_backbone",
@@ -36,6 +41,7 @@ OURS += ("build_resnet_nonlocal_fpn_backbone",)
 _RESNET_BUILDERS = ("build_resnet_backbone", "build_resnet_fpn_backbone")
 _RESNET_BUILDERS += ("build_retinanet_resnet_fpn_backbone",)
 _DEPTHS = (18, 34, 50, 101, 152)  # what Detectron2's ResNet builds
+_BASIC_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # residual blocks per stage, res2-res5
 _FEATURES = ("stem",) + STAGES
 # The features each meta-architecture's heads read: MODEL.<node>.IN_FEATURES.
 _HEADS = {
@@ -54,13 +60,19 @@ def _check_resnet_keys(cfg, base: str) -> None:
         raise ValueError(
             f"MODEL.RESNETS.DEPTH={r.DEPTH!r} is not supported; allowed: {list(_DEPTHS)}"
         )
-    if r.DEPTH in (18, 34):
-        for key, need in (("RES2_OUT_CHANNELS", 64), ("RES5_DILATION", 1)):
-            if r.get(key) != need:
-                raise ValueError(
-                    f"MODEL.RESNETS.{key}={r.get(key)!r} is not supported with MODEL.RESNETS."
-                    f"DEPTH={r.DEPTH} (basic blocks); allowed: {need}"
-                )
+    if r.DEPTH in _BASIC_BLOCKS:
+        width = r.RES2_OUT_CHANNELS
+        if not isinstance(width, int) or not 8 <= width <= 64 or width % 8:
+            raise ValueError(
+                f"MODEL.RESNETS.RES2_OUT_CHANNELS={width!r} is not supported with MODEL.RESNETS."
+                f"DEPTH={r.DEPTH} (basic blocks); allowed: 64 (Detectron2's ResNet-18/34) or a "
+                "narrower multiple of 8 (8-56)"
+            )
+        if r.RES5_DILATION != 1:
+            raise ValueError(
+                f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION!r} is not supported with MODEL."
+                f"RESNETS.DEPTH={r.DEPTH} (basic blocks); allowed: 1"
+            )
     outs = list(r.OUT_FEATURES)
     if not outs or any(f not in _FEATURES for f in outs):
         raise ValueError(
@@ -94,6 +106,67 @@ def _check_head_features(cfg, backbone: Backbone, base: str) -> None:
             )
 
 
+def basic_resnet_stages(
+    depth: int = 18, width: int = 64, norm: str = "BN", in_channels: int = 64
+) -> List[List[nn.Module]]:
+    """The four stages (res2-res5) of a ResNet-18 or -34 whose res2 is ``width`` channels wide
+    (then 2x, 4x, 8x), of Detectron2's ``BasicBlock`` (its parameter names), for its ``ResNet``.
+    ``width`` 64 is Detectron2's own (``ResNet.make_default_stages``); ``in_channels``: the
+    stem's output channels. For a LazyConfig::
+
+        model.backbone.bottom_up.stem.out_channels = 32
+        model.backbone.bottom_up.stages = L(basic_resnet_stages)(depth=18, width=32, in_channels=32)
+    """
+    if depth not in _BASIC_BLOCKS:
+        raise ValueError(f"depth={depth!r} is not supported; allowed: {sorted(_BASIC_BLOCKS)}")
+    stages = []
+    for i, n in enumerate(_BASIC_BLOCKS[depth]):
+        out = width * 2**i
+        stride = [1 if i == 0 else 2] + [1] * (n - 1)
+        stages.append(
+            ResNet.make_stage(
+                BasicBlock,
+                n,
+                stride_per_block=stride,
+                in_channels=in_channels,
+                out_channels=out,
+                norm=norm,
+            )
+        )
+        in_channels = out
+    return stages
+
+
+def _narrow_basic(cfg) -> bool:
+    """A ResNet-18/34 at a width Detectron2's builder refuses."""
+    r = cfg.MODEL.RESNETS
+    return r.DEPTH in _BASIC_BLOCKS and r.RES2_OUT_CHANNELS != 64
+
+
+def _basic_backbone(cfg, input_shape: ShapeSpec, base: str) -> Backbone:
+    """What Detectron2's builder ``base`` makes, with a ResNet-18/34 of any width."""
+    r = cfg.MODEL.RESNETS
+    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=r.NORM)
+    stages = basic_resnet_stages(r.DEPTH, r.RES2_OUT_CHANNELS, r.NORM, r.STEM_OUT_CHANNELS)
+    bottom_up = ResNet(
+        stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT
+    )
+    if base == "build_resnet_backbone":
+        return bottom_up
+    f = cfg.MODEL.FPN
+    top_block = LastLevelMaxPool()
+    if base == "build_retinanet_resnet_fpn_backbone":  # P6/P7 from res5, as Detectron2's
+        top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, f.OUT_CHANNELS)
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=f.IN_FEATURES,
+        out_channels=f.OUT_CHANNELS,
+        norm=f.NORM,
+        top_block=top_block,
+        fuse_type=f.FUSE_TYPE,
+    )
+
+
 def config_insert_args(cfg) -> Dict:
     """The arguments of :func:`insert_blocks` given by ``cfg.MODEL.NONLOCAL``."""
     spec = config_block_spec(cfg)
@@ -122,7 +195,10 @@ def _build(cfg, input_shape: ShapeSpec, base: str) -> Backbone:
             )
         if base in _RESNET_BUILDERS:
             _check_resnet_keys(cfg, base)
-        backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
+        if base in _RESNET_BUILDERS and _narrow_basic(cfg):
+            backbone = _basic_backbone(cfg, input_shape, base)
+        else:
+            backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
         residual_network(backbone, f"MODEL.NONLOCAL.BASE_BACKBONE={base!r}")
         insert_blocks(backbone, owner=owner, **args)
         _check_head_features(cfg, backbone, base)
