@@ -165,6 +165,7 @@ def build_trainer_parts(config_file: str, opts: List[str], weights: str):
     from nonlocal_det.config import get_nonlocal_cfg
     from nonlocal_det.data import register_datasets_for_config
     from nonlocal_det.engine import NonLocalTrainer, fall_back_to_cpu
+    from nonlocal_det.engine.trainer import CPUAutocast
 
     cfg = get_nonlocal_cfg(config_file, opts)
     fall_back_to_cpu(cfg)
@@ -176,6 +177,8 @@ def build_trainer_parts(config_file: str, opts: List[str], weights: str):
         DetectionCheckpointer(model).load(weights)
     optimizer = NonLocalTrainer.build_optimizer(cfg, model)
     data = iter(NonLocalTrainer.build_train_loader(cfg))
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":  # as the trainer: bf16 autocast
+        model = CPUAutocast(model)
     return cfg, model.train(), optimizer, data
 
 
@@ -206,7 +209,7 @@ def profile_steps(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, model, optimizer, data = build_trainer_parts(args.config_file, args.opts, args.weights)
-    counts = label_model(model)
+    counts = label_model(getattr(model, "model", model))  # inside a CPUAutocast
     with EventStorage() as storage:
         for _ in range(args.warmup):
             train_step(model, optimizer, data)
