@@ -1,9 +1,9 @@
 """The CPU demo as a LazyConfig: the twin of configs/demo/mask_rcnn_R18_NL_demo.yaml.
 
-Mask R-CNN + keypoints, ResNet-18-FPN without res5 (64 channels), slim heads whose mask and keypoint
-heads train on a few RoIs per image, from scratch, one non-local block in res4 and two in the
-keypoint head, on the project's generated dataset (made and registered on
-first use when the config is instantiated). Small enough to run Detectron2's LazyConfig tools end
+Mask R-CNN + keypoints, a half-width ResNet-18 (32-128 channels) without res5 and a 64-channel
+FPN, slim heads whose mask and keypoint heads train on a few RoIs per image, from scratch, one
+non-local block in res4 and two in the keypoint head, on the project's generated dataset (made
+and registered on first use when the config is instantiated). Small enough to run Detectron2's LazyConfig tools end
 to end on a laptop CPU:
 
     python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py
@@ -28,6 +28,7 @@ from nonlocal_det.modeling import (
     HeadSampledROIHeads,
     NonLocalKRCNNHead,
     add_blocks,
+    basic_resnet_stages,
     last_level_max_pool,
 )
 
@@ -40,9 +41,9 @@ train = _base.train
 model.pixel_std = [57.375, 57.120, 58.395]  # normalised inputs: the network trains from scratch
 _bottom_up = model.backbone.bottom_up
 _bottom_up.freeze_at = 0
-_bottom_up.stem.norm = "BN"
-_bottom_up.stages.update(depth=18, norm="BN")
-_bottom_up.stages.pop("stride_in_1x1")  # a bottleneck option; ResNet-18 has basic blocks
+_bottom_up.stem.update(out_channels=32, norm="BN")
+# ResNet-18 at half width (32-256 channels; Detectron2's ResNet-18 is 64-512)
+_bottom_up.stages = L(basic_resnet_stages)(depth=18, width=32, norm="BN", in_channels=32)
 _bottom_up.out_features = ["res2", "res3", "res4"]  # no res5; P5 is P4 max-pooled
 model.backbone.update(out_channels=64, norm="GN")
 model.backbone.top_block = L(last_level_max_pool)(in_feature="p4")  # P5: P4 max-pooled
@@ -50,9 +51,9 @@ add_blocks(model.backbone, nonlocal_placement="paper_1")  # ResNet-18: after blo
 
 _rpn = model.proposal_generator
 _rpn.head.in_channels = 64
-_rpn.in_features = ["p2", "p3", "p4", "p5"]
-_rpn.anchor_generator.sizes = [[16], [32], [64], [128]]
-_rpn.anchor_generator.strides = [4, 8, 16, 32]
+_rpn.in_features = ["p3", "p4", "p5"]  # no 16-px anchors on P2: the objects are 36-100 px
+_rpn.anchor_generator.sizes = [[32], [64], [128]]
+_rpn.anchor_generator.strides = [8, 16, 32]
 _rpn.pre_nms_topk = (300, 500)  # (train, test)
 _rpn.post_nms_topk = (100, 200)
 
@@ -116,10 +117,10 @@ optimizer = L(optimizer_with_gradient_clipping)(
     momentum=0.9,
     weight_decay=1e-4,
 )
-train.max_iter = 650
+train.max_iter = 750
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[490, 605], num_updates=train.max_iter
+        values=[1.0, 0.1, 0.01], milestones=[565, 700], num_updates=train.max_iter
     ),
     warmup_length=50 / train.max_iter,
     warmup_method="linear",
