@@ -2,7 +2,7 @@
 # `make demo` of two commits, timed alternately on this machine, each from a fresh clone with its
 # dataset generated from scratch (issue 21's measurement):
 #
-#   benchmarks/time_demo.sh [--pairs N] [--max-iter N] [--work DIR] OLD_COMMIT NEW_COMMIT
+#   benchmarks/time_demo.sh [--pairs N] [--max-iter N] [--work DIR] [--make-args ARGS] OLD NEW
 #
 # - Preparation (not timed): each commit is cloned from this repository into DIR/<commit>; its
 #   .venv is a hard-link copy of this checkout's .venv (MASTER_VENV; `cp -al`: no extra disk)
@@ -12,23 +12,28 @@
 #   timed wall-clock; the load average is read before and after each run.
 # - --max-iter N: the clones' demo configs train N iterations instead (a short test of this
 #   script; the times then say nothing about the demo).
+# - --make-args ARGS: added to both `make demo` calls, e.g. "DEMO_AMP=" (fp32 training on a CPU
+#   where the Makefile would train in bf16).
 # Prints a Markdown table (CPU name, seconds, load, box / mask / keypoint AP) and the NEW / OLD
 # ratio of each pair. Logs: DIR/<commit>/demo_<pair>.log. Run it with nothing else running.
 set -euo pipefail
 
 PAIRS=2
 MAX_ITER=""
+MAKE_ARGS=""
 WORK="${WORK:-/tmp/nonlocal_det_time_demo}"
 while [ $# -gt 2 ]; do
   case "$1" in
     --pairs) PAIRS="$2"; shift 2 ;;
     --max-iter) MAX_ITER="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
-    *) echo "unknown option $1; allowed: --pairs N, --max-iter N, --work DIR" >&2; exit 2 ;;
+    --make-args) MAKE_ARGS="$2"; shift 2 ;;
+    *) echo "unknown option $1; allowed: --pairs N, --max-iter N, --work DIR, --make-args ARGS" >&2
+       exit 2 ;;
   esac
 done
 if [ $# -ne 2 ]; then
-  echo "usage: $0 [--pairs N] [--max-iter N] [--work DIR] OLD_COMMIT NEW_COMMIT" >&2
+  echo "usage: $0 [--pairs N] [--max-iter N] [--work DIR] [--make-args ARGS] OLD NEW" >&2
   exit 2
 fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,6 +67,7 @@ ap() {  # $1: log; box / mask / keypoint AP from Detectron2's copypaste lines
 prepare "$OLD"
 prepare "$NEW"
 echo "CPU: $CPU, $(nproc) cores; $(date -u '+%Y-%m-%d %H:%M UTC'); OLD $OLD, NEW $NEW"
+[ -n "$MAKE_ARGS" ] && echo "(make demo $MAKE_ARGS)"
 [ -n "$MAX_ITER" ] && echo "(--max-iter $MAX_ITER: a test of this script, not the demo's time)"
 echo
 echo "| pair | commit | make demo (s) | load before | load after | box / mask / kp AP |"
@@ -76,7 +82,7 @@ for pair in $(seq 1 "$PAIRS"); do
     log="$dir/demo_$pair.log"
     before="$(cut -d' ' -f1-3 /proc/loadavg)"
     start=$(date +%s.%N)
-    (cd "$dir" && NONLOCAL_DET_DATASETS="$data" make demo >"$log" 2>&1) ||
+    (cd "$dir" && NONLOCAL_DET_DATASETS="$data" make demo $MAKE_ARGS >"$log" 2>&1) ||
       { echo "make demo failed for $commit, see $log" >&2; exit 1; }
     end=$(date +%s.%N)
     after="$(cut -d' ' -f1-3 /proc/loadavg)"
