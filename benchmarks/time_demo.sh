@@ -12,8 +12,8 @@
 #   timed wall-clock; the load average is read before and after each run.
 # - --max-iter N: the clones' demo configs train N iterations instead (a short test of this
 #   script; the times then say nothing about the demo).
-# - --make-args ARGS: added to both `make demo` calls, e.g. "DEMO_AMP=" (fp32 training on a CPU
-#   where the Makefile would train in bf16).
+# - --make-args ARGS: added to both `make demo` calls (shell words), e.g.
+#   --make-args 'DEMO_OPTS="SOLVER.AMP.ENABLED True"' (bf16 training; f979caf's Makefile ignores it).
 # Prints a Markdown table (CPU name, seconds, load, box / mask / keypoint AP) and the NEW / OLD
 # ratio of each pair. Logs: DIR/<commit>/demo_<pair>.log. Run it with nothing else running.
 set -euo pipefail
@@ -82,7 +82,7 @@ for pair in $(seq 1 "$PAIRS"); do
     log="$dir/demo_$pair.log"
     before="$(cut -d' ' -f1-3 /proc/loadavg)"
     start=$(date +%s.%N)
-    (cd "$dir" && NONLOCAL_DET_DATASETS="$data" make demo $MAKE_ARGS >"$log" 2>&1) ||
+    (cd "$dir" && export NONLOCAL_DET_DATASETS="$data" && eval "make demo $MAKE_ARGS" >"$log" 2>&1) ||
       { echo "make demo failed for $commit, see $log" >&2; exit 1; }
     end=$(date +%s.%N)
     after="$(cut -d' ' -f1-3 /proc/loadavg)"
