@@ -3,8 +3,8 @@
 Mask R-CNN + keypoints, a half-width ResNet-18 (32-128 channels) without res5 and a 64-channel
 FPN, slim heads whose mask and keypoint heads train on a few RoIs per image, from scratch, one
 non-local block in res4 and two in the keypoint head, on the project's generated dataset (made
-and registered on first use when the config is instantiated). Small enough to run Detectron2's LazyConfig tools end
-to end on a laptop CPU:
+and registered on first use when the config is instantiated). Small enough to run Detectron2's
+LazyConfig tools end to end on a laptop CPU:
 
     python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py
     python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
@@ -42,7 +42,7 @@ model.pixel_std = [57.375, 57.120, 58.395]  # normalised inputs: the network tra
 _bottom_up = model.backbone.bottom_up
 _bottom_up.freeze_at = 0
 _bottom_up.stem.update(out_channels=32, norm="BN")
-# ResNet-18 at half width (32-256 channels; Detectron2's ResNet-18 is 64-512)
+# ResNet-18 at half width (res2-res4: 32-128 channels; Detectron2's ResNet-18 is 64 wide)
 _bottom_up.stages = L(basic_resnet_stages)(depth=18, width=32, norm="BN", in_channels=32)
 _bottom_up.out_features = ["res2", "res3", "res4"]  # no res5; P5 is P4 max-pooled
 model.backbone.update(out_channels=64, norm="GN")

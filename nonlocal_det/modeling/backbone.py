@@ -15,6 +15,7 @@ blocks and FPN at that width (:func:`basic_resnet_stages`; the CPU demo's ResNet
 
 import inspect
 import math
+from functools import partial
 from typing import Dict, List, Optional, Sequence
 
 from detectron2.layers import ShapeSpec
@@ -193,12 +194,12 @@ def _build(cfg, input_shape: ShapeSpec, base: str) -> Backbone:
                 f"{owner}: nonlocal_base={base!r} is not a registered backbone builder (this "
                 f"project's names excluded); allowed: {allowed}"
             )
+        build = BACKBONE_REGISTRY.get(base)
         if base in _RESNET_BUILDERS:
             _check_resnet_keys(cfg, base)
-        if base in _RESNET_BUILDERS and _narrow_basic(cfg):
-            backbone = _basic_backbone(cfg, input_shape, base)
-        else:
-            backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
+            if _narrow_basic(cfg):  # a width Detectron2's builder asserts against
+                build = partial(_basic_backbone, base=base)
+        backbone = build(cfg, input_shape)
         residual_network(backbone, f"MODEL.NONLOCAL.BASE_BACKBONE={base!r}")
         insert_blocks(backbone, owner=owner, **args)
         _check_head_features(cfg, backbone, base)
