@@ -46,6 +46,33 @@ pip_q() {
 }
 
 # --- fast path: everything already there -------------------------------------------------------
+# A stamp written at the end of a complete set-up: this script's and pyproject.toml's hashes and the
+# checkout it installed. When it matches and every package is still found (without importing
+# them: importing torch and detectron2 costs seconds on every make call), nothing is to do.
+STAMP="$VENV/.nonlocal_det_setup"
+stamp_text() {
+  printf '%s\n' "$(cat "$ROOT/scripts/setup_env.sh" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)" "$ROOT"
+}
+write_stamp() {  # replaced, not rewritten: a hard-linked copy of a venv keeps its own stamp
+  stamp_text >"$STAMP.tmp.$$" && mv -f "$STAMP.tmp.$$" "$STAMP"
+}
+ALL_FOUND='
+import importlib.util, os, sys
+for m in ("torch", "torchvision", "detectron2", "pycocotools", "fvcore", "pytest", "xdist", "cv2",
+          "onnx", "onnxruntime", "mmdet", "mmengine", "mmcv", "scipy", "shapely", "terminaltables",
+          "yapf", "addict", "rich", "six"):
+    if importlib.util.find_spec(m) is None:
+        sys.exit(1)
+spec = importlib.util.find_spec("nonlocal_det")
+root = os.path.realpath(sys.argv[1])
+sys.exit(0 if spec and os.path.realpath(spec.origin).startswith(root + os.sep) else 1)'
+COMPLETE="environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, pytest-xdist, onnxruntime, mmdet, nonlocal_det): nothing to do"
+if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_text)" ] &&
+  "$PY" -c "$ALL_FOUND" "$ROOT" >/dev/null 2>&1; then
+  say "$COMPLETE"
+  exit 0
+fi
+# Without the stamp (a venv from before it, or a copy): every package imported.
 if [ -x "$PY" ] && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
 import importlib, importlib.util, os, sys
 for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "xdist",
@@ -60,7 +87,8 @@ root = os.path.realpath(sys.argv[1])
 sys.exit(0 if os.path.realpath(nonlocal_det.__file__).startswith(root + os.sep) else 1)
 PYEOF
 then
-  say "environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, pytest-xdist, onnxruntime, mmdet, nonlocal_det): nothing to do"
+  write_stamp
+  say "$COMPLETE"
   exit 0
 fi
 
@@ -128,3 +156,4 @@ say "installing nonlocal_det in editable mode"
   fail "project" "pip install -e $ROOT failed (see above)"
 "$PY" -c "import nonlocal_det" || fail "project" "nonlocal_det does not import after installation"
 say "done: $("$PY" -c 'import torch, detectron2, nonlocal_det; print(f"torch {torch.__version__}, detectron2 {detectron2.__version__}, nonlocal_det {nonlocal_det.__version__}")')"
+write_stamp
