@@ -110,3 +110,23 @@ def test_resume_continues_from_last_checkpoint(trained):
     assert "model_final.pth" in log and "Starting training from iteration 6" in log
     iters = [json.loads(line).get("iteration") for line in open(out / "metrics.json")]
     assert 7 in iters
+
+
+def test_the_demo_pictures_from_the_trained_model(trained, tmp_path, monkeypatch):
+    """``make demo``'s last command (``tools.pictures``): both pictures, one process."""
+    from nonlocal_det.tools import pictures
+
+    env, out, _ = trained
+    monkeypatch.setenv("NONLOCAL_DET_DATASETS", env["NONLOCAL_DET_DATASETS"])
+    # no keypoint head: its decoding asserts on a 6-iteration model's flat heatmaps now and then
+    opts = ["MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.KEYPOINT_ON", "False"]
+    written = pictures.main(
+        ["--config-file", DEMO, "--dataset", "nl_synthetic_val", "--output-dir", str(tmp_path)]
+        + opts
+    )
+    assert written == [str(tmp_path / "predictions.png"), str(tmp_path / "attention.png")]
+    from PIL import Image
+
+    predictions, attention = (Image.open(p).size for p in written)
+    assert predictions == (2 * 2 * 192 + 8, 2 * 192)  # ground truth | predictions, at scale 2
+    assert attention[0] == 512  # visualize's --min-size, legend below
