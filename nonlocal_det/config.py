@@ -9,8 +9,9 @@ __all__ = ["ConfigKeyError", "add_nonlocal_config", "get_nonlocal_cfg"]
 
 def add_nonlocal_config(cfg: CN) -> CN:
     """Add ``cfg.MODEL.NONLOCAL`` (non-local blocks), ``cfg.DATASETS.{TRAIN,TEST}_{JSON,IMAGES}``
-    (your own COCO files) and ``cfg.MODEL.ROI_{MASK,KEYPOINT}_HEAD.TRAIN_ROIS_PER_IMAGE`` (read by
-    ``HeadSampledROIHeads``) to a Detectron2 config, before ``merge_from_file``. Idempotent.
+    (your own COCO files), ``cfg.MODEL.ROI_{MASK,KEYPOINT}_HEAD.TRAIN_ROIS_PER_IMAGE`` and
+    ``cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` (read by ``HeadSampledROIHeads``) to a Detectron2
+    config, before ``merge_from_file``. Idempotent.
 
     Returns:
         The same ``cfg``, for chaining.
@@ -28,6 +29,11 @@ def add_nonlocal_config(cfg: CN) -> CN:
             # With MODEL.ROI_HEADS.NAME "HeadSampledROIHeads": the head trains on at most this
             # many foreground RoIs per image, drawn at random; 0: all (Detectron2's behaviour).
             head.TRAIN_ROIS_PER_IMAGE = 0
+    if "GATHER_ROI_ALIGN" not in cfg.MODEL.ROI_HEADS:
+        # With MODEL.ROI_HEADS.NAME "HeadSampledROIHeads": the box, mask and keypoint poolers'
+        # ROIAlign computed by gathers (nonlocal_det.layers.GatherROIAlign; POOLER_SAMPLING_RATIO
+        # >= 1): the same numbers, with a CPU backward on every thread (torchvision's: one).
+        cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN = False
     if "NONLOCAL" in cfg.MODEL:
         return cfg
     _C = cfg.MODEL.NONLOCAL = CN()

@@ -4,6 +4,7 @@ from .disentangled_nonlocal import DisentangledNonLocalBlock
 from .generalized_attention import GeneralizedAttention
 from .global_context import FUSION_TYPES, GlobalContextBlock
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
+from .roi_align import GatherROIAlign, roi_align_gather
 from .simplified_nonlocal import SimplifiedNonLocalBlock
 
 # The block types, by the name MODEL.NONLOCAL.TYPE (nonlocal_type) gives them.
@@ -21,6 +22,7 @@ __all__ = [
     "CrissCrossAttention",
     "DisentangledNonLocalBlock",
     "FUSION_TYPES",
+    "GatherROIAlign",
     "GeneralizedAttention",
     "GlobalContextBlock",
     "NORMS",
@@ -28,4 +30,5 @@ __all__ = [
     "PAIRWISE_FUNCTIONS",
     "SimplifiedNonLocalBlock",
     "check_choice",
+    "roi_align_gather",
 ]

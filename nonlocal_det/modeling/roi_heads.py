@@ -8,6 +8,10 @@ them: tens of near-duplicate boxes per object, which made these heads 40% of a C
 the RoIs Detectron2 would give each head: the foreground, and for keypoints those with a visible
 keypoint. The box head and inference are unchanged; the losses keep their normalisation (the mask
 loss is a mean over RoIs, the keypoint loss over visible keypoints by default).
+
+With ``MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` the three poolers' ROIAlign is computed by gathers
+(:class:`nonlocal_det.layers.GatherROIAlign`): the same numbers, and on CPU a backward on every
+thread instead of torchvision's one (the demo's step: docs/demo.md).
 """
 
 import copy
@@ -15,12 +19,16 @@ from typing import List
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import ROIAlign
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.roi_heads import (
     select_foreground_proposals,
     select_proposals_with_visible_keypoints,
 )
 from detectron2.structures import Instances
+from torch import nn
+
+from ..layers.roi_align import GatherROIAlign
 
 __all__ = ["HeadSampledROIHeads", "subsample_per_image"]
 
@@ -47,11 +55,20 @@ class HeadSampledROIHeads(StandardROIHeads):
     Args:
         mask_train_rois: ``MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE``.
         keypoint_train_rois: ``MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE``.
+        gather_roi_align: ``MODEL.ROI_HEADS.GATHER_ROI_ALIGN``: the poolers' ``ROIAlign`` layers
+            become :class:`GatherROIAlign` (same numbers; a fixed sampling ratio needed).
         kwargs: as ``StandardROIHeads``.
     """
 
     @configurable
-    def __init__(self, *, mask_train_rois: int = 0, keypoint_train_rois: int = 0, **kwargs):
+    def __init__(
+        self,
+        *,
+        mask_train_rois: int = 0,
+        keypoint_train_rois: int = 0,
+        gather_roi_align: bool = False,
+        **kwargs,
+    ):
         for key, value in (
             ("ROI_MASK_HEAD", mask_train_rois),
             ("ROI_KEYPOINT_HEAD", keypoint_train_rois),
@@ -64,12 +81,19 @@ class HeadSampledROIHeads(StandardROIHeads):
         super().__init__(**kwargs)
         self.mask_train_rois = mask_train_rois
         self.keypoint_train_rois = keypoint_train_rois
+        self.gather_roi_align = bool(gather_roi_align)
+        if self.gather_roi_align:
+            for name, head in _POOLERS.items():
+                pooler = getattr(self, name, None)
+                if pooler is not None:
+                    _swap_level_poolers(pooler, lambda p: _to_gather(p, head))
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["mask_train_rois"] = cfg.MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE
         ret["keypoint_train_rois"] = cfg.MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE
+        ret["gather_roi_align"] = cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN
         return ret
 
     def _forward_mask(self, features, instances):
@@ -99,4 +123,48 @@ class HeadSampledROIHeads(StandardROIHeads):
         scriptable = copy.copy(self)
         scriptable.__class__ = StandardROIHeads
         scriptable.__constants__ = ["training"]
+        if self.gather_roi_align:  # the scripted poolers: Detectron2's ROIAlign, same numbers
+            scriptable._modules = dict(self._modules)
+            for name in _POOLERS:
+                pooler = getattr(self, name, None)
+                if pooler is not None:
+                    pooler = copy.copy(pooler)
+                    pooler._modules = dict(pooler._modules)
+                    _swap_level_poolers(pooler, _to_roi_align)
+                    setattr(scriptable, name, pooler)
         return scriptable
+
+
+# pooler attribute of StandardROIHeads -> the config node of its POOLER_SAMPLING_RATIO
+_POOLERS = {
+    "box_pooler": "ROI_BOX_HEAD",
+    "mask_pooler": "ROI_MASK_HEAD",
+    "keypoint_pooler": "ROI_KEYPOINT_HEAD",
+}
+
+
+def _swap_level_poolers(pooler: nn.Module, convert) -> None:
+    pooler.level_poolers = nn.ModuleList(convert(p) for p in pooler.level_poolers)
+
+
+def _to_gather(layer: nn.Module, head: str) -> nn.Module:
+    if not isinstance(layer, ROIAlign):
+        raise ValueError(
+            f"MODEL.ROI_HEADS.GATHER_ROI_ALIGN=True with MODEL.{head}.POOLER_TYPE giving "
+            f"{type(layer).__name__}; allowed: ROIAlign or ROIAlignV2"
+        )
+    if layer.sampling_ratio < 1:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.GATHER_ROI_ALIGN=True with MODEL.{head}.POOLER_SAMPLING_RATIO="
+            f"{layer.sampling_ratio}; allowed: an integer >= 1 (0, adaptive sampling, has no "
+            "fixed-shape gather)"
+        )
+    return GatherROIAlign(
+        layer.output_size, layer.spatial_scale, layer.sampling_ratio, layer.aligned
+    )
+
+
+def _to_roi_align(layer: nn.Module) -> nn.Module:
+    if not isinstance(layer, GatherROIAlign):
+        return layer
+    return ROIAlign(layer.output_size, layer.spatial_scale, layer.sampling_ratio, layer.aligned)
