@@ -13,7 +13,7 @@ from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, keypoint_head
-from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.solver import build_lr_scheduler
 from detectron2.utils.events import EventStorage
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from test_configs import _gt_instances
@@ -22,7 +22,7 @@ from utils import CONFIGS, load_cfg, shared_datasets_dir
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.data import register_datasets_for_config
-from nonlocal_det.engine import optimizer_with_gradient_clipping
+from nonlocal_det.engine import NonLocalTrainer, optimizer_with_gradient_clipping
 from nonlocal_det.layers import BLOCK_TYPES
 from nonlocal_det.modeling import NonLocalResNet, add_blocks
 
@@ -245,7 +245,7 @@ def test_lazy_training_setup_equals_yaml(yaml_name, lazy_name):
     yaml_cfg, lazy = _yaml_and_lazy(yaml_name, lazy_name)
     s = yaml_cfg.SOLVER
     model = build_model(load_cfg("demo/mask_rcnn_R18_NL_demo.yaml"))  # any model with norms
-    opt_a = build_optimizer(yaml_cfg, model)
+    opt_a = NonLocalTrainer.build_optimizer(yaml_cfg, model)  # as train_net.py builds it
     lazy.optimizer.params.model = model
     opt_b = instantiate(lazy.optimizer)
     assert type(opt_a).__name__ == type(opt_b).__name__

@@ -2,7 +2,7 @@
 
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
-from .solver import optimizer_with_gradient_clipping
+from .solver import clip_each_parameter_norm, optimizer_with_gradient_clipping
 from .trainer import (
     CPUAutocast,
     ImageLoadError,
@@ -18,6 +18,7 @@ __all__ = [
     "ImageLoadError",
     "NamedErrorsMapper",
     "NonLocalTrainer",
+    "clip_each_parameter_norm",
     "fall_back_to_cpu",
     "optimizer_with_gradient_clipping",
     "share_cpu_threads",
