@@ -244,6 +244,7 @@ def time_variants(args) -> List[str]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.wall else time.process_time
     variants = [v.split() for v in args.variant]
     parts = [
         build_trainer_parts(args.config_file, args.opts + v, args.weights)[1:] for v in variants
@@ -255,13 +256,13 @@ def time_variants(args) -> List[str]:
                 train_step(model, optimizer, data)
         for _ in range(args.rounds):
             for i, (model, optimizer, data) in enumerate(parts):
-                start = time.process_time()
+                start = clock()
                 for _ in range(args.iters):
                     train_step(model, optimizer, data)
-                times[i].append(1e3 * (time.process_time() - start) / args.iters)
+                times[i].append(1e3 * (clock() - start) / args.iters)
     first = statistics.median(times[0])
     lines = [
-        "| variant | CPU ms per step (median) | vs the first | rounds |",
+        f"| variant | {'wall' if args.wall else 'CPU'} ms per step (median) | vs the first | rounds |",
         "|---|---:|---:|---|",
     ]
     for v, t in zip(args.variant, times):
@@ -305,6 +306,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "string ('' for none); repeat it, the first is the reference",
     )
     p.add_argument("--rounds", type=int, default=4, help="with --variant: rounds of --iters steps")
+    p.add_argument(
+        "--wall",
+        action="store_true",
+        help="with --variant: wall-clock time per step instead of the process's CPU time (which "
+        "counts every thread: with several threads on a quiet machine, time what a step takes)",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
 
