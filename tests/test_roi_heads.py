@@ -20,6 +20,8 @@ def heads_cfg(name="HeadSampledROIHeads", mask_rois=0, keypoint_rois=0):
     cfg.MODEL.ROI_HEADS.NAME = name
     cfg.MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE = mask_rois
     cfg.MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE = keypoint_rois
+    cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN = False  # torchvision's, as StandardROIHeads (test_roi_align)
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 48  # 24 foreground: more than the caps tested
     return cfg
 
 
