@@ -1,6 +1,7 @@
-"""GatherROIAlign / roi_align_gather: torchvision's roi_align (Detectron2's ROIAlign) computed by
-gathers, against a plain loop over the definition and against torchvision, forward and backward,
-fp32 and fp64; and MODEL.ROI_HEADS.GATHER_ROI_ALIGN in HeadSampledROIHeads."""
+"""roi_align_gather (torchvision's roi_align, Detectron2's ROIAlign, computed by gathers) and
+roi_align_fast_backward / GatherROIAlign (torchvision's forward, the gathers' backward), against a
+plain loop over the definition and against torchvision, forward and backward, fp32 and fp64, with
+gradcheck; and MODEL.ROI_HEADS.GATHER_ROI_ALIGN in HeadSampledROIHeads."""
 
 import math
 
@@ -10,7 +11,7 @@ from detectron2.layers import ROIAlign
 from test_roi_heads import build, heads_cfg, inputs, train_losses
 from torchvision.ops import roi_align
 
-from nonlocal_det.layers import GatherROIAlign, roi_align_gather
+from nonlocal_det.layers import GatherROIAlign, roi_align_fast_backward, roi_align_gather
 
 
 def reference(feat, rois, out_hw, scale, ratio, aligned):
@@ -79,18 +80,32 @@ def test_equals_the_definition_and_torchvision(dtype, tol, aligned, ratio):
     assert ours[0].abs().max() == 0 and ref[1].abs().max() > 0
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    fast = roi_align_fast_backward(feat, rois, *args)
+    assert torch.equal(fast, theirs)  # torchvision's forward
     grad = torch.randn_like(ours)
     (g_ours,) = torch.autograd.grad(ours, feat, grad)
     (g_theirs,) = torch.autograd.grad(theirs, feat, grad)
+    (g_fast,) = torch.autograd.grad(fast, feat, grad)
+    assert g_theirs.abs().max() > 0
     torch.testing.assert_close(g_ours, g_theirs, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_fast, g_theirs, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("fn", [roi_align_gather, roi_align_fast_backward])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_gradcheck(aligned):
+def test_gradcheck(fn, aligned):
     feat, rois = case(torch.float64, seed=1, k=5)
     feat = feat[:, :2].clone().requires_grad_()
-    fn = lambda f: roi_align_gather(f, rois, (2, 3), 0.5, 2, aligned)
-    assert torch.autograd.gradcheck(fn, (feat,))
+    assert torch.autograd.gradcheck(lambda f: fn(f, rois, (2, 3), 0.5, 2, aligned), (feat,))
+
+
+def test_without_a_gradient_it_is_torchvisions():
+    feat, rois = case(torch.float32)
+    out = roi_align_fast_backward(feat.requires_grad_(), rois, (3, 3), 0.25, 1, True)
+    assert out.grad_fn is not None and "ROIAlignGatherBackward" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        plain = roi_align_fast_backward(feat, rois, (3, 3), 0.25, 1, True)
+    assert plain.grad_fn is None and torch.equal(plain, out.detach())
 
 
 def test_module_and_no_rois_and_bad_arguments():
@@ -99,6 +114,7 @@ def test_module_and_no_rois_and_bad_arguments():
     feat, rois = case(torch.float32)
     torch.testing.assert_close(layer(feat, rois), d2(feat, rois), rtol=2e-5, atol=2e-5)
     assert layer(feat, rois[:0]).shape == (0, 4, 7, 7)
+    assert roi_align_gather(feat, rois[:0], (7, 7), 0.25, 1, True).shape == (0, 4, 7, 7)
     assert "sampling_ratio=1" in repr(layer)
     with pytest.raises(ValueError, match=r"sampling_ratio=0 .*>= 1"):
         GatherROIAlign(7, 0.25, 0)

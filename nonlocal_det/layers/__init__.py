@@ -4,7 +4,7 @@ from .disentangled_nonlocal import DisentangledNonLocalBlock
 from .generalized_attention import GeneralizedAttention
 from .global_context import FUSION_TYPES, GlobalContextBlock
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
-from .roi_align import GatherROIAlign, roi_align_gather
+from .roi_align import GatherROIAlign, roi_align_fast_backward, roi_align_gather
 from .simplified_nonlocal import SimplifiedNonLocalBlock
 
 # The block types, by the name MODEL.NONLOCAL.TYPE (nonlocal_type) gives them.
@@ -30,5 +30,6 @@ __all__ = [
     "PAIRWISE_FUNCTIONS",
     "SimplifiedNonLocalBlock",
     "check_choice",
+    "roi_align_fast_backward",
     "roi_align_gather",
 ]
