@@ -25,8 +25,8 @@ proposals and detections as the baseline: the heads do the same work in every ro
 - Memory: CPU, the peak resident set of the process during the train steps (``VmHWM``, reset
   before the first one); CUDA, ``torch.cuda.max_memory_allocated``.
 - FLOPs: fvcore's count of one forward pass on one image (``python -m nonlocal_det.tools.analyze``),
-  in a process of its own per model; "share" is the increase over the baseline, in percent.
-  "step FLOP share" counts one train step as it runs instead (``torch.utils.flop_counter``,
+  the models one after the other in one process of their own; "share" is the increase over the
+  baseline, in percent. "step FLOP share" counts one train step as it runs instead (``torch.utils.flop_counter``,
   forward and backward on one image): frozen layers compute no weight gradients and the heads see
   512 RoIs, while a block's backward costs 2-3x its forward, so a block's share of the train
   step's arithmetic is larger than its share of the forward pass's.
@@ -294,12 +294,22 @@ def count_flops(spec: dict) -> dict:
     return {**spec, "flops": total, "train_flops": counter.get_total_flops() / 2}
 
 
+def count_flops_rows(spec: dict) -> dict:
+    """:func:`count_flops` of each row of ``spec["rows"]`` (row -> its overrides), one after the
+    other in this process (counting needs no isolation, and one start-up instead of one per row)."""
+    counts = {}
+    for row, opts in spec["rows"].items():
+        got = count_flops(dict(spec, row=row, opts=opts))
+        counts[row] = {"flops": got["flops"], "train_flops": got["train_flops"]}
+    return {**spec, "counts": counts}
+
+
 def _worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     if spec.get("profile"):
         out = profile_one(spec)
     else:
-        out = count_flops(spec) if spec.get("flops_only") else run_one(spec)
+        out = count_flops_rows(spec) if spec.get("flops_only") else run_one(spec)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -573,15 +583,16 @@ def main(argv=None) -> int:
         print(f"  FLOPs from {args.flops_json}", flush=True)
     # the naive rows compute what the nl rows compute: one count each
     flop_rows = list(dict.fromkeys(r.replace("naive_", "nl_") for r in ["baseline"] + args.rows))
-    if not args.no_flops:
-        for row in flop_rows:
-            if row in flops and row in train_flops:
-                continue
-            out = run_isolated(spec(row, flops_only=True, batch=1, amp="fp32"), args.timeout)
-            if "flops" in out:
-                flops[row], train_flops[row], counted = out["flops"], out["train_flops"], True
-            shown = {k: out[k] for k in ("flops", "train_flops", "error") if k in out}
-            print(f"  flops {row}: {shown}", flush=True)
+    missing = [row for row in flop_rows if not (row in flops and row in train_flops)]
+    if not args.no_flops and missing:
+        rows = {row: extra + ROWS[row] for row in missing}
+        count = dict(base_spec, rows=rows, flops_only=True, batch=1, amp="fp32", naive=False)
+        out = run_isolated(count, args.timeout * len(missing))
+        for row in missing:
+            got = out.get("counts", {}).get(row, {"error": out.get("error", "not counted")})
+            if "flops" in got:
+                flops[row], train_flops[row], counted = got["flops"], got["train_flops"], True
+            print(f"  flops {row}: {got}", flush=True)
     if args.flops_json and counted:
         with open(args.flops_json, "w") as f:
             saved = {"size": args.hw, "config": config, "flops": flops, "train_flops": train_flops}
