@@ -1,11 +1,14 @@
 """Every block type trains on the demo data and is evaluated, by command-line overrides of the demo
-config only (``train_net.py``, as a user runs it; a few iterations of a smaller model)."""
+config only (``train_net.py``'s parser and ``main``, as its command runs them; a few iterations of
+a smaller model; the five trainings one after the other in one process)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
-from subproc import DEMO, TINY, env_for, run_train_net
-from utils import shared_datasets_dir
+from subproc import DEMO, TINY, TRAIN_NET, env_for
+from utils import REPO, shared_datasets_dir
 
 # The demo's ResNet-18 has BasicBlocks (2 convs): GC and generalized attention go after conv2 there,
 # in every block of its last stages (the demo has no res5: res3-res4 for GC, res4 for GA).
@@ -26,17 +29,59 @@ OVERRIDES = {
 }
 
 
+# One process trains them all (train_net's own parser and main(), as its __main__ runs them with
+# one process): one start-up instead of five. Each run's output is framed by marker lines.
+DRIVER = """
+import importlib.util, json, sys, traceback
+spec = importlib.util.spec_from_file_location("train_net", sys.argv[1])
+train_net = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_net)
+for name, args in json.loads(sys.argv[2]).items():
+    print(f"@@@ begin {name}", flush=True)
+    try:
+        train_net.main(train_net.default_argument_parser().parse_args(args))
+        print(f"@@@ end {name} ok", flush=True)
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+        print(f"@@@ end {name} failed", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    runs, outs = {}, {}
+    for block_type, overrides in OVERRIDES.items():
+        outs[block_type] = out = tmp_path_factory.mktemp(f"demo_{block_type}")
+        args = ["--config-file", DEMO, *TINY, "MODEL.KEYPOINT_ON", "False"]
+        args += ["MODEL.NONLOCAL.TYPE", block_type, *overrides]
+        args += ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out)]
+        runs[block_type] = args
+    datasets = shared_datasets_dir(tmp_path_factory)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, TRAIN_NET, json.dumps(runs)],
+        cwd=REPO,
+        env=env_for(datasets),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    logs = {}
+    for block_type in OVERRIDES:
+        begin, end = f"@@@ begin {block_type}\n", f"@@@ end {block_type} "
+        text = proc.stdout.split(begin, 1)[-1].split(end, 1)
+        ok = len(text) == 2 and text[1].startswith("ok")
+        logs[block_type] = (ok, text[0] + ("" if ok else proc.stderr[-3000:]))
+    return logs, outs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("block_type", sorted(OVERRIDES))
-def test_block_type_trains_and_evaluates_on_the_demo_data(block_type, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"demo_{block_type}")
-    args = ["--config-file", DEMO, *TINY, "MODEL.KEYPOINT_ON", "False"]
-    args += ["MODEL.NONLOCAL.TYPE", block_type, *OVERRIDES[block_type]]
-    args += ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", out]
-    datasets = shared_datasets_dir(tmp_path_factory)
-    log = run_train_net(args, env_for(datasets), timeout=600)
+def test_block_type_trains_and_evaluates_on_the_demo_data(block_type, trained):
+    logs, outs = trained
+    ok, log = logs[block_type]
+    assert ok, log[-5000:]
     assert f"Blocks ({block_type}," in log
-    records = [json.loads(line) for line in open(out / "metrics.json")]
+    records = [json.loads(line) for line in open(outs[block_type] / "metrics.json")]
     losses = [r["total_loss"] for r in records if "total_loss" in r]
     assert losses and all(loss == loss for loss in losses)  # finite, no NaN
     for task in ("bbox", "segm"):
