@@ -91,7 +91,6 @@ report = {
                   "nonlocal_det.tools.export", "nonlocal_det.tools.warm_start",
                   "nonlocal_det.tools.predict", "nonlocal_det.tools.analyze",
                   "nonlocal_det.tools.visualize", "nonlocal_det.tools.generate_data",
-                  "nonlocal_det.tools.pictures",
                   "nonlocal_det.data.synthetic", "nonlocal_det.engine")
     },
 }

@@ -113,20 +113,25 @@ def test_resume_continues_from_last_checkpoint(trained):
 
 
 def test_the_demo_pictures_from_the_trained_model(trained, tmp_path, monkeypatch):
-    """``make demo``'s last command (``tools.pictures``): both pictures, one process."""
-    from nonlocal_det.tools import pictures
+    """``make demo``'s last command: ``tools.visualize`` with ``--predictions-output`` draws both
+    pictures in one process."""
+    from nonlocal_det.tools import visualize
 
     env, out, _ = trained
     monkeypatch.setenv("NONLOCAL_DET_DATASETS", env["NONLOCAL_DET_DATASETS"])
+    att, pred = tmp_path / "attention.png", tmp_path / "predictions.png"
     # no keypoint head: its decoding asserts on a 6-iteration model's flat heatmaps now and then
     opts = ["MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.KEYPOINT_ON", "False"]
-    written = pictures.main(
-        ["--config-file", DEMO, "--dataset", "nl_synthetic_val", "--output-dir", str(tmp_path)]
-        + opts
+    visualize.main(
+        ["--config-file", DEMO, "--dataset", "nl_synthetic_val", "--index", "0"]
+        + ["--output", str(att), "--predictions-output", str(pred), *opts]
     )
-    assert written == [str(tmp_path / "predictions.png"), str(tmp_path / "attention.png")]
     from PIL import Image
 
-    predictions, attention = (Image.open(p).size for p in written)
-    assert predictions == (2 * 2 * 192 + 8, 2 * 192)  # ground truth | predictions, at scale 2
-    assert attention[0] == 512  # visualize's --min-size, legend below
+    assert Image.open(pred).size == (2 * 2 * 192 + 8, 2 * 192)  # ground truth | predictions, x2
+    assert Image.open(att).size[0] == 512  # visualize's --min-size, legend below
+    with pytest.raises(ValueError, match="--predictions-output needs --dataset"):
+        visualize.main(
+            ["--config-file", DEMO, "--input", str(att), "--output", str(tmp_path / "a.png")]
+            + ["--predictions-output", str(pred), *opts]
+        )

@@ -14,58 +14,15 @@ import argparse
 import os
 from typing import List, Optional
 
-import numpy as np
-import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from ._common import existing_files, tool_cfg, tool_parser
+from ._common import draw_predictions, existing_files, tool_cfg, tool_parser
 
 __all__ = ["draw_predictions", "main", "parser"]
-
-
-def draw_predictions(
-    predictor: DefaultPredictor,
-    image_bgr: np.ndarray,
-    metadata,
-    threshold: float = 0.5,
-    gt_record: Optional[dict] = None,
-    scale: float = 1.0,
-) -> np.ndarray:
-    """Run ``predictor`` on one image; return an RGB picture of its detections (and ground truth).
-
-    Args:
-        predictor: a Detectron2 ``DefaultPredictor``.
-        image_bgr: HxWx3 uint8 image in BGR order (``read_image(path, "BGR")``).
-        metadata: the dataset's ``MetadataCatalog`` entry (class names, keypoint rules; keypoints
-            are drawn only on its ``keypoint_classes`` when it lists them).
-        threshold: detections scoring below it are not drawn.
-        gt_record: a Detectron2 dataset dict; when given its annotations are drawn on the left.
-        scale: resize factor of the drawing.
-
-    Returns:
-        np.ndarray: HxWx3 (or Hx2Wx3 with ``gt_record``) uint8 RGB image.
-    """
-    instances = predictor(image_bgr)["instances"].to("cpu")
-    instances = instances[instances.scores >= threshold]
-    keypoint_classes = metadata.get("keypoint_classes")
-    if instances.has("pred_keypoints") and keypoint_classes is not None:
-        # The head predicts keypoints for every box: hide them (score 0 is below the Visualizer's
-        # threshold) on the classes that have none in the dataset.
-        names = metadata.get("thing_classes", [])
-        has = [names[c] in keypoint_classes for c in instances.pred_classes.tolist()]
-        instances.pred_keypoints[~torch.tensor(has, dtype=torch.bool), :, 2] = 0
-    rgb = image_bgr[:, :, ::-1]
-    pred = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
-    if gt_record is None:
-        return pred
-    gt = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(gt_record).get_image()
-    gap = np.full((pred.shape[0], 8, 3), 255, dtype=np.uint8)
-    return np.concatenate([gt, gap, pred], axis=1)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 from ..layers import BLOCK_TYPES, NonLocalBlock
-from ._common import existing_files, tool_cfg, tool_parser
+from ._common import draw_predictions, existing_files, tool_cfg, tool_parser
 
 __all__ = [
     "AttentionArrows",
@@ -232,6 +232,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=8, help="arrows per query")
     p.add_argument("--min-size", type=int, default=512, help="short side of the picture")
     p.add_argument("--query-frame", type=int, default=None, help="clips: frame of the queries")
+    p.add_argument(
+        "--predictions-output",
+        default=None,
+        help="with --dataset: also write the image's ground truth | predictions picture here (as "
+        "tools.predict draws it; make demo: both pictures with one start-up)",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
 
@@ -277,6 +283,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[AttentionArrows]:
     args = parser().parse_args(argv)
     setup_logger(name="nonlocal_det")
     cfg = tool_cfg(args)
+    if args.predictions_output and not args.dataset:
+        raise ValueError("--predictions-output needs --dataset (its ground truth is drawn)")
     if args.dataset:
         records = DatasetCatalog.get(args.dataset)
         if not 0 <= args.index < len(records):
@@ -322,6 +330,16 @@ def main(argv: Optional[List[str]] = None) -> Optional[AttentionArrows]:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     Image.fromarray(picture).save(args.output)
     print(f"wrote {args.output}: {name}, {len(pixels)} queries")
+    if args.predictions_output:
+        from detectron2.engine import DefaultPredictor
+
+        drawn = draw_predictions(
+            DefaultPredictor(cfg), images[0], MetadataCatalog.get(args.dataset), 0.5,
+            records[args.index], scale=2.0,
+        )  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.predictions_output)), exist_ok=True)
+        Image.fromarray(drawn).save(args.predictions_output)
+        print(f"wrote {args.predictions_output}")
     return arrows
 
 
