@@ -147,13 +147,14 @@ else
     say "detectron2: installed from the PyPI fallback $D2_FALLBACK (pure Python, no _C ops)"
   fi
 fi
-"$PY" -c "import detectron2.model_zoo, detectron2.modeling" ||
-  fail "detectron2" "detectron2 is installed but does not import (see the traceback above)"
 
 # --- 5. the project -----------------------------------------------------------------------------
 say "installing nonlocal_det in editable mode"
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" ||
   fail "project" "pip install -e $ROOT failed (see above)"
-"$PY" -c "import nonlocal_det" || fail "project" "nonlocal_det does not import after installation"
-say "done: $("$PY" -c 'import torch, detectron2, nonlocal_det; print(f"torch {torch.__version__}, detectron2 {detectron2.__version__}, nonlocal_det {nonlocal_det.__version__}")')"
+# One import check of everything (each Python start importing torch and Detectron2 costs seconds).
+VERSIONS="$("$PY" -c 'import torch, detectron2, detectron2.model_zoo, detectron2.modeling, nonlocal_det
+print(f"torch {torch.__version__}, detectron2 {detectron2.__version__}, nonlocal_det {nonlocal_det.__version__}")')" ||
+  fail "import check" "detectron2 (with its model_zoo and modeling) or nonlocal_det does not import after installation (see the traceback above)"
+say "done: $VERSIONS"
 write_stamp
