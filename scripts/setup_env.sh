@@ -108,13 +108,12 @@ else
 fi
 
 # --- 3. detectron2's requirements and dev tools -------------------------------------------------
-say "installing detectron2's requirements, pycocotools, fvcore, pytest, pytest-xdist, onnx, onnxruntime"
-"${PIP[@]}" install "${D2_DEPS[@]}" "${DEV_DEPS[@]}" ||
-  fail "requirements" "pip could not install detectron2's requirements (${D2_DEPS[*]}); check network access to PyPI and rerun 'make setup'"
+# one pip run for all of them (each run resolves against the indexes anew: seconds)
+say "installing detectron2's requirements, pycocotools, fvcore, pytest, pytest-xdist, onnx, onnxruntime, and ${MMDET_TEST_REQS[*]}"
+"${PIP[@]}" install "${D2_DEPS[@]}" "${DEV_DEPS[@]}" "${MMDET_TEST_REQS[@]}" ||
+  fail "requirements" "pip could not install detectron2's requirements (${D2_DEPS[*]}), the tools (${DEV_DEPS[*]}) or the test requirements (${MMDET_TEST_REQS[*]}); check network access to PyPI and rerun 'make setup'"
 
-say "installing the test dependencies ${MMDET_TEST_DEPS[*]} (--no-deps) and ${MMDET_TEST_REQS[*]}"
-"${PIP[@]}" install "${MMDET_TEST_REQS[@]}" ||
-  fail "test requirements" "pip could not install ${MMDET_TEST_REQS[*]}; check network access to PyPI and rerun 'make setup'"
+say "installing the test dependencies ${MMDET_TEST_DEPS[*]} (--no-deps)"
 # --no-deps on purpose (see MMDET_TEST_DEPS): pip's resolver then reports the opencv-python it
 # did not install; that report is filtered out, any other error shows.
 "$PY" -m pip --disable-pip-version-check -q install --no-deps "${MMDET_TEST_DEPS[@]}" 2> >(
