@@ -31,8 +31,9 @@ def add_nonlocal_config(cfg: CN) -> CN:
             head.TRAIN_ROIS_PER_IMAGE = 0
     if "GATHER_ROI_ALIGN" not in cfg.MODEL.ROI_HEADS:
         # With MODEL.ROI_HEADS.NAME "HeadSampledROIHeads": the box, mask and keypoint poolers'
-        # ROIAlign computed by gathers (nonlocal_det.layers.GatherROIAlign; POOLER_SAMPLING_RATIO
-        # >= 1): the same numbers, with a CPU backward on every thread (torchvision's: one).
+        # ROIAlign with a backward by gathers (nonlocal_det.layers.GatherROIAlign;
+        # POOLER_SAMPLING_RATIO >= 1): the same numbers, a CPU backward on every thread
+        # (torchvision's: one).
         cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN = False
     if "NONLOCAL" in cfg.MODEL:
         return cfg

@@ -9,9 +9,9 @@ the RoIs Detectron2 would give each head: the foreground, and for keypoints thos
 keypoint. The box head and inference are unchanged; the losses keep their normalisation (the mask
 loss is a mean over RoIs, the keypoint loss over visible keypoints by default).
 
-With ``MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` the three poolers' ROIAlign is computed by gathers
-(:class:`nonlocal_det.layers.GatherROIAlign`): the same numbers, and on CPU a backward on every
-thread instead of torchvision's one (the demo's step: docs/demo.md).
+With ``MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` the three poolers' ROIAlign gets a backward by gathers
+(:class:`nonlocal_det.layers.GatherROIAlign`, torchvision's forward): the same numbers, and on CPU
+a backward on every thread instead of torchvision's one (the demo's step: docs/demo.md).
 """
 
 import copy
