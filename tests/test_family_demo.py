@@ -3,11 +3,12 @@ config only (``train_net.py``'s parser and ``main``, as its command runs them; a
 a smaller model; the five trainings one after the other in one process)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-from subproc import DEMO, TINY, TRAIN_NET, env_for
+from subproc import DEMO, TINY, env_for
 from utils import REPO, shared_datasets_dir
 
 # The demo's ResNet-18 has BasicBlocks (2 convs): GC and generalized attention go after conv2 there,
@@ -32,10 +33,10 @@ OVERRIDES = {
 # One process trains them all (train_net's own parser and main(), as its __main__ runs them with
 # one process): one start-up instead of five. Each run's output is framed by marker lines.
 DRIVER = """
-import importlib.util, json, sys, traceback
-spec = importlib.util.spec_from_file_location("train_net", sys.argv[1])
-train_net = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_net)
+import json, sys, traceback
+sys.path.insert(0, sys.argv[1])
+from subproc import load_train_net
+train_net = load_train_net()
 for name, args in json.loads(sys.argv[2]).items():
     print(f"@@@ begin {name}", flush=True)
     try:
@@ -58,7 +59,7 @@ def trained(tmp_path_factory):
         runs[block_type] = args
     datasets = shared_datasets_dir(tmp_path_factory)
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, TRAIN_NET, json.dumps(runs)],
+        [sys.executable, "-c", DRIVER, os.path.dirname(__file__), json.dumps(runs)],
         cwd=REPO,
         env=env_for(datasets),
         capture_output=True,

@@ -45,16 +45,20 @@ def _axis(coords: torch.Tensor, size: int):
     return low.long(), high.long(), 1.0 - frac, frac, inside
 
 
+def _ratio_error(caller: str, sampling_ratio) -> ValueError:
+    return ValueError(
+        f"{caller}: sampling_ratio={sampling_ratio!r} is not supported; allowed: an integer "
+        ">= 1 (torchvision's adaptive 0 has no fixed-shape gather)"
+    )
+
+
 def _check(caller: str, input: torch.Tensor, rois: torch.Tensor, sampling_ratio) -> None:
     if input.dim() != 4:
         raise ValueError(f"{caller}: input of shape {tuple(input.shape)}; allowed: (N, C, H, W)")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"{caller}: rois of shape {tuple(rois.shape)}; allowed: (K, 5)")
     if isinstance(sampling_ratio, bool) or int(sampling_ratio) < 1:
-        raise ValueError(
-            f"{caller}: sampling_ratio={sampling_ratio!r} is not supported; allowed: an integer "
-            ">= 1 (torchvision's adaptive 0 has no fixed-shape gather)"
-        )
+        raise _ratio_error(caller, sampling_ratio)
 
 
 def _corners(
@@ -193,10 +197,7 @@ class GatherROIAlign(nn.Module):
             or not isinstance(sampling_ratio, int)
             or sampling_ratio < 1
         ):
-            raise ValueError(
-                f"GatherROIAlign: sampling_ratio={sampling_ratio!r} is not supported; allowed: an "
-                "integer >= 1 (torchvision's adaptive 0 has no fixed-shape gather)"
-            )
+            raise _ratio_error("GatherROIAlign", sampling_ratio)
         self.output_size = tuple(output_size)
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
