@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from detectron2.layers import ROIAlign
+from detectron2.modeling.roi_heads import StandardROIHeads
 from test_roi_heads import build, heads_cfg, inputs, train_losses
 from torchvision.ops import roi_align
 
@@ -152,11 +153,30 @@ def test_heads_with_gathers_compute_what_detectron2s_roi_align_computes():
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-3)
 
 
-def test_scripting_gets_detectron2s_roi_align_and_leaves_the_model_alone():
-    heads = build(gather_cfg())
+def test_scripted_and_traced_it_is_detectron2s_roi_align():
+    layer, d2 = GatherROIAlign(7, 0.25, 2, aligned=True), ROIAlign((7, 7), 0.25, 2, aligned=True)
+    assert isinstance(layer, ROIAlign)
+    feat, rois = case(torch.float32)
+    feat.requires_grad_()  # a gradient is wanted, yet no Python autograd.Function is recorded
+    scripted = torch.jit.script(layer)
+    traced = torch.jit.trace(layer, (feat, rois), check_trace=False)
+    assert "PythonOp" not in str(traced.graph) and "torchvision::roi_align" in str(traced.graph)
+    for m in (scripted, traced):
+        assert torch.equal(m(feat, rois), d2(feat, rois))
+
+
+def test_scripting_makes_no_new_modules():
+    """TorchScript's preparation memo is keyed by id(): a module made by ``__prepare_scriptable__``
+    can reuse the address of one Detectron2's ResNet/FPN preparation freed and be typed as it (a
+    pooler level typed as ResNet, seen once in four full test runs). The scriptable heads reuse
+    the model's own modules, GatherROIAlign included (the scripted demo model's predictions:
+    test_export.test_model_built_from_a_lazy_config_scripts)."""
+    heads = build(gather_cfg()).eval()
     scriptable = heads.__prepare_scriptable__()
+    assert scriptable is not heads and type(scriptable) is StandardROIHeads
+    own = {id(m) for m in heads.modules()}
+    assert all(id(m) in own for m in scriptable.modules() if m is not scriptable)
     for name in ("box_pooler", "mask_pooler", "keypoint_pooler"):
-        assert all(type(m) is ROIAlign for m in getattr(scriptable, name).level_poolers)
         assert all(type(m) is GatherROIAlign for m in getattr(heads, name).level_poolers)
 
 

@@ -26,7 +26,7 @@ from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from detectron2.layers import ROIAlign
 from torchvision.ops import roi_align
 
 __all__ = ["GatherROIAlign", "roi_align_fast_backward", "roi_align_gather"]
@@ -181,15 +181,20 @@ def roi_align_fast_backward(
     )
 
 
-class GatherROIAlign(nn.Module):
+class GatherROIAlign(ROIAlign):
     """Detectron2's ``ROIAlign(output_size, spatial_scale, sampling_ratio, aligned)`` for
-    ``sampling_ratio >= 1`` with the gathers' backward (:func:`roi_align_fast_backward`): the same
-    call, the same numbers, torchvision's forward (inference unchanged)."""
+    ``sampling_ratio >= 1`` with the gathers' backward (:func:`roi_align_fast_backward`) when a
+    gradient is computed: the same call, the same numbers, torchvision's forward.
+
+    Scripted, traced or exported (ONNX) it is Detectron2's ``ROIAlign``: the gathers' backward is
+    a Python ``autograd.Function``, which none of them can hold, and inference does not need it.
+    So a model keeps its ``GatherROIAlign`` modules through ``torch.jit.script`` (no swap in
+    ``__prepare_scriptable__``, whose new module objects TorchScript's memo, keyed by ``id``, can
+    confuse with freed ones)."""
 
     def __init__(
         self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = True
     ):
-        super().__init__()
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
         if (
@@ -198,18 +203,26 @@ class GatherROIAlign(nn.Module):
             or sampling_ratio < 1
         ):
             raise _ratio_error("GatherROIAlign", sampling_ratio)
-        self.output_size = tuple(output_size)
-        self.spatial_scale = spatial_scale
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
+        super().__init__(tuple(output_size), spatial_scale, sampling_ratio, aligned)
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        return roi_align_fast_backward(
-            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        if not torch.jit.is_scripting():
+            if not torch.jit.is_tracing() and torch.is_grad_enabled() and input.requires_grad:
+                return self._gathers_backward(input, rois)
+        # Detectron2's ROIAlign.forward (TorchScript has no super()): torchvision's roi_align
+        if rois.dim() != 2 or rois.shape[1] != 5:
+            raise ValueError(f"GatherROIAlign: rois of shape {rois.shape}; allowed: (K, 5)")
+        return roi_align(
+            input.dequantize() if input.is_quantized else input,
+            rois.to(dtype=input.dtype),
+            self.output_size,
+            self.spatial_scale,
+            self.sampling_ratio,
+            self.aligned,
         )
 
-    def __repr__(self):
-        return (
-            f"{type(self).__name__}(output_size={self.output_size}, spatial_scale="
-            f"{self.spatial_scale}, sampling_ratio={self.sampling_ratio}, aligned={self.aligned})"
+    @torch.jit.unused
+    def _gathers_backward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return roi_align_fast_backward(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )

@@ -123,15 +123,9 @@ class HeadSampledROIHeads(StandardROIHeads):
         scriptable = copy.copy(self)
         scriptable.__class__ = StandardROIHeads
         scriptable.__constants__ = ["training"]
-        if self.gather_roi_align:  # the scripted poolers: Detectron2's ROIAlign, same numbers
-            scriptable._modules = dict(self._modules)
-            for name in _POOLERS:
-                pooler = getattr(self, name, None)
-                if pooler is not None:
-                    pooler = copy.copy(pooler)
-                    pooler._modules = dict(pooler._modules)
-                    _swap_level_poolers(pooler, _to_roi_align)
-                    setattr(scriptable, name, pooler)
+        # No new submodules here: TorchScript's preparation memo is keyed by id(), and a module
+        # created now can take the address of one Detectron2's ResNet/FPN preparation freed
+        # (their deep copies), and be typed as that one. GatherROIAlign scripts as it is.
         return scriptable
 
 
@@ -163,8 +157,3 @@ def _to_gather(layer: nn.Module, head: str) -> nn.Module:
         layer.output_size, layer.spatial_scale, layer.sampling_ratio, layer.aligned
     )
 
-
-def _to_roi_align(layer: nn.Module) -> nn.Module:
-    if not isinstance(layer, GatherROIAlign):
-        return layer
-    return ROIAlign(layer.output_size, layer.spatial_scale, layer.sampling_ratio, layer.aligned)
