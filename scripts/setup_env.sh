@@ -60,37 +60,36 @@ stamp_text() {
 write_stamp() {  # replaced, not rewritten: a hard-linked copy of a venv keeps its own stamp
   stamp_text >"$STAMP.tmp.$$" && mv -f "$STAMP.tmp.$$" "$STAMP"
 }
+# The packages a complete environment has: imported by the check without a stamp (mmdetection's
+# and the other test dependencies' imports cost seconds: only found), found by the stamp's check.
+IMPORTED_PKGS="torch torchvision detectron2.model_zoo pycocotools fvcore pytest xdist cv2 onnx onnxruntime"
+FOUND_PKGS="mmdet mmengine mmcv scipy shapely terminaltables yapf addict rich six"
 ALL_FOUND='
 import importlib.util, os, sys
-for m in ("torch", "torchvision", "detectron2", "pycocotools", "fvcore", "pytest", "xdist", "cv2",
-          "onnx", "onnxruntime", "mmdet", "mmengine", "mmcv", "scipy", "shapely", "terminaltables",
-          "yapf", "addict", "rich", "six"):
-    if importlib.util.find_spec(m) is None:
-        sys.exit(1)
+if any(importlib.util.find_spec(m.split(".")[0]) is None for m in sys.argv[2:]):
+    sys.exit(1)
 spec = importlib.util.find_spec("nonlocal_det")
 root = os.path.realpath(sys.argv[1])
 sys.exit(0 if spec and os.path.realpath(spec.origin).startswith(root + os.sep) else 1)'
-COMPLETE="environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, pytest-xdist, onnxruntime, mmdet, nonlocal_det): nothing to do"
-if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_text)" ] &&
-  "$PY" -c "$ALL_FOUND" "$ROOT" >/dev/null 2>&1; then
-  say "$COMPLETE"
-  exit 0
-fi
-# Without the stamp (a venv from before it, or a copy): every package imported.
-if [ -x "$PY" ] && "$PY" - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
+ALL_IMPORTED='
 import importlib, importlib.util, os, sys
-for m in ("torch", "torchvision", "detectron2.model_zoo", "pycocotools", "fvcore", "pytest", "xdist",
-          "cv2", "onnx", "onnxruntime"):
+imported, found = sys.argv[2].split(), sys.argv[3].split()
+for m in imported:
     importlib.import_module(m)
-# the test dependencies: present (importing mmdetection costs seconds)
-if any(importlib.util.find_spec(m) is None for m in ("mmdet", "mmengine", "mmcv", "scipy",
-       "shapely", "terminaltables", "yapf", "addict", "rich", "six")):
+if any(importlib.util.find_spec(m) is None for m in found):
     sys.exit(1)
 import nonlocal_det
 root = os.path.realpath(sys.argv[1])
-sys.exit(0 if os.path.realpath(nonlocal_det.__file__).startswith(root + os.sep) else 1)
-PYEOF
-then
+sys.exit(0 if os.path.realpath(nonlocal_det.__file__).startswith(root + os.sep) else 1)'
+COMPLETE="environment in $VENV is complete (torch, torchvision, detectron2, pycocotools, fvcore, pytest, pytest-xdist, onnxruntime, mmdet, nonlocal_det): nothing to do"
+# shellcheck disable=SC2086  # the package lists are split into words on purpose
+if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_text)" ] &&
+  "$PY" -c "$ALL_FOUND" "$ROOT" $IMPORTED_PKGS $FOUND_PKGS >/dev/null 2>&1; then
+  say "$COMPLETE"
+  exit 0
+fi
+# Without the stamp (a venv from before it, or a copy): the first list imported.
+if [ -x "$PY" ] && "$PY" -c "$ALL_IMPORTED" "$ROOT" "$IMPORTED_PKGS" "$FOUND_PKGS" >/dev/null 2>&1; then
   write_stamp
   say "$COMPLETE"
   exit 0
