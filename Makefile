@@ -6,9 +6,10 @@ setup:
 	@bash scripts/setup_env.sh
 
 # -n auto: one pytest-xdist worker per core, each test file on one worker (its module fixtures
-# made once); --durations=25: the slowest tests at the end of every run, where the time goes.
+# made once), the slowest files first (tests/conftest.py: SLOWEST_FILES; no reordering by xdist);
+# --durations=25: the slowest tests at the end of every run, where the time goes.
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 DEMO_CFG := configs/demo/mask_rcnn_R18_NL_demo.yaml
 DEMO_OUT := output/demo
