@@ -24,7 +24,7 @@ from nonlocal_det import NonLocalBlock
 from nonlocal_det.data import register_datasets_for_config
 from nonlocal_det.engine import NonLocalTrainer, optimizer_with_gradient_clipping
 from nonlocal_det.layers import BLOCK_TYPES
-from nonlocal_det.modeling import NonLocalResNet, add_blocks
+from nonlocal_det.modeling import NonLocalResNet, add_blocks, remove_blocks
 
 LAZY = sorted(glob.glob(os.path.join(CONFIGS, "lazy", "*.py")))
 TWINS = [
@@ -364,6 +364,11 @@ def test_add_blocks_to_a_resnet_node_custom_placement_and_options():
     ):
         instantiate(cfg)
     assert repr(old).replace("NonLocalResNet", "ResNet", 1) == repr(resnet)
+    # remove_blocks of a custom-placement NonLocalResNet node: the plain ResNet's parameters.
+    del cfg.nonlocal_placment
+    plain = instantiate(remove_blocks(cfg))
+    assert not any(isinstance(m, NonLocalBlock) for m in plain.modules())
+    assert plain.state_dict().keys() == instantiate(remove_blocks(_resnet_cfg())).state_dict().keys()
 
 
 def test_add_blocks_blocks_in_frozen_stages_are_frozen():

@@ -92,9 +92,9 @@ def add_blocks(node: DictConfig, **nonlocal_args) -> DictConfig:
 
 def remove_blocks(cfg: Any) -> Any:
     """A copy of a LazyConfig (or any part of one) without blocks: each :func:`add_blocks` node
-    back to its original target, ``NonLocalResNet`` nodes with ``nonlocal_placement="none"`` and
-    ``NonLocalKRCNNHead`` nodes with ``nonlocal_after=[]`` (the same parameter names, minus the
-    blocks')."""
+    back to its original target, ``NonLocalResNet`` nodes with ``nonlocal_placement="none"`` (and
+    no ``nonlocal_blocks``, which only ``"custom"`` takes) and ``NonLocalKRCNNHead`` nodes with
+    ``nonlocal_after=[]`` (the same parameter names, minus the blocks')."""
     cfg = copy.deepcopy(cfg)
     nodes = [cfg]
     while nodes:
@@ -112,6 +112,7 @@ def remove_blocks(cfg: Any) -> Any:
                 node.pop(k, None)
         elif target is NonLocalResNet:
             node.nonlocal_placement = "none"
+            node.pop("nonlocal_blocks", None)
         elif target is NonLocalKRCNNHead:
             node.nonlocal_after = []
         nodes.extend(v for k, v in node.items_ex(resolve=False) if k != "_target_")
