@@ -10,8 +10,13 @@ Detectron2's standard training script, plus the project's config keys and datase
 
 Trailing ``KEY VALUE`` pairs override the config (``DATASETS.TRAIN_JSON FILE DATASETS.TRAIN_IMAGES
 DIR``: your own COCO-format data). Without CUDA it runs on the CPU, and ``--num-gpus N`` starts N
-CPU processes. The config and the datasets are checked before any training work starts.
-Checkpoints are written atomically; ``--resume`` continues from the last one.
+CPU processes. The config and the datasets are checked before any training work starts;
+``--eval-only`` reads only the test datasets (``DATASETS.TEST``) and the weights. Checkpoints are
+written atomically; ``--resume`` continues from the last one. SIGTERM, SIGUSR1
+(``SOLVER.STOP_SIGNALS``) and Ctrl-C save a checkpoint of the current iteration and exit with
+status 75; a NaN or infinite loss stops with status 1, naming the last good checkpoint. On
+several machines (``--num-machines``, ``--machine-rank``, ``--dist-url``), ``--dist-timeout
+SECONDS`` bounds the wait for all of them to join (docs/coco.md).
 """
 
 import logging
@@ -19,18 +24,25 @@ import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data import (
+    EVAL_ONLY_KEYS,
     check_datasets,
     configure_coco_json_datasets,
     register_datasets_for_config,
 )
-from nonlocal_det.engine import NonLocalTrainer, fall_back_to_cpu, share_cpu_threads
+from nonlocal_det.engine import (
+    NonLocalTrainer,
+    fall_back_to_cpu,
+    forward_stop_signals,
+    share_cpu_threads,
+)
+from nonlocal_det.engine.launch import default_argument_parser, launch
 from nonlocal_det.modeling import check_model_config
 
 
@@ -51,10 +63,11 @@ class Trainer(NonLocalTrainer):
 
 def setup(args):
     """The checked config, logging and the registered datasets; a bad key, value or dataset file
-    stops here, before any training work."""
+    stops here, before any training work. ``--eval-only`` needs only the test datasets."""
+    keys = EVAL_ONLY_KEYS if args.eval_only else ("TRAIN", "TEST")
     cfg = get_nonlocal_cfg(args.config_file, args.opts)
     on_cpu = fall_back_to_cpu(cfg)  # MODEL.DEVICE cpu when CUDA is absent
-    configure_coco_json_datasets(cfg)  # DATASETS.*_JSON: files checked, classes taken from them
+    configure_coco_json_datasets(cfg, keys)  # DATASETS.*_JSON: files checked, classes from them
     check_model_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
@@ -67,8 +80,8 @@ def setup(args):
         logging.getLogger("detectron2").info(
             f"Running on the CPU (MODEL.DEVICE=cpu){why}; {threads} torch thread(s) per process"
         )
-    register_datasets_for_config(cfg)  # the generated demo data (made on first use), own files
-    check_datasets(cfg)
+    register_datasets_for_config(cfg, keys)  # the demo data (made on first use), own files
+    check_datasets(cfg, keys)
     return cfg
 
 
@@ -92,11 +105,5 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    with forward_stop_signals(args.num_gpus):  # the workers stop on SIGTERM..., not this one
+        launch(main, args)  # --num-gpus / --num-machines processes, --dist-timeout to join

@@ -3,7 +3,12 @@ and their checks."""
 
 from .coco import TEST_NAME, TRAIN_NAME, configure_coco_json_datasets, register_coco_dataset
 from .coco_check import DatasetError, check_coco_images, check_coco_json
-from .datasets import check_datasets, register_datasets_for_config, synthetic_dataset
+from .datasets import (
+    EVAL_ONLY_KEYS,
+    check_datasets,
+    register_datasets_for_config,
+    synthetic_dataset,
+)
 from .relational import (
     RelationSpec,
     generate_relation_coco,
@@ -13,6 +18,7 @@ from .relational import (
 from .synthetic import default_dataset_root, generate_synthetic_coco, register_synthetic_coco
 
 __all__ = [
+    "EVAL_ONLY_KEYS",
     "DatasetError",
     "RelationSpec",
     "TEST_NAME",

@@ -129,10 +129,13 @@ def register_coco_dataset(name: str, summary: CocoSummary, image_root: str, **me
     )
 
 
-def _json_splits(cfg) -> List[Tuple[str, str, str, str]]:
-    """(split, registered name, json, image folder) of every split whose JSON key is set."""
+def _json_splits(cfg, keys=("TRAIN", "TEST")) -> List[Tuple[str, str, str, str]]:
+    """(split, registered name, json, image folder) of every split of ``keys`` whose JSON key is
+    set."""
     out = []
     for split, name in (("TRAIN", TRAIN_NAME), ("TEST", TEST_NAME)):
+        if split not in keys:
+            continue
         json_file = cfg.DATASETS.get(f"{split}_JSON", "")
         images = cfg.DATASETS.get(f"{split}_IMAGES", "")
         if bool(json_file) != bool(images):
@@ -158,17 +161,24 @@ def _check_json(json_file: str, label: str) -> CocoSummary:
     return _check_json_version(json_file, label, st.st_mtime if st else 0, st.st_size if st else -1)
 
 
-def configure_coco_json_datasets(cfg) -> None:
+def configure_coco_json_datasets(cfg, keys=("TRAIN", "TEST")) -> None:
     """Check the files of ``DATASETS.*_JSON`` and adapt the unfrozen ``cfg`` to them: ``DATASETS.
     TRAIN`` / ``TEST``, ``MODEL.ROI_HEADS.NUM_CLASSES``, ``MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS``
     and ``INPUT.MASK_FORMAT`` (``bitmask`` for RLE masks). Nothing when no key is set.
+
+    Args:
+        keys: the splits whose files are read; ``("TEST",)`` for an evaluation, which needs no
+            training files (``DATASETS.TRAIN_JSON`` / ``TRAIN_IMAGES`` are then not read).
 
     Raises:
         FileNotFoundError, DatasetError: a file is missing or not usable COCO (naming the entry).
         ValueError: a key without its partner, train and test categories differ, or the model
             needs what the file lacks (masks, keypoints).
     """
-    splits = _json_splits(cfg)
+    splits = _json_splits(cfg, keys)
+    if cfg.DATASETS.get("TRAIN_JSON", "") and not cfg.DATASETS.get("TEST_JSON", ""):
+        logger.info("DATASETS.TEST_JSON is not set: no evaluation (DATASETS.TEST is empty)")
+        cfg.DATASETS.TEST = ()
     if not splits:
         return
     summaries = {s: _check_json(j, f"DATASETS.{s}_JSON") for s, _, j, _ in splits}
@@ -181,9 +191,6 @@ def configure_coco_json_datasets(cfg) -> None:
         )
     for split, name, _, _ in splits:
         setattr(cfg.DATASETS, split, (name,))
-    if "TEST" not in summaries:
-        logger.info("DATASETS.TEST_JSON is not set: no evaluation (DATASETS.TEST is empty)")
-        cfg.DATASETS.TEST = ()
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(first.categories):
         logger.info(
             f"MODEL.ROI_HEADS.NUM_CLASSES: {cfg.MODEL.ROI_HEADS.NUM_CLASSES} -> "
@@ -211,9 +218,10 @@ def configure_coco_json_datasets(cfg) -> None:
         cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = len(first.keypoint_names)
 
 
-def register_coco_json_datasets(cfg) -> List[str]:
-    """Check the images of the ``DATASETS.*_JSON`` files (first process of each machine; every
-    process stops on a problem) and register them as :data:`TRAIN_NAME` / :data:`TEST_NAME`.
+def register_coco_json_datasets(cfg, keys=("TRAIN", "TEST")) -> List[str]:
+    """Check the images of the ``DATASETS.*_JSON`` files of the splits ``keys`` (first process of
+    each machine; every process stops on a problem) and register them as :data:`TRAIN_NAME` /
+    :data:`TEST_NAME`.
 
     Returns:
         The registered names (empty when no key is set).
@@ -223,7 +231,7 @@ def register_coco_json_datasets(cfg) -> List[str]:
         DatasetError: an image is missing, unreadable or not of the size the JSON says.
     """
     names = []
-    for split, name, json_file, image_root in _json_splits(cfg):
+    for split, name, json_file, image_root in _json_splits(cfg, keys):
         summary = _check_json(json_file, f"DATASETS.{split}_JSON")
         error = None
         if comm.get_local_rank() == 0:

@@ -22,6 +22,7 @@ from .synthetic import (
 )
 
 __all__ = [
+    "EVAL_ONLY_KEYS",
     "SYNTHETIC_PREFIX",
     "RELATION_PREFIXES",
     "check_datasets",
@@ -31,6 +32,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The dataset keys an evaluation (``--eval-only``) needs: no training data.
+EVAL_ONLY_KEYS = ("TEST",)
 # Dataset names starting with this prefix are the generated demo data.
 SYNTHETIC_PREFIX = "nl_synthetic"
 # ... and these the context probe's data (nonlocal_det.data.relational, its defaults), by task.
@@ -61,11 +64,12 @@ def _register_relational(names) -> None:
         register_relation_coco(root, name_prefix=prefix)
 
 
-def register_datasets_for_config(cfg) -> None:
+def register_datasets_for_config(cfg, keys=("TRAIN", "TEST")) -> None:
     """Register the datasets ``cfg`` needs beyond Detectron2's own: generated data when
-    ``DATASETS.TRAIN`` / ``TEST`` name it, and the ``DATASETS.*_JSON`` files (images checked)."""
-    register_coco_json_datasets(cfg)
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    ``DATASETS.TRAIN`` / ``TEST`` name it, and the ``DATASETS.*_JSON`` files (images checked).
+    ``keys``: the splits needed (:data:`EVAL_ONLY_KEYS` for an evaluation)."""
+    register_coco_json_datasets(cfg, keys)
+    names = [name for key in keys for name in cfg.DATASETS.get(key)]
     _register_synthetic(names)
     _register_relational(names)
 
@@ -89,17 +93,27 @@ def _where_builtin() -> str:
 
 
 def check_datasets(cfg, keys=("TRAIN", "TEST")) -> None:
-    """Check the datasets of ``DATASETS.TRAIN`` / ``TEST`` against the config, without loading
-    them: registered; their ``json_file`` / ``image_root`` exist; at most
+    """Check the datasets of ``DATASETS.TRAIN`` / ``TEST`` (those of ``keys``) against the config,
+    without loading them: registered; their ``json_file`` / ``image_root`` exist; at most
     ``MODEL.ROI_HEADS.NUM_CLASSES`` classes; with ``MODEL.KEYPOINT_ON``, ``keypoint_names`` as many
     as ``MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS``, a flip map for training and matching
-    ``TEST.KEYPOINT_OKS_SIGMAS`` for testing.
+    ``TEST.KEYPOINT_OKS_SIGMAS`` for testing. With :data:`EVAL_ONLY_KEYS` (an evaluation, which
+    reads no training data) ``DATASETS.TEST`` must name at least one dataset.
 
     Raises:
         ValueError / FileNotFoundError: naming the key, the dataset, the value and what is allowed.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    if "TRAIN" not in keys and not cfg.DATASETS.TEST:
+        why = ""
+        if cfg.DATASETS.get("TRAIN_JSON", ""):
+            why = " (DATASETS.TRAIN_JSON is set and DATASETS.TEST_JSON is not)"
+        raise ValueError(
+            f"DATASETS.TEST is empty{why}: an evaluation (--eval-only) has nothing to evaluate; "
+            "allowed: registered dataset names (e.g. DATASETS.TEST \"('coco_2017_val',)\"), or "
+            "your own COCO file via DATASETS.TEST_JSON and DATASETS.TEST_IMAGES"
+        )
     registered = DatasetCatalog.list()
     for key in keys:
         for name in cfg.DATASETS.get(key):

@@ -12,6 +12,11 @@ layout (``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``, ``lr_mu
 ``train`` as in Detectron2's ``configs/common/train.py``) and works with any such file, with or
 without non-local blocks. Trailing ``key=value`` pairs override the config. Without CUDA,
 ``train.device`` falls back to the CPU (logged).
+
+Checkpoints are written atomically. On SIGTERM or SIGUSR1 (``train.stop_signals``, e.g.
+``train.stop_signals=[SIGTERM,SIGUSR2]``) or Ctrl-C, training finishes its iteration, saves its
+checkpoint and exits with status 75 (``--resume`` continues); a NaN or infinite loss stops it
+with status 1, naming the last good checkpoint.
 """
 
 import logging
@@ -20,18 +25,19 @@ from typing import Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-    launch,
-)
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+
+from ..engine.checkpoint import AtomicCheckpointer
+from ..engine.launch import default_argument_parser, launch
+from ..engine.preemption import (
+    DEFAULT_STOP_SIGNALS,
+    SafeStop,
+    forward_stop_signals,
+    parse_stop_signals,
+)
 
 __all__ = ["setup", "evaluate", "train", "main", "cli", "parser"]
 
@@ -45,10 +51,16 @@ def setup(args):
     device = cfg.train.get("device", "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
+    parse_stop_signals(_stop_signals(cfg), "train.stop_signals")  # before any work
     default_setup(cfg, args)
     if cfg.train.device != device:
         logger.info(f"Running on the CPU (train.device={device!r} but CUDA is not available)")
     return cfg
+
+
+def _stop_signals(cfg):
+    """``train.stop_signals`` (not in Detectron2's ``train`` dict: SIGTERM and SIGUSR1 if unset)."""
+    return cfg.train.get("stop_signals", DEFAULT_STOP_SIGNALS)
 
 
 def evaluate(cfg, model) -> Optional[dict]:
@@ -74,7 +86,7 @@ def train(cfg, resume: bool = False) -> None:
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_class(model, data, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -85,6 +97,8 @@ def train(cfg, resume: bool = False) -> None:
                 if main_process
                 else None
             ),
+            # train.stop_signals / Ctrl-C / a non-finite loss: a checkpoint first, then stop
+            SafeStop(checkpointer, _stop_signals(cfg), key="train.stop_signals"),
             hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model)),
             (
                 hooks.PeriodicWriter(
@@ -103,7 +117,8 @@ def train(cfg, resume: bool = False) -> None:
 
 
 def main(args) -> Optional[dict]:
-    """Train, or with ``--eval-only`` evaluate ``train.init_checkpoint``."""
+    """Train, or with ``--eval-only`` evaluate ``train.init_checkpoint`` (only ``model`` and
+    ``dataloader.test`` / ``evaluator`` are instantiated then: no training data is read)."""
     cfg = setup(args)
     if not args.eval_only:
         train(cfg, resume=args.resume)
@@ -115,21 +130,17 @@ def main(args) -> Optional[dict]:
 
 
 def parser():
-    """Detectron2's standard arguments (``--config-file``, ``--num-gpus``, ``--eval-only``, ...)."""
+    """Detectron2's standard arguments (``--config-file``, ``--num-gpus``, ``--eval-only``, ...)
+    and ``--dist-timeout``, as ``train_net.py``."""
     return default_argument_parser(epilog=__doc__)
 
 
 def cli(argv=None) -> None:
-    """Parse Detectron2's standard arguments and :func:`main` on every process."""
+    """Parse the arguments and run :func:`main` on every process (``nonlocal_det.engine.launch``:
+    the same launch, timeout and errors as ``train_net.py``)."""
     args = parser().parse_args(argv)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    with forward_stop_signals(args.num_gpus):  # the workers stop on SIGTERM..., not this one
+        launch(main, args)
 
 
 if __name__ == "__main__":

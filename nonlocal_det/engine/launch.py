@@ -1,0 +1,130 @@
+"""Starting the processes of a run on one or several machines, for both trainers: Detectron2's
+``default_argument_parser`` plus ``--dist-timeout``, and Detectron2's ``launch`` with that timeout,
+checked arguments, and an error that names the address, the machine and the timeout when the
+processes cannot form their group (a machine that never joins)."""
+
+import argparse
+import sys
+from datetime import timedelta
+
+from detectron2.engine import default_argument_parser as d2_argument_parser
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+__all__ = [
+    "DEFAULT_DIST_TIMEOUT",
+    "DistributedLaunchError",
+    "check_launch_args",
+    "default_argument_parser",
+    "launch",
+]
+
+# Seconds: Detectron2's default timeout of the process group (30 minutes).
+DEFAULT_DIST_TIMEOUT = int(DEFAULT_TIMEOUT.total_seconds())
+
+
+class DistributedLaunchError(RuntimeError):
+    """The processes of a run could not form their process group (e.g. a machine never joined)."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: a number of seconds > 0")
+    return value
+
+
+def default_argument_parser(epilog=None) -> argparse.ArgumentParser:
+    """Detectron2's standard arguments (``--config-file``, ``--num-gpus``, ``--num-machines``,
+    ``--machine-rank``, ``--dist-url``, ``--eval-only``, ``--resume``, ``opts``) and
+    ``--dist-timeout SECONDS``: how long the processes wait for every machine to join (the
+    timeout of the process group, which is also the limit of each collective operation)."""
+    parser = d2_argument_parser(epilog=epilog)
+    parser.add_argument(
+        "--dist-timeout",
+        type=_seconds,
+        default=DEFAULT_DIST_TIMEOUT,
+        metavar="SECONDS",
+        help="with several processes: how long to wait for all machines to join at --dist-url, "
+        "and for each collective operation (default: %(default)s, Detectron2's)",
+    )
+    return parser
+
+
+def check_launch_args(args: argparse.Namespace) -> None:
+    """The launch arguments, checked before any process starts.
+
+    Raises:
+        ValueError: naming the flag, its value and what is allowed.
+    """
+    if args.num_gpus < 1:
+        raise ValueError(f"--num-gpus {args.num_gpus}: allowed: 1 or more processes per machine")
+    if args.num_machines < 1:
+        raise ValueError(f"--num-machines {args.num_machines}: allowed: 1 or more")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise ValueError(
+            f"--machine-rank {args.machine_rank} with --num-machines {args.num_machines}; "
+            f"allowed: 0..{args.num_machines - 1} (0 on the machine of --dist-url)"
+        )
+    if args.num_machines > 1 and not str(args.dist_url).startswith(("tcp://", "file://")):
+        raise ValueError(
+            f"--dist-url {args.dist_url} with --num-machines {args.num_machines}; allowed: "
+            "tcp://ADDRESS:PORT of machine 0 (--machine-rank 0), reachable from every machine"
+        )
+
+
+def _rendezvous_message(args: argparse.Namespace, child_error: str) -> str:
+    lines = [line for line in child_error.strip().splitlines() if line.strip()]
+    said = lines[-1].strip().rstrip(".") if lines else "no error text"
+    n, k, rank = args.num_machines, args.num_gpus, args.machine_rank
+    world = n * k
+    ranks = f"{rank * k}" if k == 1 else f"{rank * k}..{rank * k + k - 1}"
+    where = f"--dist-url {args.dist_url}"
+    return (
+        f"The {world} processes of this run did not all join at {where} within --dist-timeout "
+        f"{args.dist_timeout:g} s. This is machine --machine-rank {rank} of --num-machines {n} "
+        f"(--num-gpus {k}: global rank {ranks} of {world}); torch said: {said}. Check: every machine runs the same command with --num-machines {n}, the same "
+        f"--num-gpus and {where}, and its own --machine-rank (0..{n - 1}, each once); machine 0 "
+        f"is the host of {where}, its address and port are reachable from the others (firewall, "
+        "network interface) and the port is free; jobs that start minutes apart need a larger "
+        "--dist-timeout."
+    )
+
+
+def launch(main_func, args: argparse.Namespace) -> None:
+    """Run ``main_func(args)`` in every process of the run that ``args`` describes (Detectron2's
+    ``launch``: ``--num-gpus`` processes on each of ``--num-machines`` machines, the process group
+    formed at ``--dist-url`` within ``--dist-timeout`` seconds).
+
+    A worker that exits with a status (``sys.exit(n)``, e.g. after a preemption) makes this process
+    exit with the same status.
+
+    Raises:
+        ValueError: a launch argument is out of range (:func:`check_launch_args`).
+        DistributedLaunchError: the process group was not formed in time (a machine that never
+            joins, a wrong address or port): names the address, this machine's rank, the
+            machine count and the timeout, and what to check.
+    """
+    check_launch_args(args)
+    try:
+        d2_launch(
+            main_func,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            timeout=timedelta(seconds=args.dist_timeout),
+        )
+    except ProcessRaisedException as e:
+        if "init_process_group" not in e.msg:  # an error of the run itself: as it is
+            raise
+        raise DistributedLaunchError(_rendezvous_message(args, e.msg)) from None
+    except ProcessExitedException as e:
+        if e.exit_code is None or e.exit_code <= 0:  # killed by a signal
+            raise
+        sys.exit(e.exit_code)
