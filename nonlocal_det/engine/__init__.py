@@ -2,6 +2,7 @@
 
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
+from .resume_state import TrainingResumeState, preserved_rng
 from .solver import clip_each_parameter_norm, optimizer_with_gradient_clipping
 from .trainer import (
     CPUAutocast,
@@ -18,9 +19,11 @@ __all__ = [
     "ImageLoadError",
     "NamedErrorsMapper",
     "NonLocalTrainer",
+    "TrainingResumeState",
     "clip_each_parameter_norm",
     "fall_back_to_cpu",
     "optimizer_with_gradient_clipping",
+    "preserved_rng",
     "share_cpu_threads",
     "trim_metrics_after",
 ]

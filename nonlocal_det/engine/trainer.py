@@ -14,6 +14,10 @@ Each change says which Detectron2 behaviour it works around:
 * ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: "norm"``: Detectron2 clips each parameter's
   gradient with its own ``clip_grad_norm_`` call (123 calls per step in the CPU demo); the same
   clipping in batched ops (:func:`clip_each_parameter_norm`);
+* ``--resume`` continues the data order and the random states where the checkpoint was saved
+  (Detectron2 starts the sampler's sequence again and seeds again from ``SEED``,
+  :class:`TrainingResumeState`); an evaluation during training leaves the random states as they
+  were;
 * data loader errors name the image being loaded (Detectron2's often do not, and come from a
   worker process), and the training datasets are checked again once loaded (class count).
 """
@@ -35,6 +39,7 @@ from torch import nn
 from ..data import check_datasets
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
+from .resume_state import TrainingResumeState, preserved_rng
 from .solver import clip_each_parameter_norm
 
 __all__ = [
@@ -158,8 +163,13 @@ class NonLocalTrainer(DefaultTrainer):
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a plain DetectionCheckpointer right before calling this;
         # replace it before the checkpoint hook takes a reference to it.
+        # resume_state: the random states and the data position (TrainingResumeState)
+        self.resume_state = TrainingResumeState(self._trainer.data_loader)
         self.checkpointer = AtomicCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self._trainer.model,
+            self.cfg.OUTPUT_DIR,
+            trainer=weakref.proxy(self),
+            resume_state=self.resume_state,
         )
         return super().build_hooks()
 
@@ -167,6 +177,8 @@ class NonLocalTrainer(DefaultTrainer):
         """As ``DefaultTrainer.resume_or_load``; when resuming a checkpoint, ``metrics.json`` is
         trimmed back to the checkpoint's iteration first (main process)."""
         super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.resume_state.log_resume()  # the data order continues, or why it restarts
         if resume and self.checkpointer.has_checkpoint() and comm.is_main_process():
             trim_metrics_after(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.iter)
 
@@ -182,6 +194,14 @@ class NonLocalTrainer(DefaultTrainer):
         unclipped.SOLVER.CLIP_GRADIENTS.ENABLED = False
         optimizer = super().build_optimizer(unclipped, model)
         return clip_each_parameter_norm(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test`` that leaves the random states as they were: an evaluation
+        during training does not change the random choices of the iterations after it (and a
+        resumed run makes the same ones as an uninterrupted run)."""
+        with preserved_rng():
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -1,0 +1,105 @@
+"""``--resume`` continues as if training had not stopped: on CPU with a fixed SEED and
+DATALOADER.NUM_WORKERS 0, the losses after resuming from a checkpoint equal, bit for bit, those
+of the same iterations of an uninterrupted run (the checkpoint stores the random states and the
+position in the training data, images waiting in an aspect-ratio bucket included)."""
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from coco_files import write_split
+from detectron2.engine import HookBase
+from subproc import DEMO, TINY, load_train_net
+
+MAX_ITER, PERIOD = 8, 4  # the checkpoint of iteration 3 (model_0000003.pth), then 4..7
+
+
+class _RecordLosses(HookBase):
+    """Each iteration's losses, as the trainer logged them in its storage."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def after_step(self):
+        storage = self.trainer.storage
+        self.losses[self.trainer.iter] = {
+            k: h.latest() for k, h in storage.histories().items() if "loss" in k
+        }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_split(str(tmp_path_factory.mktemp("exact_resume")), "train")
+
+
+def _trainer(data, out, extra=()):
+    train_net = load_train_net()
+    opts = ["DATASETS.TRAIN_JSON", data["json"], "DATASETS.TRAIN_IMAGES", data["images"], *TINY]
+    opts += ["DATASETS.TEST", "()", "SEED", "2", "SOLVER.MAX_ITER", str(MAX_ITER)]
+    opts += ["SOLVER.CHECKPOINT_PERIOD", str(PERIOD), "OUTPUT_DIR", str(out), *extra]
+    args = train_net.default_argument_parser().parse_args(["--config-file", DEMO, *opts])
+    trainer = train_net.Trainer(train_net.setup(args))  # setup seeds every RNG from SEED
+    recorder = _RecordLosses()
+    trainer.register_hooks([recorder])
+    return trainer, recorder
+
+
+def _resume_from(checkpoint, data, out, *, drop_state=False):
+    """Train iterations PERIOD..MAX_ITER-1 resuming from a copy of ``checkpoint`` in ``out``
+    (as after a stop right after it was saved); ``drop_state``: as an older checkpoint."""
+    os.makedirs(out)
+    name = os.path.basename(checkpoint)
+    if drop_state:
+        ckpt = torch.load(checkpoint, weights_only=True)
+        del ckpt["resume_state"]
+        torch.save(ckpt, out / name)
+    else:
+        shutil.copy(checkpoint, out / name)
+    (out / "last_checkpoint").write_text(name)
+    trainer, recorder = _trainer(data, out)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == PERIOD
+    trainer.train()
+    return recorder.losses
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("uninterrupted")
+    trainer, recorder = _trainer(data, out)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert sorted(recorder.losses) == list(range(MAX_ITER))
+    return out / f"model_{PERIOD - 1:07d}.pth", recorder.losses
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_losses(data, uninterrupted, tmp_path, caplog):
+    checkpoint, expected = uninterrupted
+    state = torch.load(checkpoint, weights_only=True)["resume_state"]
+    # the checkpoint was taken with images waiting in a bucket (the path that loads them again)
+    assert state["data"]["waiting"] and state["data"]["position"] > PERIOD * 2
+    with caplog.at_level(logging.INFO, logger="nonlocal_det"):
+        resumed = _resume_from(checkpoint, data, tmp_path / "resumed")
+    assert "the data order continues at position" in caplog.text
+    assert sorted(resumed) == list(range(PERIOD, MAX_ITER))
+    assert set(resumed[PERIOD]) >= {"total_loss", "loss_cls", "loss_mask", "loss_keypoint"}
+    for it in range(PERIOD, MAX_ITER):
+        assert resumed[it] == expected[it], it  # bit for bit, every loss
+
+
+@pytest.mark.slow
+def test_checkpoint_without_state_resumes_with_data_order_restarted(
+    data, uninterrupted, tmp_path, caplog
+):
+    checkpoint, expected = uninterrupted
+    with caplog.at_level(logging.INFO, logger="nonlocal_det"):
+        resumed = _resume_from(checkpoint, data, tmp_path / "old", drop_state=True)
+    assert "holds no data position or random state" in caplog.text
+    assert "the data order restarts" in caplog.text
+    assert sorted(resumed) == list(range(PERIOD, MAX_ITER))
+    # as Detectron2 alone resumes: other images and random choices, other losses
+    assert all(resumed[it]["total_loss"] != expected[it]["total_loss"] for it in resumed)
