@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from utils import REPO
 
-from nonlocal_det.engine import AtomicCheckpointer, trim_metrics_after
+from detectron2.checkpoint import DetectionCheckpointer
+
+from nonlocal_det.engine import AtomicCheckpointer, CheckpointError, trim_metrics_after
 from nonlocal_det.engine.metrics import INTERRUPTED_SUFFIX
 from nonlocal_det.utils import atomic_open, atomic_write_bytes, remove_stale_temp_files
 
@@ -47,9 +49,9 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", failing_save)
     with torch.no_grad():
         model.weight.add_(1.0)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left"):
         ckpt.save("model_0000019")
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError):
         ckpt.save("model_0000009")  # overwriting the file the tag names
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
@@ -112,11 +114,11 @@ def _killed_save(save_dir, kind, where):
     assert proc.returncode == -9, proc.stderr[-3000:]  # killed by SIGKILL, not an error
 
 
-def _resume(save_dir):
+def _resume(save_dir, checkpointer=AtomicCheckpointer):
     torch.manual_seed(0)
     model = nn.Linear(64, 64)
     expected = model.weight.detach().clone()
-    AtomicCheckpointer(model, str(save_dir)).resume_or_load("", resume=True)
+    checkpointer(model, str(save_dir)).resume_or_load("", resume=True)
     return torch.equal(model.weight, expected)
 
 
@@ -126,7 +128,7 @@ def test_sigkill_during_save(tmp_path, where):
     plain = tmp_path / "plain"
     _killed_save(plain, "plain", where)
     with pytest.raises(Exception):
-        _resume(plain)
+        _resume(plain, DetectionCheckpointer)
     # the atomic one: the previous checkpoint, whole, still named by last_checkpoint
     atomic = tmp_path / "atomic"
     _killed_save(atomic, "atomic", where)

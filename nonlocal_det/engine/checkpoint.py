@@ -1,53 +1,639 @@
-"""A ``DetectionCheckpointer`` whose checkpoints and ``last_checkpoint`` tag are written
-atomically.
+"""A ``DetectionCheckpointer`` that writes atomically, names the file in every error, resumes
+past unreadable checkpoints, and stops cleanly when a save fails.
 
 Detectron2 (through fvcore) writes ``model_XXXXXXX.pth`` in place and then rewrites the
 ``last_checkpoint`` tag in place. A process killed during either write leaves a truncated file:
 a truncated ``last_checkpoint`` makes ``--resume`` fail, and a truncated checkpoint that the tag
 already names (``model_final.pth`` saved again by a resumed run) is lost. Here both go through
 :func:`nonlocal_det.utils.atomic_open`: a kill leaves the previous tag and the file it names.
+
+Loading: a file that is empty, truncated, not a checkpoint, or an mmdetection checkpoint raises
+:class:`CheckpointError` naming the file, what it is and what to do (torch alone says
+``EOFError`` or ``Weights only load failed ... Unsupported operand``, without the file).
+Resuming skips an unreadable newest checkpoint (or a bad ``last_checkpoint`` tag) for the newest
+readable ``model_*.pth``, and stops when the folder holds checkpoints but none is readable.
+Saving: a failed write (a full disk) leaves the previous checkpoint and the tag as they were,
+removes the temporary file, and raises :class:`CheckpointError` with the folder, the space needed
+and the space free; the trainer's final evaluation is skipped.
 """
 
+import contextlib
+import errno
+import glob
+import json
 import logging
+import mmap
 import os
-from typing import Any
+import pickle
+import re
+import shutil
+import struct
+import zipfile
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..utils.atomic import atomic_open, remove_stale_temp_files
 
-__all__ = ["AtomicCheckpointer"]
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointError",
+    "check_weights_file",
+    "describe_unreadable",
+    "skip_final_evaluation",
+]
 
 logger = logging.getLogger(__name__)
+
+_CHECKPOINT_NAME = re.compile(r"model_(\d+|final)\.pth")
+# Name prefixes of mmdetection's detectors (Detectron2's are backbone.bottom_up., roi_heads., ...)
+_MMDET_PREFIXES = (
+    "backbone.layer",
+    "backbone.conv1.",
+    "backbone.bn1.",
+    "neck.",
+    "rpn_head.",
+    "roi_head.",
+    "bbox_head.",
+)
+_MMDET_CONFIGS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "mmdet"
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded or saved. The message names the file, what is wrong and
+    what to do; ``path`` is the file and ``reason`` what is wrong with it (without advice)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.path = path
+        self.reason = reason or message
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{int(n)} bytes"
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" + (f" ({_mb(n)})" if n >= 2**20 else "")
+
+
+def _descriptor_end(mm, start: int) -> int:
+    """The end of the data descriptor (``PK\\x07\\x08``, crc, sizes) of an entry whose data begin
+    at ``start``, found by its compressed size; -1 when the file ends before it."""
+    pos = start
+    while True:
+        pos = mm.find(b"PK\x07\x08", pos)
+        if pos < 0:
+            return -1
+        for fmt, length in (("<I", 16), ("<Q", 24)):  # zip, zip64
+            width = struct.calcsize(fmt)
+            field = mm[pos + 8 : pos + 8 + width]
+            if len(field) == width and struct.unpack(fmt, field)[0] == pos - start:
+                return pos + length
+        pos += 1
+
+
+def _zip_end(path: str, size: int) -> str:
+    """Where a zip archive without its directory ends: the entry it stops in."""
+    offset, last = 0, None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        while offset + 30 <= size and mm[offset : offset + 4] == b"PK\x03\x04":
+            flags, csize, nlen, elen = struct.unpack("<6xH10xI4xHH", mm[offset : offset + 30])
+            name = mm[offset + 30 : offset + 30 + nlen].decode("utf-8", "replace")
+            start = offset + 30 + nlen + elen
+            end = _descriptor_end(mm, start) if flags & 0x08 else start + csize
+            if start > size:
+                return f"it ends in the header of entry {name!r}"
+            if end < 0 or end > size:
+                return f"it ends inside entry {name!r}, {size - start} bytes into its data"
+            last, offset = name, end
+    return f"it ends after entry {last!r}" if last else ""
+
+
+def _looks_like(path: str, size: int) -> str:
+    """What a file that is neither a zip nor a pickle is: a JSON file, text, or bytes."""
+    with open(path, "rb") as f:
+        head = f.read(min(size, 4096))
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        if text.lstrip()[:1] in ("{", "["):
+            with contextlib.suppress(ValueError, OSError):
+                if size <= 2**24:
+                    with open(path, encoding="utf-8") as f:
+                        json.load(f)
+                    return "a JSON file"
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"a text file (it starts with {first!r})"
+    return f"binary data of an unknown format (its first bytes are {head[:8].hex(' ')})"
+
+
+def describe_unreadable(path: str, error: Optional[BaseException] = None) -> str:
+    """What is wrong with a checkpoint file: "it is empty (0 bytes)", "it is truncated: ...
+    (where it ends)", "it is not a PyTorch or pickle checkpoint: a JSON file", ...
+
+    Args:
+        path: a local file.
+        error: what loading it raised; None to check the file before loading it (then "" for a
+            file that looks whole: a complete zip archive, a pickle, or any ``.pkl``).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    message = f"{type(error).__name__}: {error}".splitlines()[0][:300] if error else ""
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            where = _zip_end(path, size)
+            return (
+                f"it is truncated: {_size(size)}, {where + ', ' if where else ''}"
+                "the rest and the archive's directory (written last) are missing"
+            )
+        if not any(n.endswith("data.pkl") for n in names):
+            return "it is a zip archive, not a PyTorch checkpoint (no data.pkl inside)"
+        return message
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # a pickle: Detectron2's .pkl, torch's legacy
+        truncated = isinstance(error, EOFError) or re.search(
+            r"truncated|unexpected EOF|Ran out of input", message, re.I
+        )
+        if truncated:
+            return f"it is truncated: {_size(size)} ({message})"
+        return message
+    if error is None and path.endswith(".pkl"):
+        return ""  # old pickle protocols of Detectron1's files: left to the unpickler
+    if error is None or isinstance(error, (pickle.UnpicklingError, EOFError, KeyError)):
+        return f"it is not a PyTorch or pickle checkpoint: {_looks_like(path, size)}"
+    return message
+
+
+def _refused_global(error: BaseException) -> str:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return found[1] if found else ""
+
+
+def _what_to_do(key: str) -> str:
+    return (
+        f"{key} must name a Detectron2 checkpoint: a .pth written by train_net.py or "
+        "lazy_train, a Detectron2 model-zoo .pkl, or a detectron2:// URL"
+    )
+
+
+def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> None:
+    """Check a local weights file before any training work: it exists, is not empty or
+    truncated, and is a PyTorch / pickle file; remote paths (``scheme://``) and "" pass.
+
+    Raises:
+        CheckpointError: naming ``key``, the file, what it is and what to do.
+    """
+    if not path or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{key}={path}: no such file", path, "no such file")
+    reason = describe_unreadable(path)
+    if reason:
+        raise CheckpointError(
+            f"{key}={path}: cannot be loaded: {reason}. {_advice(reason, key)}", path, reason
+        )
+
+
+def _advice(reason: str, key: str) -> str:
+    if "truncated" in reason or "empty" in reason:
+        return f"Copy or download it again, or set {key} to another checkpoint"
+    return _what_to_do(key) + "."
+
+
+# ----- mmdetection checkpoints --------------------------------------------------------------
+
+
+def _mmdet_parts(loaded: Any) -> Tuple[Optional[Dict[str, Any]], dict]:
+    """(state dict, meta) of an mmdetection checkpoint (``state_dict`` + ``meta``, or a bare
+    state dict with mmdetection's names, as Detectron2's loader returns them: under "model"),
+    or (None, {})."""
+    if not isinstance(loaded, Mapping):
+        return None, {}
+    if isinstance(loaded.get("model"), Mapping) and "state_dict" in loaded["model"]:
+        loaded = loaded["model"]
+    meta = loaded.get("meta") if isinstance(loaded.get("meta"), dict) else {}
+    return _mmdet_state(loaded), meta
+
+
+def _mmdet_state(loaded: Mapping) -> Optional[Dict[str, Any]]:
+    state = loaded.get("state_dict", loaded.get("model", loaded))
+    if not isinstance(state, Mapping) or not state:
+        return None
+    keys = [k[7:] if k.startswith("module.") else k for k in state if isinstance(k, str)]
+    ours = sum(k.startswith(_MMDET_PREFIXES) for k in keys)
+    if ours * 2 < len(keys) or not any(k.startswith("backbone.") for k in keys):
+        return None
+    return {k: v for k, v in zip(keys, state.values())}
+
+
+def _mmdet_model(meta: dict, layout) -> str:
+    """``Mask R-CNN, ResNet-50-FPN with GC blocks`` from the layout (and the config's model type)."""
+    head = "Mask R-CNN" if layout.mask_on else "Faster R-CNN"
+    x = f"ResNeXt-{layout.depth}-{layout.num_groups}x{layout.width_per_group}d"
+    net = f"ResNet-{layout.depth}" if layout.num_groups == 1 else x
+    blocks = {"context_block": "GC blocks", "gen_attention_block": "generalized attention"}
+    extra = f" with {blocks.get(layout.plugin_kind, layout.plugin_kind)}" if layout.plugin_kind else ""
+    return f"{head}, {net}-FPN{extra}"
+
+
+def _matching_configs(state, meta) -> Tuple[List[str], str]:
+    """The configs of ``configs/mmdet`` that compute what the checkpoint computes (their
+    settings, then their model's tensor names and shapes), and the model's description."""
+    from ..config import get_nonlocal_cfg
+    from ..from_mmdet import UnsupportedCheckpoint, config_mismatches, mmdet_settings, read_layout
+    from ..utils import read_config_text
+
+    layout = read_layout(state)
+    text = meta.get("config") or meta.get("cfg")
+    config = read_config_text(text) if isinstance(text, str) and text.strip() else None
+    description = _mmdet_model(meta, layout)
+    if config is None:
+        return [], description + " (no training config inside)"
+    settings, _ = mmdet_settings(layout, config, version=meta.get("mmdet_version"))
+    if not os.path.isdir(_MMDET_CONFIGS):
+        return [], description
+    from ..tools.convert_mmdet import convert_checkpoint
+
+    found = []
+    for name in sorted(os.listdir(_MMDET_CONFIGS)):
+        path = os.path.join(_MMDET_CONFIGS, name)
+        if name.startswith("Base") or not name.endswith(".yaml"):
+            continue
+        if config_mismatches(get_nonlocal_cfg(path), settings):
+            continue
+        with contextlib.suppress(UnsupportedCheckpoint):
+            convert_checkpoint(state, meta, path)  # the model takes every tensor, shape for shape
+            found.append(path)
+    return found, description
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
+
+
+def _mmdet_error(path: str, key: str, state: Optional[dict], meta: dict, unsafe: str = ""):
+    """The :class:`CheckpointError` for an mmdetection checkpoint, with the command that converts
+    it (and the config of ``configs/mmdet`` that matches it, where one does)."""
+    from ..from_mmdet import UnsupportedCheckpoint
+
+    version = meta.get("mmdet_version")
+    what = "an mmdetection checkpoint" + (f" (mmdetection {version})" if version else "")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(os.path.dirname(path) or ".", f"{stem}_detectron2.pth")
+    command = f"python -m nonlocal_det.tools.convert_mmdet {path} {out}"
+    configs, note = [], ""
+    if state is not None:
+        try:
+            configs, model = _matching_configs(state, meta)
+            what += f" of a {model}"
+        except UnsupportedCheckpoint as e:
+            note = f" (convert_mmdet refuses it: {e})"
+        except Exception as e:  # the advice must not hide the error it explains
+            logger.debug(f"mmdetection checkpoint {path}: no config match: {e!r}")
+    if configs:
+        config = _shown(configs[0])
+        command += f" --config-file {config}"
+        then = f"then evaluate or train with --config-file {config} {key} {out}"
+    else:
+        command += f" --write-config {stem}_detectron2.yaml"
+        then = f"then use the written config with {key} {out}"
+    if unsafe:
+        command += " --unsafe-load"
+    reason = f"it is {what}, not a Detectron2 checkpoint{note}"
+    return CheckpointError(
+        f"{key}={path}: {reason}. Convert it first:\n    {command}\n{then}", path, reason
+    )
+
+
+# ----- saving ---------------------------------------------------------------------------------
+
+
+class _CountingWriter:
+    """A binary file that counts the bytes written and keeps the first error of a write."""
+
+    def __init__(self, f):
+        self._f = f
+        self.written = 0
+        self.error: Optional[BaseException] = None
+
+    def write(self, data) -> int:
+        try:
+            n = self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.written += len(data) if n is None else n
+        return n
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 class _AtomicWrites:
     """A path manager that opens local files for writing with :func:`atomic_open`; every other
-    call goes to the wrapped path manager (Detectron2's ``PathManager``)."""
+    call goes to the wrapped path manager (Detectron2's ``PathManager``). ``last_write`` is the
+    :class:`_CountingWriter` of the latest binary write."""
 
     def __init__(self, path_manager: Any):
         self._pm = path_manager
+        self.last_write: Optional[_CountingWriter] = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pm, name)
 
     def open(self, path: str, mode: str = "r", **kwargs: Any):
         if "w" in mode and "://" not in str(path):
-            return atomic_open(path, mode, **kwargs)
+            return self._atomic(path, mode, **kwargs)
         return self._pm.open(path, mode, **kwargs)
+
+    @contextlib.contextmanager
+    def _atomic(self, path: str, mode: str, **kwargs: Any):
+        with atomic_open(path, mode, **kwargs) as f:
+            if "b" not in mode:
+                yield f
+                return
+            self.last_write = _CountingWriter(f)
+            yield self.last_write
+
+
+def _os_error(error: BaseException, recorded: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind a failed save: the one a write raised, or one in the chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return recorded if isinstance(recorded, OSError) else None
+
+
+def skip_final_evaluation(trainer: Any) -> None:
+    """Drop the trainer's hooks whose ``after_train`` evaluates or saves again (``EvalHook``,
+    ``PeriodicCheckpointer``, ``BestCheckpointer``): Detectron2's training loop runs
+    ``after_train`` even when it stops with an error, and ``EvalHook`` evaluates there when the
+    error came at the last iteration."""
+    from detectron2.engine import hooks
+
+    if trainer is None or not hasattr(trainer, "_hooks"):
+        return
+    stop = (hooks.PeriodicCheckpointer, hooks.EvalHook, hooks.BestCheckpointer)
+    trainer._hooks = [h for h in trainer._hooks if not isinstance(h, stop)]
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with atomic writes of checkpoints and of ``last_checkpoint``.
+    """``DetectionCheckpointer`` with atomic writes, named load errors, resuming past unreadable
+    checkpoints, and a clean stop when a save fails (see the module docstring).
 
-    Same arguments as ``DetectionCheckpointer``. On construction, a process that saves
-    (``save_to_disk``) deletes temporary files that a killed predecessor left in ``save_dir``.
-    Remote paths (``scheme://``) are written as Detectron2 writes them.
+    Same arguments as ``DetectionCheckpointer``, plus ``weights_key``: the config key that names
+    the weights, used in error messages ("MODEL.WEIGHTS", "train.init_checkpoint"). On
+    construction, a process that saves (``save_to_disk``) deletes temporary files that a killed
+    predecessor left in ``save_dir``. Remote paths (``scheme://``) are written as Detectron2
+    writes them.
     """
 
-    def __init__(self, model, save_dir: str = "", *, save_to_disk=None, **checkpointables):
+    def __init__(
+        self,
+        model,
+        save_dir: str = "",
+        *,
+        save_to_disk=None,
+        weights_key: str = "MODEL.WEIGHTS",
+        **checkpointables,
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.path_manager = _AtomicWrites(self.path_manager)
+        self.weights_key = weights_key
+        self._key = weights_key  # the name of the file being loaded, in messages
+        self._resumed: Optional[bool] = None  # whether resume_or_load resumed a checkpoint
+        self._resumed_file = ""  # the file it resumed, until the next save
         if self.save_to_disk and save_dir and os.path.isdir(save_dir):
             for path in remove_stale_temp_files(save_dir):
                 logger.info(f"Removed {path}, left by an interrupted save")
+
+    # ----- loading
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        """As Detectron2's, with :class:`CheckpointError` for a file that is empty, truncated,
+        not a checkpoint, or an mmdetection checkpoint."""
+        key = self._key
+        try:
+            loaded = super()._load_file(filename)
+        except Exception as e:
+            if isinstance(e, (AssertionError, ValueError)) and "query" in str(e):
+                raise
+            refused = _refused_global(e)
+            if refused.split(".")[0] in ("mmengine", "mmcv", "mmdet"):
+                raise _mmdet_error(filename, key, None, {}, unsafe=refused) from e
+            reason = describe_unreadable(filename, e)
+            if refused and not reason.startswith("it is"):
+                reason = (
+                    f"it holds Python objects ({refused}) that torch.load refuses to unpickle "
+                    "(weights_only=True): not a checkpoint of Detectron2 or this project"
+                )
+                advice = (
+                    "If you trust the file, load it with torch.load(..., weights_only=False) and "
+                    "save {'model': <its state dict>} with torch.save; then set "
+                    f"{key} to that file"
+                )
+            else:
+                advice = _advice(reason, key)
+            raise CheckpointError(
+                f"{key}={filename}: cannot be loaded: {reason}. {advice}", filename, reason
+            ) from e
+        model = loaded.get("model") if isinstance(loaded, Mapping) else None
+        if not isinstance(model, Mapping):
+            reason = f"it holds a {type(model).__name__}, not a state dict"
+            raise CheckpointError(
+                f"{key}={filename}: cannot be loaded: {reason}. {_what_to_do(key)}.",
+                filename,
+                reason,
+            )
+        own = self.model.state_dict()
+        state, meta = _mmdet_parts(loaded)
+        if state is not None and not any(k in own for k in state):
+            raise _mmdet_error(filename, key, state, meta)
+        return loaded
+
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        """As Detectron2's; a missing local file raises :class:`CheckpointError` naming it."""
+        if path and "://" not in path and not os.path.isfile(path):
+            raise CheckpointError(f"{self._key}={path}: no such file", path, "no such file")
+        return super().load(path, *args, **kwargs)
+
+    # ----- resuming
+
+    def has_checkpoint(self) -> bool:
+        """After :meth:`resume_or_load` with ``resume=True``: whether it resumed a checkpoint;
+        before: whether ``last_checkpoint`` exists (Detectron2's answer)."""
+        if self._resumed is not None:
+            return self._resumed
+        return super().has_checkpoint()
+
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint :meth:`resume_or_load` resumed (until the next save), else the file
+        ``last_checkpoint`` names (Detectron2's answer)."""
+        return self._resumed_file or super().get_checkpoint_file()
+
+    def _resume_candidates(self) -> Tuple[List[str], List[Tuple[str, str]]]:
+        """The checkpoints to try, best first (the one ``last_checkpoint`` names, then every
+        ``model_*.pth``, newest first), and what is wrong with the tag."""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        problems, tagged = [], None
+        if os.path.isfile(tag):
+            with open(tag, "rb") as f:
+                raw = f.read()
+            try:
+                name = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                problems.append((tag, f"it is garbled ({len(raw)} bytes, not a file name)"))
+            else:
+                if not name:
+                    problems.append((tag, "it is empty"))
+                elif not os.path.isfile(os.path.join(self.save_dir, name)):
+                    problems.append((tag, f"it names {name}, which does not exist"))
+                else:
+                    tagged = os.path.join(self.save_dir, name)
+
+        def newest_first(path: str):
+            number = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))[1]
+            return os.path.getmtime(path), float("inf") if number == "final" else int(number)
+
+        found = [
+            p
+            for p in glob.glob(os.path.join(glob.escape(self.save_dir), "model_*.pth"))
+            if _CHECKPOINT_NAME.fullmatch(os.path.basename(p)) and os.path.isfile(p)
+        ]
+        found.sort(key=newest_first, reverse=True)
+        rest = [p for p in found if tagged is None or not os.path.samefile(p, tagged)]
+        return ([tagged] if tagged else []) + rest, problems
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """As Detectron2's, resuming past what cannot be read.
+
+        With ``resume``: the checkpoint ``last_checkpoint`` names, else (the tag empty, garbled,
+        naming a missing file, or the file unreadable) the newest readable ``model_*.pth`` of
+        ``save_dir``, each skipped file and why logged as a warning. Without any checkpoint
+        there, ``path`` is loaded (model only) as in Detectron2.
+
+        Raises:
+            CheckpointError: the folder holds checkpoints and none is readable (each listed with
+                the reason), or ``path`` cannot be loaded.
+        """
+        if not resume or not self.save_dir or "://" in self.save_dir:
+            self._resumed = None if resume else False
+            if resume:
+                return super().resume_or_load(path, resume=True)
+            return self.load(path, checkpointables=[])
+        candidates, rejected = self._resume_candidates()
+        for file in candidates:
+            self._key = "the checkpoint to resume"
+            try:
+                result = self.load(file)
+            except CheckpointError as e:
+                rejected.append((file, e.reason))
+                continue
+            finally:
+                self._key = self.weights_key
+            for skipped, why in rejected:
+                logger.warning(f"--resume: skipped {skipped}: {why}")
+            if rejected:
+                logger.warning(f"--resume: resumed from {file} instead")
+            self._resumed, self._resumed_file = True, file
+            return result
+        if candidates:
+            listing = "".join(f"\n  {f}: {why}" for f, why in rejected)
+            raise CheckpointError(
+                f"--resume: no checkpoint in {self.save_dir} can be read:{listing}\nCopy a "
+                "readable checkpoint there (and its name into last_checkpoint), or train into "
+                "another OUTPUT_DIR to start afresh",
+                self.save_dir,
+                "no readable checkpoint",
+            )
+        for file, why in rejected:
+            logger.warning(
+                f"--resume: {file}: {why}, and {self.save_dir} holds no model_*.pth: starting "
+                f"from {self.weights_key}={path or '(none)'}"
+            )
+        self._resumed = False
+        return self.load(path, checkpointables=[])
+
+    # ----- saving
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """As Detectron2's. A failed write raises :class:`CheckpointError` naming the folder,
+        the space needed and free; the previous checkpoint and ``last_checkpoint`` are left as
+        they were, the temporary file is removed, and the trainer's final evaluation is
+        skipped."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        previous = previous if previous and os.path.isfile(previous) else ""
+        size = os.path.getsize(previous) if previous else 0
+        self.path_manager.last_write = None
+        try:
+            super().save(name, **kwargs)
+        except Exception as e:
+            skip_final_evaluation(self.checkpointables.get("trainer"))
+            raise self._save_error(f"{name}.pth", previous, size, e) from e
+        self._resumed, self._resumed_file = None, ""  # last_checkpoint names the new file
+
+    def _save_error(self, file: str, previous: str, size: int, error: Exception):
+        writer = self.path_manager.last_write
+        written = writer.written if writer is not None else 0
+        os_error = _os_error(error, writer.error if writer is not None else None)
+        folder = os.path.abspath(self.save_dir)
+        kept = (
+            f"{os.path.basename(previous)} and last_checkpoint are intact: --resume continues "
+            f"from {os.path.basename(previous)}"
+            if previous
+            else "no earlier checkpoint of this run exists"
+        )
+        if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = 0
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(folder).free
+            need = max(size, written)
+            estimate = (
+                f"a checkpoint of this run takes {_mb(size)} ({os.path.basename(previous)})"
+                if size
+                else f"at least {_mb(written)}"
+            )
+            reason = (
+                f"no space left on the device of {folder}: {_mb(written)} were written before "
+                f"the failure; {estimate}, {_mb(free)} are free ({os_error.strerror})"
+            )
+            todo = (
+                f"Free at least {_mb(max(need - free, 0) + 2**20)} there (or set OUTPUT_DIR "
+                "to another disk), then rerun with --resume"
+            )
+        else:
+            what = os_error if os_error is not None else error
+            reason = f"{type(what).__name__}: {what}".splitlines()[0]
+            todo = "Fix the cause, then rerun with --resume"
+        return CheckpointError(
+            f"cannot save checkpoint {file} in {folder}: {reason}. The partial file was removed; "
+            f"{kept}. The training stopped. {todo}",
+            os.path.join(folder, file),
+            reason,
+        )
