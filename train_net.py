@@ -23,7 +23,6 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
@@ -37,7 +36,9 @@ from nonlocal_det.data import (
     register_datasets_for_config,
 )
 from nonlocal_det.engine import (
+    AtomicCheckpointer,
     NonLocalTrainer,
+    check_weights_file,
     fall_back_to_cpu,
     forward_stop_signals,
     share_cpu_threads,
@@ -87,9 +88,11 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    # MODEL.WEIGHTS empty, truncated, not a checkpoint, from mmdetection: named before any work
+    check_weights_file(cfg.MODEL.WEIGHTS, resume_from=cfg.OUTPUT_DIR if args.resume else "")
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, save_to_disk=False).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

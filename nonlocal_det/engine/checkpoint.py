@@ -188,13 +188,24 @@ def _what_to_do(key: str) -> str:
     )
 
 
-def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> None:
+def check_weights_file(path: str, key: str = "MODEL.WEIGHTS", *, resume_from: str = "") -> None:
     """Check a local weights file before any training work: it exists, is not empty or
     truncated, and is a PyTorch / pickle file; remote paths (``scheme://``) and "" pass.
+
+    Args:
+        path: the weights file.
+        key: its config key, for the message.
+        resume_from: with ``--resume``, the output folder: when it holds checkpoints, ``path``
+            is not loaded, and not checked.
 
     Raises:
         CheckpointError: naming ``key``, the file, what it is and what to do.
     """
+    if resume_from and (
+        os.path.exists(os.path.join(resume_from, "last_checkpoint"))
+        or glob.glob(os.path.join(glob.escape(resume_from), "model_*.pth"))
+    ):
+        return
     if not path or "://" in path:
         return
     if not os.path.isfile(path):
@@ -204,6 +215,33 @@ def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> None:
         raise CheckpointError(
             f"{key}={path}: cannot be loaded: {reason}. {_advice(reason, key)}", path, reason
         )
+    if _names_mmdet_tensors(path):  # then read it whole, for the model and the config inside
+        try:
+            loaded = torch.load(path, map_location="cpu")
+        except Exception as e:
+            refused = _refused_global(e)
+            if refused.split(".")[0] in ("mmengine", "mmcv", "mmdet"):
+                raise _mmdet_error(path, key, None, {}, unsafe=refused) from e
+            return  # the loader names what is wrong
+        state, meta = _mmdet_parts(loaded)
+        if state is not None:
+            raise _mmdet_error(path, key, state, meta)
+
+
+def _names_mmdet_tensors(path: str) -> bool:
+    """Whether the pickled part of a checkpoint names mmdetection's tensors (read without
+    unpickling: the zip's data.pkl, or the first 16 MB of a legacy file)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                text = z.read(name)
+        else:
+            with open(path, "rb") as f:
+                text = f.read(2**24)
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return False
+    return b"backbone.layer1." in text and b"backbone.bottom_up." not in text
 
 
 def _advice(reason: str, key: str) -> str:
