@@ -23,14 +23,13 @@ import logging
 from typing import Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from ..engine.checkpoint import AtomicCheckpointer
+from ..engine.checkpoint import AtomicCheckpointer, check_weights_file
 from ..engine.launch import default_argument_parser, launch
 from ..engine.preemption import (
     DEFAULT_STOP_SIGNALS,
@@ -86,7 +85,9 @@ def train(cfg, resume: bool = False) -> None:
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_class(model, data, optimizer)
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = AtomicCheckpointer(
+        model, cfg.train.output_dir, weights_key="train.init_checkpoint", trainer=trainer
+    )
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -120,12 +121,15 @@ def main(args) -> Optional[dict]:
     """Train, or with ``--eval-only`` evaluate ``train.init_checkpoint`` (only ``model`` and
     ``dataloader.test`` / ``evaluator`` are instantiated then: no training data is read)."""
     cfg = setup(args)
+    # train.init_checkpoint empty, truncated, not a checkpoint, from mmdetection: named at once
+    resume_from = cfg.train.output_dir if args.resume and not args.eval_only else ""
+    check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint", resume_from=resume_from)
     if not args.eval_only:
         train(cfg, resume=args.resume)
         return None
     model = instantiate(cfg.model).to(cfg.train.device)
     model = create_ddp_model(model)
-    DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    AtomicCheckpointer(model, weights_key="train.init_checkpoint").load(cfg.train.init_checkpoint)
     return evaluate(cfg, model)
 
 
