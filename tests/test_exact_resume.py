@@ -103,3 +103,43 @@ def test_checkpoint_without_state_resumes_with_data_order_restarted(
     assert sorted(resumed) == list(range(PERIOD, MAX_ITER))
     # as Detectron2 alone resumes: other images and random choices, other losses
     assert all(resumed[it]["total_loss"] != expected[it]["total_loss"] for it in resumed)
+
+
+def _lazy_losses(out, resume, monkeypatch):
+    """Train the LazyConfig demo (batch 2, no evaluation) for MAX_ITER iterations, checkpoints
+    every PERIOD; returns each iteration's losses as the trainer put them in its storage."""
+    from detectron2.engine import SimpleTrainer
+
+    from nonlocal_det.tools import lazy_train
+
+    losses, run_step = {}, SimpleTrainer.run_step
+
+    def recorded_run_step(self):
+        run_step(self)
+        histories = self.storage.histories().items()
+        losses[self.iter] = {k: h.latest() for k, h in histories if "loss" in k}
+
+    demo = os.path.join(os.path.dirname(DEMO), os.pardir, "lazy", "mask_rcnn_R18_NL_demo.py")
+    argv = ["--config-file", demo, *(["--resume"] if resume else [])]
+    argv += [f"train.max_iter={MAX_ITER}", f"train.checkpointer.period={PERIOD}"]
+    argv += ["train.eval_period=0", "train.seed=2", "dataloader.train.total_batch_size=2"]
+    cfg = lazy_train.setup(lazy_train.parser().parse_args([*argv, f"train.output_dir={out}"]))
+    del cfg.dataloader["evaluator"]  # no evaluation after training
+    with monkeypatch.context() as patch:
+        patch.setattr(SimpleTrainer, "run_step", recorded_run_step)
+        lazy_train.train(cfg, resume=resume)
+    return losses
+
+
+@pytest.mark.slow
+def test_lazy_trainer_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    expected = _lazy_losses(tmp_path / "a", False, monkeypatch)
+    name = f"model_{PERIOD - 1:07d}.pth"
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
+    (tmp_path / "b" / "last_checkpoint").write_text(name)
+    resumed = _lazy_losses(tmp_path / "b", True, monkeypatch)
+    assert sorted(resumed) == list(range(PERIOD, MAX_ITER))
+    assert "loss_keypoint" in resumed[PERIOD]
+    assert all(resumed[it] == expected[it] for it in resumed), (resumed, expected)

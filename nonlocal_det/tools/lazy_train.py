@@ -31,6 +31,7 @@ from detectron2.utils import comm
 
 from ..engine.checkpoint import AtomicCheckpointer, check_weights_file
 from ..engine.launch import default_argument_parser, launch
+from ..engine.resume_state import TrainingResumeState, preserved_rng
 from ..engine.preemption import (
     DEFAULT_STOP_SIGNALS,
     SafeStop,
@@ -66,9 +67,10 @@ def evaluate(cfg, model) -> Optional[dict]:
     """Run ``dataloader.evaluator`` on ``dataloader.test``; None if the config has no evaluator."""
     if "evaluator" not in cfg.dataloader:
         return None
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    with preserved_rng():  # during training: the random choices after it as without it
+        results = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -82,11 +84,16 @@ def train(cfg, resume: bool = False) -> None:
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     data = instantiate(cfg.dataloader.train)
+    resume_state = TrainingResumeState(data)  # checkpoints store the data position and RNGs
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_class(model, data, optimizer)
     checkpointer = AtomicCheckpointer(
-        model, cfg.train.output_dir, weights_key="train.init_checkpoint", trainer=trainer
+        model,
+        cfg.train.output_dir,
+        weights_key="train.init_checkpoint",
+        trainer=trainer,
+        resume_state=resume_state,
     )
     main_process = comm.is_main_process()
     trainer.register_hooks(
@@ -114,6 +121,8 @@ def train(cfg, resume: bool = False) -> None:
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     # A checkpoint stores the iteration that just finished.
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    if start_iter:
+        resume_state.log_resume()  # the data order continues, or why it restarts
     trainer.train(start_iter, cfg.train.max_iter)
 
 
