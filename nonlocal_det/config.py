@@ -10,8 +10,9 @@ __all__ = ["ConfigKeyError", "add_nonlocal_config", "get_nonlocal_cfg"]
 def add_nonlocal_config(cfg: CN) -> CN:
     """Add ``cfg.MODEL.NONLOCAL`` (non-local blocks), ``cfg.DATASETS.{TRAIN,TEST}_{JSON,IMAGES}``
     (your own COCO files), ``cfg.MODEL.ROI_{MASK,KEYPOINT}_HEAD.TRAIN_ROIS_PER_IMAGE`` and
-    ``cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` (read by ``HeadSampledROIHeads``) to a Detectron2
-    config, before ``merge_from_file``. Idempotent.
+    ``cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` (read by ``HeadSampledROIHeads``) and
+    ``cfg.SOLVER.STOP_SIGNALS`` (read by ``NonLocalTrainer``) to a Detectron2 config, before
+    ``merge_from_file``. Idempotent.
 
     Returns:
         The same ``cfg``, for chaining.
@@ -35,6 +36,11 @@ def add_nonlocal_config(cfg: CN) -> CN:
         # POOLER_SAMPLING_RATIO >= 1): the same numbers, a CPU backward on every thread
         # (torchvision's: one).
         cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN = False
+    if "STOP_SIGNALS" not in cfg.SOLVER:
+        # Signals on which training finishes its iteration, saves a checkpoint and exits with
+        # status 75 (nonlocal_det.engine.PREEMPTED_EXIT_CODE; --resume continues): names out of
+        # SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP, SIGQUIT, SIGXCPU; SIGINT (Ctrl-C) always stops.
+        cfg.SOLVER.STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
     if "NONLOCAL" in cfg.MODEL:
         return cfg
     _C = cfg.MODEL.NONLOCAL = CN()
@@ -140,6 +146,7 @@ def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
 
     Raises:
         ConfigKeyError: an unknown key, with the keys allowed at that place.
+        ValueError: ``SOLVER.STOP_SIGNALS`` names no signal a run can stop on.
     """
     cfg = add_nonlocal_config(get_cfg())
     if config_file:
@@ -158,6 +165,9 @@ def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
         if not unknown:
             raise
         raise _unknown_key_error(cfg, unknown[0], "the command line") from None
+    from .engine.preemption import parse_stop_signals  # (engine imports this module)
+
+    parse_stop_signals(cfg.SOLVER.STOP_SIGNALS, "SOLVER.STOP_SIGNALS")  # names of real signals
     return cfg
 
 

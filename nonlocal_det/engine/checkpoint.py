@@ -105,9 +105,9 @@ def _zip_end(path: str, size: int) -> str:
             flags, csize, nlen, elen = struct.unpack("<6xH10xI4xHH", mm[offset : offset + 30])
             name = mm[offset + 30 : offset + 30 + nlen].decode("utf-8", "replace")
             start = offset + 30 + nlen + elen
-            end = _descriptor_end(mm, start) if flags & 0x08 else start + csize
             if start > size:
-                return f"it ends in the header of entry {name!r}"
+                return f"it ends in the header of the entry after {last!r}"
+            end = _descriptor_end(mm, start) if flags & 0x08 else start + csize
             if end < 0 or end > size:
                 return f"it ends inside entry {name!r}, {size - start} bytes into its data"
             last, offset = name, end
@@ -276,13 +276,15 @@ def _mmdet_state(loaded: Mapping) -> Optional[Dict[str, Any]]:
     return {k: v for k, v in zip(keys, state.values())}
 
 
-def _mmdet_model(meta: dict, layout) -> str:
-    """``Mask R-CNN, ResNet-50-FPN with GC blocks`` from the layout (and the config's model type)."""
+def _mmdet_model(layout) -> str:
+    """``Mask R-CNN, ResNet-50-FPN with GC blocks``: the model the layout describes."""
     head = "Mask R-CNN" if layout.mask_on else "Faster R-CNN"
     x = f"ResNeXt-{layout.depth}-{layout.num_groups}x{layout.width_per_group}d"
     net = f"ResNet-{layout.depth}" if layout.num_groups == 1 else x
     blocks = {"context_block": "GC blocks", "gen_attention_block": "generalized attention"}
-    extra = f" with {blocks.get(layout.plugin_kind, layout.plugin_kind)}" if layout.plugin_kind else ""
+    extra = (
+        f" with {blocks.get(layout.plugin_kind, layout.plugin_kind)}" if layout.plugin_kind else ""
+    )
     return f"{head}, {net}-FPN{extra}"
 
 
@@ -296,7 +298,7 @@ def _matching_configs(state, meta) -> Tuple[List[str], str]:
     layout = read_layout(state)
     text = meta.get("config") or meta.get("cfg")
     config = read_config_text(text) if isinstance(text, str) and text.strip() else None
-    description = _mmdet_model(meta, layout)
+    description = _mmdet_model(layout)
     if config is None:
         return [], description + " (no training config inside)"
     settings, _ = mmdet_settings(layout, config, version=meta.get("mmdet_version"))
@@ -517,7 +519,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         """As Detectron2's; a missing local file raises :class:`CheckpointError` naming it."""
         if path and "://" not in path and not os.path.isfile(path):
             raise CheckpointError(f"{self._key}={path}: no such file", path, "no such file")
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:  # Detectron2 resets it only after a success: the next load would assert
+            self._parsed_url_during_load = None
 
     # ----- resuming
 
@@ -637,41 +642,43 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self._resumed, self._resumed_file = None, ""  # last_checkpoint names the new file
 
     def _save_error(self, file: str, previous: str, size: int, error: Exception):
+        """The :class:`CheckpointError` of a failed save of ``file``; ``previous``: the last
+        good checkpoint, ``size`` its size (the estimate of the space a checkpoint takes)."""
         writer = self.path_manager.last_write
         written = writer.written if writer is not None else 0
         os_error = _os_error(error, writer.error if writer is not None else None)
         folder = os.path.abspath(self.save_dir)
         kept = (
-            f"{os.path.basename(previous)} and last_checkpoint are intact: --resume continues "
-            f"from {os.path.basename(previous)}"
+            f"{os.path.basename(previous)} and last_checkpoint are intact"
             if previous
-            else "no earlier checkpoint of this run exists"
+            else ("no earlier checkpoint of this run exists")
+        )
+        resume = (
+            f"then rerun with --resume: it continues from {os.path.basename(previous)}"
+            if previous
+            else "then train again"
         )
         if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
             free = 0
             with contextlib.suppress(OSError):
                 free = shutil.disk_usage(folder).free
-            need = max(size, written)
-            estimate = (
-                f"a checkpoint of this run takes {_mb(size)} ({os.path.basename(previous)})"
-                if size
-                else f"at least {_mb(written)}"
-            )
+            if size >= written:
+                need = f"about {_size(size)} (the size of {os.path.basename(previous)})"
+            else:
+                need = f"more than {_size(written)}"
             reason = (
-                f"no space left on the device of {folder}: {_mb(written)} were written before "
-                f"the failure; {estimate}, {_mb(free)} are free ({os_error.strerror})"
+                f"the disk is full ({os_error.strerror}): this checkpoint needs {need}, "
+                f"{_size(written)} of it were written before the failure, {_size(free)} are free"
             )
-            todo = (
-                f"Free at least {_mb(max(need - free, 0) + 2**20)} there (or set OUTPUT_DIR "
-                "to another disk), then rerun with --resume"
-            )
+            more = f"at least {_size(size - free)} more" if size > free else "more space"
+            todo = f"Free {more} in {folder} (or set OUTPUT_DIR to another disk), {resume}"
         else:
             what = os_error if os_error is not None else error
             reason = f"{type(what).__name__}: {what}".splitlines()[0]
-            todo = "Fix the cause, then rerun with --resume"
+            todo = f"Fix the cause, {resume}"
         return CheckpointError(
             f"cannot save checkpoint {file} in {folder}: {reason}. The partial file was removed; "
-            f"{kept}. The training stopped. {todo}",
+            f"{kept}. The training stopped. {todo}.",
             os.path.join(folder, file),
             reason,
         )

@@ -1,5 +1,9 @@
 """``NonLocalTrainer``: Detectron2's ``DefaultTrainer`` made safe to interrupt and runnable on CPU.
 
+Safe to interrupt: ``kill -9`` or a power cut loses the iterations since the last checkpoint and
+nothing else; SIGTERM, SIGUSR1 and Ctrl-C lose nothing (a checkpoint of the last iteration, exit
+status 75); ``--resume`` continues.
+
 Each change says which Detectron2 behaviour it works around:
 
 * checkpoints and the ``last_checkpoint`` tag are written atomically (fvcore writes them in place:
@@ -18,6 +22,11 @@ Each change says which Detectron2 behaviour it works around:
   (Detectron2 starts the sampler's sequence again and seeds again from ``SEED``,
   :class:`TrainingResumeState`); an evaluation during training leaves the random states as they
   were;
+* a stop signal (``SOLVER.STOP_SIGNALS``, SIGTERM and SIGUSR1 by default) or Ctrl-C: the current
+  iteration finishes, its checkpoint is saved and the process exits with status 75 (Detectron2
+  dies at once, losing everything since the last periodic checkpoint); a non-finite loss stops
+  with the iteration, each loss and the last good checkpoint, without saving or evaluating the
+  diverged model (:class:`SafeStop`);
 * data loader errors name the image being loaded (Detectron2's often do not, and come from a
   worker process), and the training datasets are checked again once loaded (class count).
 """
@@ -31,7 +40,7 @@ from unittest import mock
 
 import torch
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from torch import nn
@@ -39,6 +48,7 @@ from torch import nn
 from ..data import check_datasets
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
+from .preemption import SafeStop
 from .resume_state import TrainingResumeState, preserved_rng
 from .solver import clip_each_parameter_norm
 
@@ -171,7 +181,13 @@ class NonLocalTrainer(DefaultTrainer):
             trainer=weakref.proxy(self),
             resume_state=self.resume_state,
         )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        # SOLVER.STOP_SIGNALS / Ctrl-C / a non-finite loss: a checkpoint first, then stop; before
+        # the EvalHook (all processes), after the PeriodicCheckpointer (main process)
+        stop = SafeStop(self.checkpointer, self.cfg.SOLVER.STOP_SIGNALS)
+        evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
+        ret.insert(evals[0] if evals else len(ret), stop)
+        return ret
 
     def resume_or_load(self, resume: bool = True):
         """As ``DefaultTrainer.resume_or_load``; when resuming a checkpoint, ``metrics.json`` is

@@ -1,0 +1,362 @@
+"""Stopping a training run cleanly: on a preemption signal or Ctrl-C, and on a non-finite loss.
+
+A cluster scheduler that preempts a job sends a signal (SIGTERM, or SIGUSR1 / SIGUSR2 some time
+before the end), then kills it. :class:`SafeStop` makes Detectron2's training loop:
+
+* on one of its stop signals or SIGINT (Ctrl-C): finish the current iteration, save a checkpoint
+  of it and ``last_checkpoint`` (main process), and leave with :class:`TrainingPreempted`, a
+  ``SystemExit`` with :data:`PREEMPTED_EXIT_CODE` (75, sysexits' EX_TEMPFAIL: "try again"), for
+  a requeue script to test. ``--resume`` continues from the next iteration. The signal handler
+  only sets a flag; every process stops after the same iteration (the flag is reduced over the
+  processes after each one); a further signal during the save is logged and ignored;
+* on a non-finite loss (Detectron2's ``FloatingPointError``): stop with
+  :class:`NonFiniteLossError`, naming the iteration, each loss and the last good checkpoint.
+
+Either way the final evaluation does not run and no checkpoint is written over the last one.
+:func:`forward_stop_signals`: the parent process of several workers (``--num-gpus N > 1``) passes
+the stop signals on to them rather than dying first.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections import abc
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from detectron2.engine import hooks
+from detectron2.engine.train_loop import HookBase
+from detectron2.utils import comm
+
+__all__ = [
+    "ALLOWED_STOP_SIGNALS",
+    "DEFAULT_STOP_SIGNALS",
+    "PREEMPTED_EXIT_CODE",
+    "NonFiniteLossError",
+    "SafeStop",
+    "TrainingPreempted",
+    "forward_stop_signals",
+    "parse_stop_signals",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Exit status of a run stopped by a signal after saving its checkpoint: requeue it with --resume.
+PREEMPTED_EXIT_CODE = 75
+#: The signals that stop a run besides SIGINT (``SOLVER.STOP_SIGNALS``, ``train.stop_signals``).
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+#: The signals a run may be told to stop on (those schedulers send; SIGINT is always one).
+ALLOWED_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
+
+_GO, _STOP, _DIVERGED = 0, 1, 2  # what the processes tell each other after each iteration
+
+
+class TrainingPreempted(SystemExit):
+    """The run stopped on a signal after saving the checkpoint of its last iteration; a
+    ``SystemExit`` with status :data:`PREEMPTED_EXIT_CODE`.
+
+    Attributes:
+        iteration: the last iteration trained (the checkpoint's).
+        checkpoint: the file ``last_checkpoint`` names (main process; "" elsewhere).
+        signal_name: e.g. ``"SIGTERM"``.
+    """
+
+    def __init__(self, iteration: int, checkpoint: str, signal_name: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        self.signal_name = signal_name
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite: the message names the iteration, each loss's value and the
+    last good checkpoint."""
+
+
+def parse_stop_signals(value, key: str = "SOLVER.STOP_SIGNALS") -> Tuple[signal.Signals, ...]:
+    """The signals named by ``value`` (a sequence of names like ``"SIGTERM"`` or ``"USR1"``).
+
+    Raises:
+        ValueError: naming ``key``, the value and the allowed names.
+    """
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, abc.Sequence):  # a list, tuple or OmegaConf ListConfig
+        raise ValueError(
+            f"{key}={value!r} is not supported; allowed: a list of signal names out of "
+            f"{list(ALLOWED_STOP_SIGNALS)}"
+        )
+    out = []
+    for name in value:
+        full = name.upper() if isinstance(name, str) else name
+        if isinstance(full, str) and not full.startswith("SIG"):
+            full = "SIG" + full
+        if full not in ALLOWED_STOP_SIGNALS or not hasattr(signal, full):
+            raise ValueError(
+                f"{key}={tuple(value)!r}: {name!r} is not supported; allowed: signal names out of "
+                f"{list(ALLOWED_STOP_SIGNALS)} (SIGINT, Ctrl-C, always stops a run)"
+            )
+        out.append(getattr(signal, full))
+    return tuple(dict.fromkeys(out))
+
+
+def _last_checkpoint(checkpointer) -> str:
+    """The file ``last_checkpoint`` names, or ""."""
+    try:
+        return checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else ""
+    except Exception:  # an unreadable tag: say there is none rather than fail while failing
+        return ""
+
+
+def _non_finite_tensors(path: str) -> Optional[str]:
+    """A description of the checkpoint's non-finite model tensors, "" if none, None if the file
+    cannot be read."""
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False).get("model", {})
+    except Exception:
+        return None
+    bad = [k for k, v in model.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not torch.isfinite(v).all()]  # fmt: skip
+    return f"{len(bad)} tensor(s) ({', '.join(bad[:3])}...)" if bad else ""
+
+
+def _losses(error: FloatingPointError) -> str:
+    """Each loss of Detectron2's message (``loss_dict = {'loss_cls': np.float64(0.69), ...}``) as
+    ``loss_cls=0.69, ...``; the message itself if it has another form."""
+    text = str(error)
+    found = re.findall(r"'(\w+)': (?:np\.float\d+\()?([-+\w.]+)\)?", text.partition("loss_dict")[2])
+    if not found:
+        return text
+    mean = " (each the mean over the processes)" if comm.get_world_size() > 1 else ""
+    return ", ".join(f"{k}={v}" for k, v in found) + mean
+
+
+class SafeStop(HookBase):
+    """Stops training after the current iteration on a signal, and at once on a non-finite loss
+    (see the module docstring).
+
+    Register it on every process, after the ``PeriodicCheckpointer`` and before the ``EvalHook``
+    (the evaluation of the stop iteration is then skipped: a checkpoint first). Its
+    ``before_train`` installs the signal handlers and wraps the trainer's ``run_step`` (to catch
+    Detectron2's ``FloatingPointError``); with several processes it makes a gloo group for the
+    per-iteration flag (one small all-reduce).
+
+    Args:
+        checkpointer: the trainer's checkpointer (it saves on the main process only).
+        stop_signals: signal names besides SIGINT (:func:`parse_stop_signals`).
+        key: the config key of ``stop_signals``, for error messages.
+    """
+
+    def __init__(self, checkpointer, stop_signals=DEFAULT_STOP_SIGNALS, key="SOLVER.STOP_SIGNALS"):
+        self.checkpointer = checkpointer
+        self.signals = tuple(
+            dict.fromkeys(parse_stop_signals(stop_signals, key) + (signal.SIGINT,))
+        )
+        self.requested: Optional[int] = None  # the first signal received
+        self._requested_at = 0.0
+        self._saving = False
+        self._stopping = False
+        self._previous = {}
+        self._pid = os.getpid()
+        self._group = None
+
+    # ---- signals ----------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker: its parent process stops it
+            return
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested, self._requested_at = signum, time.monotonic()
+            logger.warning(
+                f"{name} received: finishing iteration {self.trainer.iter}, then saving a "
+                f"checkpoint and exiting with status {PREEMPTED_EXIT_CODE} (--resume continues)"
+            )
+        elif signum == self.requested and time.monotonic() - self._requested_at < 2.0:
+            pass  # the same signal passed on by the parent process too (Ctrl-C reaches both)
+        else:
+            doing = "saving the checkpoint" if self._saving else "stopping after this iteration"
+            logger.warning(f"{name} received again: ignored, {doing} (pid {os.getpid()})")
+
+    def install(self) -> None:
+        """Install the signal handlers (main thread only; elsewhere nothing is done)."""
+        self._pid = os.getpid()
+        for s in self.signals:
+            try:
+                self._previous[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread: leave the process's handlers alone
+                logger.warning(f"not the main thread: {s.name} will not stop training cleanly")
+                return
+
+    def uninstall(self) -> None:
+        """Put back the signal handlers found by :meth:`install`."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # ---- hook -------------------------------------------------------------------------------
+    def before_train(self):
+        self.requested, self._saving, self._stopping = None, False, False
+        if comm.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")
+        trainer = self.trainer
+        run_step = trainer.run_step
+
+        def guarded_run_step():
+            try:
+                run_step()
+            except FloatingPointError as e:
+                if isinstance(e, NonFiniteLossError):
+                    raise
+                self._diverged(e)
+
+        trainer.run_step = guarded_run_step
+        self.install()
+
+    def after_step(self):
+        flag = self._reduce(_STOP if self.requested is not None else _GO)
+        if flag == _DIVERGED:
+            self._stop_other_hooks()
+            raise NonFiniteLossError(
+                f"Loss became infinite or NaN at iteration={self.trainer.iter} (the main process "
+                "logs each loss and the last good checkpoint); nothing was saved"
+            )
+        if flag == _STOP:
+            self._preempt()
+
+    def after_train(self):
+        try:
+            del self.trainer.run_step  # the class's run_step again
+        except AttributeError:
+            pass
+        # After a stop with several processes the handlers stay: the parent process terminates
+        # the others once one has exited, and the main one may still be writing its logs.
+        if not self._stopping or comm.get_world_size() == 1:
+            self.uninstall()
+
+    # ---- stopping ---------------------------------------------------------------------------
+    def _reduce(self, flag: int) -> int:
+        if self._group is None:
+            return flag
+        t = torch.tensor([flag], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return int(t.item())
+
+    def _stop_other_hooks(self) -> None:
+        """Drop the hooks whose ``after_train`` saves ``model_final`` or evaluates."""
+        self._stopping = True
+        stop = (hooks.PeriodicCheckpointer, hooks.EvalHook, hooks.BestCheckpointer)
+        self.trainer._hooks = [h for h in self.trainer._hooks if not isinstance(h, stop)]
+
+    def _preempt(self) -> None:
+        it = self.trainer.iter
+        name = signal.Signals(self.requested).name if self.requested else "another process's signal"
+        self._saving = True
+        path = ""
+        try:
+            if comm.is_main_process():
+                final = it >= self.trainer.max_iter - 1
+                want = "model_final.pth" if final else f"model_{it:07d}.pth"
+                path = _last_checkpoint(self.checkpointer)
+                if os.path.basename(path) != want:  # the PeriodicCheckpointer has not saved it
+                    self.checkpointer.save(want[: -len(".pth")], iteration=it)
+                    path = _last_checkpoint(self.checkpointer)
+            if self._group is not None:
+                dist.barrier(group=self._group)  # no process exits before the checkpoint exists
+        finally:
+            self._saving = False
+        self._stop_other_hooks()
+        if comm.is_main_process():
+            logger.warning(
+                f"Stopped on {name} after iteration {it}: saved {path}. Exit status "
+                f"{PREEMPTED_EXIT_CODE}; run again with --resume to continue from iteration "
+                f"{it + 1}."
+            )
+        else:
+            logger.info(
+                f"Stopped on {name} after iteration {it} (process {comm.get_rank()}; the main "
+                "process saves the checkpoint)"
+            )
+        raise TrainingPreempted(it, path, name)
+
+    def _diverged(self, error: FloatingPointError) -> None:
+        it = self.trainer.iter
+        path = _last_checkpoint(self.checkpointer)
+        if not path:
+            kept = (
+                "No checkpoint was written yet in "
+                f"{getattr(self.checkpointer, 'save_dir', '') or 'the output folder'}: "
+                "restart from scratch (or your initial weights)."
+            )
+        else:
+            bad = _non_finite_tensors(path)
+            kept = f"The last checkpoint is {path} (last_checkpoint names it; nothing was saved after it)"
+            if bad is None:
+                kept += ", but it cannot be read back."
+            elif bad:
+                kept += (
+                    f", but its weights hold NaN / inf already: {bad}; resume from an older "
+                    "model_*.pth by writing its name into last_checkpoint."
+                )
+            else:
+                kept += ": its weights are finite; --resume restarts from it."
+        message = (
+            f"Loss became infinite or NaN at iteration {it}: {_losses(error)}. Training stopped; "
+            f"the diverged model was not saved and not evaluated.\n{kept}\nTo avoid the "
+            "divergence, lower SOLVER.BASE_LR (train.lr / optimizer.lr in a LazyConfig) or enable "
+            "SOLVER.CLIP_GRADIENTS."
+        )
+        logger.error(message)
+        self._reduce(_DIVERGED)
+        self._stop_other_hooks()
+        raise NonFiniteLossError(message) from error
+
+
+# ---- the parent process of several workers ---------------------------------------------------
+@contextlib.contextmanager
+def forward_stop_signals(num_gpus_per_machine: int) -> Iterator[None]:
+    """Around Detectron2's ``launch``: with several worker processes on this machine
+    (``num_gpus_per_machine > 1``), the parent process passes each signal of
+    :data:`ALLOWED_STOP_SIGNALS` it receives on to its workers instead of dying first (each
+    worker's :class:`SafeStop` then stops after its current iteration), and exits with
+    :data:`PREEMPTED_EXIT_CODE` when a worker was ended by a signal passed on (before its training
+    started). A worker's own exit status (75 after a stop) is the launcher's to pass on. With one
+    process nothing changes."""
+    if num_gpus_per_machine <= 1:
+        yield
+        return
+    import multiprocessing
+
+    from torch.multiprocessing import ProcessExitedException
+
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {}
+    for s in parse_stop_signals(ALLOWED_STOP_SIGNALS, "ALLOWED_STOP_SIGNALS"):
+        previous[s] = signal.signal(s, forward)
+    try:
+        yield
+    except ProcessExitedException as e:
+        if e.exit_code is not None and e.exit_code < 0 and -e.exit_code in received:
+            print(
+                f"Worker process ended by {signal.Signals(-e.exit_code).name} before training "
+                f"could stop cleanly: exit status {PREEMPTED_EXIT_CODE}",
+                file=sys.stderr,
+            )
+            sys.exit(PREEMPTED_EXIT_CODE)
+        raise
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
