@@ -1,11 +1,13 @@
 """``--resume`` continues as if training had not stopped: on CPU with a fixed SEED and
 DATALOADER.NUM_WORKERS 0, the losses after resuming from a checkpoint equal, bit for bit, those
 of the same iterations of an uninterrupted run (the checkpoint stores the random states and the
-position in the training data, images waiting in an aspect-ratio bucket included)."""
+position in the training data, images waiting in an aspect-ratio bucket included): from a
+periodic checkpoint, after a stop signal, with train_net.py's trainer and the LazyConfig one."""
 
 import logging
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -103,6 +105,41 @@ def test_checkpoint_without_state_resumes_with_data_order_restarted(
     assert sorted(resumed) == list(range(PERIOD, MAX_ITER))
     # as Detectron2 alone resumes: other images and random choices, other losses
     assert all(resumed[it]["total_loss"] != expected[it]["total_loss"] for it in resumed)
+
+
+class _SignalAfter(HookBase):
+    """Sends SIGUSR1 to this process after iteration ``iteration`` (before the stop hook looks)."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_signal_gives_the_uninterrupted_losses(data, uninterrupted, tmp_path):
+    """SIGUSR1 after iteration 5 (between periodic checkpoints): the run saves and exits with
+    status 75; --resume in the same folder, with SEED -1 (a random seed), trains iterations 6
+    and 7 with the uninterrupted run's losses (sampler seed and random states come from the
+    checkpoint)."""
+    _, expected = uninterrupted
+    trainer, _ = _trainer(data, tmp_path)
+    assert any(type(h).__name__ == "SafeStop" for h in trainer._hooks)  # else SIGUSR1 kills
+    trainer.register_hooks([_SignalAfter(5)])
+    trainer._hooks.insert(0, trainer._hooks.pop())  # before the stop hook, same iteration
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(SystemExit) as stop:
+        trainer.train()
+    assert stop.value.code == 75
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000005.pth"
+    del trainer
+    trainer, recorder = _trainer(data, tmp_path, ["SEED", "-1"])
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+    assert sorted(recorder.losses) == [6, 7]
+    assert all(recorder.losses[it] == expected[it] for it in (6, 7))
 
 
 def _lazy_losses(out, resume, monkeypatch):

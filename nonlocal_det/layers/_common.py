@@ -3,9 +3,10 @@ indices for the attention pictures, and products kept in float32 under autocast.
 
 import math
 from numbers import Real
-from typing import List
+from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
@@ -17,8 +18,10 @@ __all__ = [
     "check_positive",
     "check_ratio",
     "check_input",
+    "conv1x1_fp32",
     "flat_query_indices",
     "matmul_fp32",
+    "sdpa_fp32",
     "softmax_fp32",
 ]
 
@@ -129,6 +132,48 @@ def softmax_fp32(logits: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.softmax(logits.to(dt), dim=dim)
 
 
+def conv1x1_fp32(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """A 1x1 convolution (stride 1, no padding) of a (N, C, *spatial) input with 1, 2 or 3
+    spatial axes, computed and returned in float32 at least (float64 stays float64), autocast
+    off.
+
+    For the embeddings whose products are attention logits (queries, keys, attention masks):
+    float16 keeps 11 significant bits, so an embedding rounded to it moves a logit q . k by up to
+    about |q| |k| 2^-11 -- 5 to 50 at logits of 1e4 to 1e5, enough to reorder the keys of a
+    softmax. In float32 the same rounding moves it by about 0.01.
+    """
+    dt = torch.promote_types(x.dtype, torch.float32)
+    b: Optional[torch.Tensor] = None
+    if bias is not None:
+        b = bias.to(dt)
+    with torch.autocast(device_type="cpu", enabled=False):
+        with torch.autocast(device_type="cuda", enabled=False):
+            w = weight.to(dt)
+            if x.dim() == 3:
+                return F.conv1d(x.to(dt), w, b)
+            if x.dim() == 4:
+                return F.conv2d(x.to(dt), w, b)
+            return F.conv3d(x.to(dt), w, b)
+
+
+def sdpa_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, scale=scale)`` computed in float32 at least
+    (float64 stays float64), autocast off, returned in v's dtype.
+
+    The fused kernels (flash on CPU, memory-efficient on CUDA: linear memory) take float32
+    too. In float16 the logits can overflow (the math path multiplies q and k in float16), and
+    where the softmax is saturated the float16 backward leaves rounding errors on q and k as
+    large as their gradient (its ``dP - rowsum(dO O)`` cancels down to the rounding of O).
+    """
+    dt = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    with torch.autocast(device_type="cpu", enabled=False):
+        with torch.autocast(device_type="cuda", enabled=False):
+            y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), scale=scale)
+    return y.to(v.dtype)
+
+
 class AttentionPooling(CNNBlockBase):
     """The context modelling of SNL and GC (Cao et al.): one attention map over the positions,
     softmax_j(conv_mask(x)_j) shared by every query, and the context sum_j w_j x_j. A
@@ -139,8 +184,11 @@ class AttentionPooling(CNNBlockBase):
         self.conv_mask = nn.Conv2d(in_channels, 1, kernel_size=1)
 
     def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        """softmax over positions of conv_mask(x), computed in float32 at least: (N, 1, H*W)."""
-        return softmax_fp32(self.conv_mask(x).flatten(2), 2).to(x.dtype)
+        """softmax over positions of conv_mask(x), computed in float32 at least (the mask logits
+        too): (N, 1, H*W)."""
+        conv = self.conv_mask
+        logits = conv1x1_fp32(x, conv.weight, conv.bias)
+        return softmax_fp32(logits.flatten(2), 2).to(x.dtype)
 
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         """sum_j w_j x_j: (N, C, 1, 1)."""

@@ -18,7 +18,7 @@ import torch
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import check_input, check_int, flat_query_indices, matmul_fp32
+from ._common import check_input, check_int, conv1x1_fp32, flat_query_indices, matmul_fp32
 
 __all__ = ["CrissCrossAttention"]
 
@@ -34,8 +34,8 @@ class CrissCrossAttention(CNNBlockBase):
     weights are shared by the ``recurrence`` passes. Initialisation as the authors: PyTorch's
     default conv init, gamma 0, so the block starts as the identity.
 
-    The energies and their softmax are computed in float32 (autocast off): the un-scaled q . k
-    overflows float16 with large activations.
+    The query, key, energies and their softmax are computed in float32 (autocast off): the
+    un-scaled q . k overflows float16 with large activations.
 
     In CCNet the module sits in the segmentation head (``RCCAModule``): a 3x3 conv 2048 -> 512 +
     BN on the dilated ResNet-101's output (stride 8), then criss-cross attention with R = 2, a
@@ -73,13 +73,18 @@ class CrissCrossAttention(CNNBlockBase):
         return f"inner_channels={self.inner_channels}, recurrence={self.recurrence}"
 
     # ----------------------------------------------------------------------------------------
+    def _query_key(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q and k (N, C', H, W) in float32 at least: their products are the energies."""
+        q = conv1x1_fp32(x, self.query_conv.weight, self.query_conv.bias)
+        k = conv1x1_fp32(x, self.key_conv.weight, self.key_conv.bias)
+        return q, k
+
     def _energies(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Softmax-normalised weights of the column (N, W, H, H') and of the row (N, H, W, W'),
         float32 at least: a_col[n, w, h, i] weighs v[:, i, w], a_row[n, h, w, j] weighs v[:, h, j]
         for the query (h, w); a_col[n, w, h, h] = 0 (the position itself is in its row)."""
         h = x.shape[2]
-        q = self.query_conv(x)
-        k = self.key_conv(x)
+        q, k = self._query_key(x)
         # column: batch (n, w), queries h, keys i
         e_col = matmul_fp32(q.permute(0, 3, 2, 1), k.permute(0, 3, 1, 2))  # (N, W, H, H)
         diagonal = torch.eye(h, dtype=torch.bool, device=x.device)
@@ -130,8 +135,8 @@ class CrissCrossAttention(CNNBlockBase):
         n, _, h, w = x.shape
         flat = flat_query_indices(_NAME, queries, [h, w], x.device)
         ys, xs = flat // w, flat % w
-        q = self.query_conv(x)[:, :, ys, xs]  # (N, C', Q)
-        k = self.key_conv(x)
+        q, k = self._query_key(x)
+        q = q[:, :, ys, xs]  # (N, C', Q)
         qt = q.permute(0, 2, 1).unsqueeze(2)  # (N, Q, 1, C')
         k_col = k[:, :, :, xs].permute(0, 3, 1, 2)  # (N, Q, C', H): column of each query
         k_row = k[:, :, ys, :].permute(0, 2, 1, 3)  # (N, Q, C', W): row of each query

@@ -27,8 +27,10 @@ from ._common import (
     check_int,
     check_positive,
     check_ratio,
+    conv1x1_fp32,
     flat_query_indices,
     matmul_fp32,
+    sdpa_fp32,
     softmax_fp32,
 )
 
@@ -129,22 +131,26 @@ class DisentangledNonLocalBlock(CNNBlockBase):
         return F.max_pool2d(x, kernel_size=[min(2, x.shape[2]), min(2, x.shape[3])])
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Whitened query (N, C', L), whitened key (N, C', M) and value (N, C, M)."""
+        """Whitened query (N, C', L) and key (N, C', M), in float32 at least (their products are
+        the logits, see ``conv1x1_fp32``), and the value (N, C, M)."""
         xk = self._key_input(x)
-        q = self.conv_query(x).flatten(2)
-        k = self.conv_key(xk).flatten(2)
+        q = conv1x1_fp32(x, self.conv_query.weight, self.conv_query.bias).flatten(2)
+        k = conv1x1_fp32(xk, self.conv_key.weight, self.conv_key.bias).flatten(2)
         v = self.conv_value(xk).flatten(2)
         q = q - q.mean(dim=2, keepdim=True)
         k = k - k.mean(dim=2, keepdim=True)
         return q, k, v
 
     def _unary_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """softmax over the key positions of conv_mask(x'), float32 at least: (N, 1, M)."""
-        return softmax_fp32(self.conv_mask(self._key_input(x)).flatten(2), 2)
+        """softmax over the key positions of conv_mask(x'), float32 at least (the logits
+        too): (N, 1, M)."""
+        logits = conv1x1_fp32(self._key_input(x), self.conv_mask.weight, self.conv_mask.bias)
+        return softmax_fp32(logits.flatten(2), 2)
 
     def _pairwise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """sum_j softmax_j(q_i . k_j * scale) v_j for q (N, C', L), k (N, C', M), v (N, C, M);
-        returns (N, C, L).
+        returns (N, C, L) in v's dtype, computed in float32 at least (``sdpa_fp32``; on CUDA
+        the memory-efficient kernel then runs it, flash takes only 16-bit inputs).
 
         SDPA's fused kernels need equal query and value widths (else it falls back to the math
         path, which builds the N x M matrix). The value is split into ceil(C / C') heads of width
@@ -168,7 +174,8 @@ class DisentangledNonLocalBlock(CNNBlockBase):
         vt = vt.reshape(n, heads, cq, -1).transpose(2, 3).contiguous()  # (N, h, M, C')
         qt = q.transpose(1, 2).contiguous().unsqueeze(1).expand(n, heads, length, cq)
         kt = k.transpose(1, 2).contiguous().unsqueeze(1).expand(n, heads, k.shape[2], cq)
-        y = F.scaled_dot_product_attention(qt, kt, vt, scale=self.scale)  # (N, h, L, C')
+        # float32 at least (sdpa_fp32): the logits reach 1e4 - 1e5 at T = 0.05; back in v's dtype
+        y = sdpa_fp32(qt, kt, vt, self.scale)  # (N, h, L, C')
         y = y.transpose(2, 3).reshape(n, heads * cq, length)
         return y[:, :cv]
 

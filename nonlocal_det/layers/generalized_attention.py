@@ -35,8 +35,10 @@ from ._common import (
     check_input,
     check_int,
     check_positive,
+    conv1x1_fp32,
     flat_query_indices,
     matmul_fp32,
+    sdpa_fp32,
     softmax_fp32,
 )
 
@@ -232,16 +234,18 @@ class GeneralizedAttention(CNNBlockBase):
         self, x_q: torch.Tensor, x_kv: torch.Tensor
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """q (N, heads, L, d) when ``query_conv`` exists (terms 1, 2), k (N, heads, d, M) when
-        ``key_conv`` exists (terms 1, 3); None otherwise."""
+        ``key_conv`` exists (terms 1, 3); None otherwise. In float32 at least: their products
+        are the energies (see ``conv1x1_fp32``)."""
         q: Optional[torch.Tensor] = None
         k: Optional[torch.Tensor] = None
         query_conv = self.query_conv
         if query_conv is not None:
-            q = query_conv(x_q).reshape(x_q.shape[0], self.num_heads, self.qk_embed_dim, -1)
-            q = q.transpose(2, 3)
+            q = conv1x1_fp32(x_q, query_conv.weight, None)
+            q = q.reshape(x_q.shape[0], self.num_heads, self.qk_embed_dim, -1).transpose(2, 3)
         key_conv = self.key_conv
         if key_conv is not None:
-            k = key_conv(x_kv).reshape(x_kv.shape[0], self.num_heads, self.qk_embed_dim, -1)
+            k = conv1x1_fp32(x_kv, key_conv.weight, None)
+            k = k.reshape(x_kv.shape[0], self.num_heads, self.qk_embed_dim, -1)
         return q, k
 
     def _head_vector(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -402,9 +406,8 @@ class GeneralizedAttention(CNNBlockBase):
             # '1000' / '1010': softmax_j(q_i . k_j) (+ u . k_j) without the N x M matrix
             if u is not None:
                 q = q + self._head_vector(u, q.dtype)
-            y = F.scaled_dot_product_attention(
-                q.contiguous(), k.transpose(2, 3).contiguous(), v.contiguous(), scale=1.0
-            )
+            # float32 at least (sdpa_fp32): q . k is not scaled; back in v's dtype
+            y = sdpa_fp32(q.contiguous(), k.transpose(2, 3).contiguous(), v.contiguous(), 1.0)
         elif u is not None and k is not None:
             # '0010': one softmax over the keys, shared by every query
             a = softmax_fp32(matmul_fp32(self._head_vector(u, k.dtype), k), 3)  # (N, h, 1, M)

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import check_bool, check_choice, flat_query_indices
+from ._common import (
+    check_bool,
+    check_choice,
+    conv1x1_fp32,
+    flat_query_indices,
+    matmul_fp32,
+    sdpa_fp32,
+)
 
 __all__ = ["NonLocalBlock", "PAIRWISE_FUNCTIONS", "NORMS", "THETA_PHI_INITS"]
 
@@ -237,8 +244,9 @@ class NonLocalBlock(CNNBlockBase):
         theta = self.theta
         phi = self.phi
         if theta is not None and phi is not None:
-            q = theta(x)
-            k = self._pool(phi(x))
+            # float32 at least: their products are the logits (see conv1x1_fp32)
+            q = conv1x1_fp32(x, theta.weight, theta.bias)
+            k = self._pool(conv1x1_fp32(x, phi.weight, phi.bias))
         else:  # gaussian: the raw features are compared
             q = x
             k = self._pool(x)
@@ -253,20 +261,22 @@ class NonLocalBlock(CNNBlockBase):
         """a_i = w_theta . theta_i (N, L) and b_j = w_phi . phi_j (N, M)."""
         proj = self.concat_project
         assert proj is not None
-        w = proj.weight.reshape(-1).to(q.dtype)
+        w = proj.weight.reshape(-1, 1)
         c = self.inner_channels
-        a = torch.einsum("ncl,c->nl", q, w[:c])
-        b = torch.einsum("ncm,c->nm", k, w[c:])
+        # float32 at least, autocast off (a_i + b_j reaches the size of theta_i . phi_j)
+        a = matmul_fp32(q.transpose(1, 2), w[:c]).squeeze(2)
+        b = matmul_fp32(k.transpose(1, 2), w[c:]).squeeze(2)
         return a, b
 
     def _aggregate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """y = (1/C) sum_j f(q_i, k_j) v_j for (N, C, L) / (N, C, M) inputs; returns (N, L, C_v)."""
+        """y = (1/C) sum_j f(q_i, k_j) v_j for (N, C, L) / (N, C, M) inputs; returns (N, L, C_v)
+        in v's dtype, computed in float32 at least."""
         m = k.shape[2]
         if self.pairwise == "dot_product":
-            # theta (phi^T g) / M in float32 at least: the C x C product sums M terms.
-            dt = torch.promote_types(q.dtype, torch.float32)
-            kv = torch.bmm(k.to(dt) / m, v.to(dt).transpose(1, 2))  # (N, C_inner, C_inner)
-            return torch.bmm(q.to(dt).transpose(1, 2), kv).to(q.dtype)
+            # theta (phi^T g) / M in float32 at least, autocast off: the C x C product sums M
+            # terms, and theta_i . phi_j reaches 1e4 - 1e5.
+            kv = matmul_fp32(k / m, v.transpose(1, 2))  # (N, C_inner, C_inner)
+            return matmul_fp32(q.transpose(1, 2), kv).to(v.dtype)
         if self.pairwise == "concatenation":
             dt = torch.promote_types(q.dtype, torch.float32)
             a, b = self._concat_terms(q.to(dt), k.to(dt))
@@ -282,7 +292,7 @@ class NonLocalBlock(CNNBlockBase):
             count = torch.searchsorted(neg_b_sorted.detach().contiguous(), a.detach().contiguous())
             idx = count.unsqueeze(2).expand(-1, -1, vt.shape[2])
             y = a.unsqueeze(2) * torch.gather(g_cum, 1, idx) + torch.gather(bg_cum, 1, idx)
-            return (y / m).to(q.dtype)
+            return (y / m).to(v.dtype)
         # (embedded) Gaussian: softmax over keys == scaled_dot_product_attention. Its fused CPU/CUDA
         # kernels need 4-D contiguous inputs with equal query/value widths; zero-padding the
         # narrower side changes neither the dot products nor the kept output columns.
@@ -296,11 +306,12 @@ class NonLocalBlock(CNNBlockBase):
         elif cv > cq:
             qt = F.pad(qt, [0, cv - cq])
             kt = F.pad(kt, [0, cv - cq])
-        y = F.scaled_dot_product_attention(
+        # in float32 at least (sdpa_fp32), back in v's dtype
+        y = sdpa_fp32(
             qt.unsqueeze(1).contiguous(),
             kt.unsqueeze(1).contiguous(),
             vt.unsqueeze(1).contiguous(),
-            scale=self.scale,
+            self.scale,
         )
         return y.squeeze(1)[:, :, :cv]
 
