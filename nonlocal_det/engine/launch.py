@@ -12,6 +12,8 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+from .preemption import forward_stop_signals
+
 __all__ = [
     "DEFAULT_DIST_TIMEOUT",
     "DistributedLaunchError",
@@ -87,7 +89,8 @@ def _rendezvous_message(args: argparse.Namespace, child_error: str) -> str:
     return (
         f"The {world} processes of this run did not all join at {where} within --dist-timeout "
         f"{args.dist_timeout:g} s. This is machine --machine-rank {rank} of --num-machines {n} "
-        f"(--num-gpus {k}: global rank {ranks} of {world}); torch said: {said}. Check: every machine runs the same command with --num-machines {n}, the same "
+        f"(--num-gpus {k}: global rank {ranks} of {world}); torch said: {said}. Check: every "
+        f"machine runs the same command with --num-machines {n}, the same "
         f"--num-gpus and {where}, and its own --machine-rank (0..{n - 1}, each once); machine 0 "
         f"is the host of {where}, its address and port are reachable from the others (firewall, "
         "network interface) and the port is free; jobs that start minutes apart need a larger "
@@ -100,8 +103,11 @@ def launch(main_func, args: argparse.Namespace) -> None:
     ``launch``: ``--num-gpus`` processes on each of ``--num-machines`` machines, the process group
     formed at ``--dist-url`` within ``--dist-timeout`` seconds).
 
-    A worker that exits with a status (``sys.exit(n)``, e.g. after a preemption) makes this process
-    exit with the same status.
+    With several processes this one only starts the workers and waits for them (also with one
+    worker per machine on several machines): a stop signal (SIGTERM, SIGUSR1, ...) is passed on to
+    them rather than ending it first (:func:`~nonlocal_det.engine.preemption.forward_stop_signals`),
+    and a worker that exits with a status (``sys.exit(n)``, e.g. 75 after a preemption) makes this
+    process exit with the same status.
 
     Raises:
         ValueError: a launch argument is out of range (:func:`check_launch_args`).
@@ -110,16 +116,18 @@ def launch(main_func, args: argparse.Namespace) -> None:
             machine count and the timeout, and what to check.
     """
     check_launch_args(args)
+    world_size = args.num_gpus * args.num_machines  # > 1: Detectron2 starts worker processes
     try:
-        d2_launch(
-            main_func,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-            timeout=timedelta(seconds=args.dist_timeout),
-        )
+        with forward_stop_signals(world_size):
+            d2_launch(
+                main_func,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+                timeout=timedelta(seconds=args.dist_timeout),
+            )
     except ProcessRaisedException as e:
         if "init_process_group" not in e.msg:  # an error of the run itself: as it is
             raise

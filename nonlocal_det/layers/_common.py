@@ -135,27 +135,27 @@ def softmax_fp32(logits: torch.Tensor, dim: int) -> torch.Tensor:
 def conv1x1_fp32(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """A 1x1 convolution (stride 1, no padding) of a (N, C, *spatial) input with 1, 2 or 3
-    spatial axes, computed and returned in float32 at least (float64 stays float64), autocast
-    off.
+    """A 1x1 convolution (stride 1, no padding) of a (N, C, *spatial) input, computed and
+    returned in float32 at least (float64 stays float64), autocast off.
 
     For the embeddings whose products are attention logits (queries, keys, attention masks):
     float16 keeps 11 significant bits, so an embedding rounded to it moves a logit q . k by up to
     about |q| |k| 2^-11 -- 5 to 50 at logits of 1e4 to 1e5, enough to reorder the keys of a
-    softmax. In float32 the same rounding moves it by about 0.01.
+    softmax. In float32 the same rounding moves it by about 0.01. It is a matrix product, not a
+    convolution: cuDNN runs float32 convolutions in TF32 (float16's 11 bits) by default, CUDA
+    matrix products only where ``torch.backends.cuda.matmul.allow_tf32`` (or
+    ``torch.set_float32_matmul_precision``) asks for it.
     """
     dt = torch.promote_types(x.dtype, torch.float32)
-    b: Optional[torch.Tensor] = None
-    if bias is not None:
-        b = bias.to(dt)
+    shape = [x.shape[0], weight.shape[0]]
+    shape.extend(x.shape[2:])
     with torch.autocast(device_type="cpu", enabled=False):
         with torch.autocast(device_type="cuda", enabled=False):
-            w = weight.to(dt)
-            if x.dim() == 3:
-                return F.conv1d(x.to(dt), w, b)
-            if x.dim() == 4:
-                return F.conv2d(x.to(dt), w, b)
-            return F.conv3d(x.to(dt), w, b)
+            w = weight.to(dt).reshape(weight.shape[0], -1)  # (C_out, C)
+            y = torch.matmul(w, x.to(dt).flatten(2))  # (N, C_out, L)
+            if bias is not None:
+                y = y + bias.to(dt).unsqueeze(1)
+    return y.reshape(shape)
 
 
 def sdpa_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
