@@ -6,14 +6,23 @@ periodic checkpoint, after a stop signal, with train_net.py's trainer and the La
 
 import logging
 import os
+import random
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 from coco_files import write_split
 from detectron2.engine import HookBase
 from subproc import DEMO, TINY, load_train_net
+
+from nonlocal_det.engine.resume_state import (
+    TrainingResumeState,
+    get_rng_state,
+    preserved_rng,
+    set_rng_state,
+)
 
 MAX_ITER, PERIOD = 8, 4  # the checkpoint of iteration 3 (model_0000003.pth), then 4..7
 
@@ -180,3 +189,63 @@ def test_lazy_trainer_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatc
     assert sorted(resumed) == list(range(PERIOD, MAX_ITER))
     assert "loss_keypoint" in resumed[PERIOD]
     assert all(resumed[it] == expected[it] for it in resumed), (resumed, expected)
+
+
+def _draws():
+    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)])
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    np.random.randn(), random.gauss(0, 1)  # cached Gaussians are part of the states
+    torch.save(get_rng_state(), tmp_path / "rng.pth")
+    first = _draws()
+    set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
+    assert _draws() == first
+    with preserved_rng():
+        inside = _draws()
+    assert _draws() == inside  # as if nothing had drawn inside
+
+
+def _toy_loader(seed):
+    """Detectron2's train loader over 7 images of two aspect ratios (batches group them), the
+    "mapper" drawing from numpy's and torch's generators as augmentations do."""
+    from detectron2.data import build_detection_train_loader
+    from detectron2.data.samplers import TrainingSampler
+
+    sizes = [(10, 20), (20, 10), (10, 20), (10, 20), (20, 10), (10, 20), (10, 20)]
+    dicts = [{"id": i, "height": h, "width": w} for i, (h, w) in enumerate(sizes)]
+
+    def mapper(d):
+        return dict(d, flip=float(np.random.rand()), noise=float(torch.rand(())))
+
+    return build_detection_train_loader(
+        dicts, mapper=mapper, sampler=TrainingSampler(len(dicts), seed=seed), total_batch_size=2
+    )
+
+
+def test_loader_continues_after_any_number_of_batches():
+    """The batches after restoring a state saved after k batches are those of the uninterrupted
+    loader, for every k (images waiting in a bucket or not); without the state they are not."""
+    torch.manual_seed(0), np.random.seed(0)
+    uninterrupted = _toy_loader(seed=5)
+    TrainingResumeState(uninterrupted)
+    it = iter(uninterrupted)
+    expected = [next(it) for _ in range(12)]
+    waited = 0
+    for k in range(1, 8):
+        torch.manual_seed(0), np.random.seed(0)
+        first = _toy_loader(seed=5)
+        state = TrainingResumeState(first)
+        it = iter(first)
+        assert [next(it) for _ in range(k)] == expected[:k]
+        saved = state.state_dict()
+        waited += bool(saved["data"]["waiting"])
+        torch.manual_seed(1), np.random.seed(1)  # as another start: seeded again
+        resumed = _toy_loader(seed=5)
+        TrainingResumeState(resumed).load_state_dict(saved)
+        it = iter(resumed)
+        assert [next(it) for _ in range(12 - k)] == expected[k:], k
+    assert waited >= 2  # some states were saved with an image waiting in its bucket
+    restarted = iter(_toy_loader(seed=5))
+    assert [next(restarted) for _ in range(12 - 3)] != expected[3:]
