@@ -447,3 +447,51 @@ def test_disk_full_on_a_small_filesystem(tmp_path):
         assert extra["iteration"] == iteration
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+# ----- the commands -----------------------------------------------------------------------------
+
+
+def test_lazy_train_names_a_bad_init_checkpoint_before_any_work(tmp_path):
+    """``lazy_train`` (training and ``--eval-only``): a truncated ``train.init_checkpoint`` stops
+    right after the config is read, naming the key and the file."""
+    from nonlocal_det.tools import lazy_train
+
+    weights = _saved(tmp_path, "model_final")
+    size = _cut(weights, 0.5)
+    for mode in (["--eval-only"], []):
+        args = lazy_train.parser().parse_args(
+            [
+                "--config-file",
+                os.path.join(REPO, "configs", "lazy", "mask_rcnn_R18_NL_demo.py"),
+                *mode,
+                f"train.init_checkpoint={weights}",
+                f"train.output_dir={tmp_path / ('eval' if mode else 'train')}",
+            ]
+        )
+        with pytest.raises(CheckpointError) as e:
+            lazy_train.main(args)
+        assert str(e.value).startswith(
+            f"train.init_checkpoint={weights}: cannot be loaded: it is truncated: {size} bytes"
+        )
+
+
+@pytest.mark.slow
+def test_train_net_eval_only_names_bad_weights(tmp_path, tmp_path_factory):
+    """``train_net.py --eval-only MODEL.WEIGHTS <empty file>``: exit status 1, the last line
+    names the file and what it is, before any model is built."""
+    from subproc import DEMO, TINY, env_for, run_train_net
+    from utils import shared_datasets_dir
+
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"")
+    env = env_for(shared_datasets_dir(tmp_path_factory))
+    args = ["--config-file", DEMO, "--eval-only", *TINY, "MODEL.WEIGHTS", weights]
+    log = run_train_net([*args, "OUTPUT_DIR", tmp_path / "out"], env, ok=False, timeout=240)
+    last = log.strip().splitlines()[-1]
+    assert last == (
+        f"nonlocal_det.engine.checkpoint.CheckpointError: MODEL.WEIGHTS={weights}: cannot be "
+        "loaded: it is empty (0 bytes). Copy or download it again, or set MODEL.WEIGHTS to "
+        "another checkpoint"
+    ), log[-3000:]
+    assert "GeneralizedRCNN(" not in log and "Weights only load failed" not in log
