@@ -35,8 +35,16 @@ def _train_opts(tmp_path, out):
 
 
 def _popen(args, env, log_path):
+    """``train_net.py args`` in a new process group (a test's signals reach it alone)."""
     log = open(log_path, "w")
-    proc = subprocess.Popen(command(args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        command(args),
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, log
 
 
@@ -59,11 +67,12 @@ def test_sigterm_saves_the_iteration_exits_75_and_resume_continues(tmp_path, tmp
     opts = _train_opts(tmp_path, out) + ["SOLVER.CHECKPOINT_PERIOD", "5"]
     env = env_for(shared_datasets_dir(tmp_path_factory))
     log_path = tmp_path / "stopped.log"
-    proc, log_file = _popen(
-        ["--config-file", DEMO, *opts, "SOLVER.MAX_ITER", "1000"], env, log_path
-    )
+    # two data-loader workers: a scheduler signals the whole process group, and torch's workers die
+    # on SIGTERM
+    args = ["--config-file", DEMO, *opts, "DATALOADER.NUM_WORKERS", "2", "SOLVER.MAX_ITER", "1000"]
+    proc, log_file = _popen(args, env, log_path)
     _wait_for_checkpoint(out, proc, log_path)
-    os.kill(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the process and its data-loader workers
     code = proc.wait(timeout=120)
     log_file.close()
     log = open(log_path).read()

@@ -172,6 +172,11 @@ class SafeStop(HookBase):
         name = signal.Signals(signum).name
         if self.requested is None:
             self.requested, self._requested_at = signum, time.monotonic()
+            # A signal to the whole process group (a scheduler's, Ctrl-C) also reaches the data
+            # loader's workers, and torch's workers die on SIGTERM from any process but their
+            # parent: torch's SIGCHLD handler would then raise in the middle of the save.
+            if signal.SIGCHLD not in self._previous:
+                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             logger.warning(
                 f"{name} received: finishing iteration {self.trainer.iter}, then saving a "
                 f"checkpoint and exiting with status {PREEMPTED_EXIT_CODE} (--resume continues)"
