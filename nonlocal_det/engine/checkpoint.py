@@ -351,6 +351,8 @@ def _mmdet_error(path: str, key: str, state: Optional[dict], meta: dict, unsafe:
     else:
         command += f" --write-config {stem}_detectron2.yaml"
         then = f"then use the written config with {key} {out}"
+    if state is not None and not (meta.get("config") or meta.get("cfg")):
+        command += " --assume-defaults"  # no training config inside: mmdetection's defaults
     if unsafe:
         command += " --unsafe-load"
     reason = f"it is {what}, not a Detectron2 checkpoint{note}"
