@@ -55,14 +55,18 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-def get_rng_state() -> Dict[str, Any]:
-    """The states of torch's CPU generator (and CUDA's, once initialised), numpy's global
-    generator and Python's ``random``, as tensors and numbers (loadable with
-    ``torch.load(weights_only=True)``)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
+def _raw_rng_state() -> tuple:
+    """The random states as the generators give them (cheap: taken for each image loaded)."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), np.random.get_state(), random.getstate(), cuda
+
+
+def _rng_state_dict(raw: tuple) -> Dict[str, Any]:
+    cpu, (_, keys, pos, has_gauss, gauss), (version, internal, gauss_next), cuda = raw
     state = {
-        "torch": torch.get_rng_state(),
+        "torch": cpu,
         "numpy": {
             "keys": torch.from_numpy(keys.astype(np.int64)),
             "pos": int(pos),
@@ -75,9 +79,16 @@ def get_rng_state() -> Dict[str, Any]:
             "gauss_next": gauss_next,
         },
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """The states of torch's CPU generator (and CUDA's, once initialised), numpy's global
+    generator and Python's ``random``, as tensors and numbers (loadable with
+    ``torch.load(weights_only=True)``)."""
+    return _rng_state_dict(_raw_rng_state())
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -110,6 +121,10 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         set_rng_state(state)
+
+
+def _as_dict(rng):
+    return _rng_state_dict(rng) if isinstance(rng, tuple) else rng
 
 
 class _ResumableSampler(Sampler):
@@ -183,7 +198,7 @@ class _TrackedItems:
         in_main = self.loader.num_workers == 0
         while True:
             self.prune()
-            state = get_rng_state() if in_main else None
+            state = _raw_rng_state() if in_main else None
             try:
                 item = next(iterator)
             except StopIteration:
@@ -253,7 +268,7 @@ class TrainingResumeState:
             self._tracked.prune()
             position = self._tracked.taken
             waiting = [
-                {"position": w.position, "index": w.index, "rng": w.rng}
+                {"position": w.position, "index": w.index, "rng": _as_dict(w.rng)}
                 for w in self._tracked.waiting
             ] + self._tracked.replay  # the checkpoint's, if no image was taken since
         elif self._loader.num_workers == 0:
