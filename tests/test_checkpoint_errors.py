@@ -328,6 +328,13 @@ def test_resume_without_checkpoints_starts_from_the_weights(tmp_path, caplog):
     check_weights_file(str(tmp_path / "absent.pth"), resume_from=str(out))
 
 
+def test_save_over_a_garbled_last_checkpoint(tmp_path):
+    (tmp_path / "last_checkpoint").write_bytes(b"\xff\xfe")  # Detectron2: UnicodeDecodeError
+    ckpt = AtomicCheckpointer(_net(0), str(tmp_path))
+    ckpt.save("model_0000001", iteration=1)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+
+
 # ----- a full disk during a save ----------------------------------------------------------------
 
 

@@ -632,7 +632,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         skipped."""
         if not self.save_dir or not self.save_to_disk:
             return
-        previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        try:  # the last good checkpoint, for the message if this save fails
+            previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        except (OSError, ValueError):  # a garbled tag (UnicodeDecodeError): none known
+            previous = ""
         previous = previous if previous and os.path.isfile(previous) else ""
         size = os.path.getsize(previous) if previous else 0
         self.path_manager.last_write = None
