@@ -300,7 +300,10 @@ class TrainingResumeState:
         if self.unsupported:
             why = self.unsupported
         elif data is None:
-            why = "the checkpoint holds no data position (its loader was not supported)"
+            why = (
+                "the checkpoint holds no data position (its train loader was not supported, or "
+                "made its batches in worker processes without aspect-ratio grouping)"
+            )
         else:
             now = {
                 "dataset_size": len(self._loader.dataset.dataset),

@@ -151,8 +151,10 @@ def conv1x1_fp32(
     shape.extend(x.shape[2:])
     with torch.autocast(device_type="cpu", enabled=False):
         with torch.autocast(device_type="cuda", enabled=False):
-            w = weight.to(dt).reshape(weight.shape[0], -1)  # (C_out, C)
-            y = torch.matmul(w, x.to(dt).flatten(2))  # (N, C_out, L)
+            w = weight.to(dt).reshape(1, weight.shape[0], -1)  # (1, C_out, C)
+            # bmm, not matmul: matmul folds the batch into one product only when no gradient
+            # is needed, which changes the rounding (frozen and trainable blocks would differ)
+            y = torch.bmm(w.expand(x.shape[0], -1, -1), x.to(dt).flatten(2))  # (N, C_out, L)
             if bias is not None:
                 y = y + bias.to(dt).unsqueeze(1)
     return y.reshape(shape)
