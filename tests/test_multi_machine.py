@@ -1,12 +1,14 @@
 """Several machines: two ``train_net.py`` processes on this host as machines 0 and 1 of one run
 (``--num-machines 2 --machine-rank 0|1 --dist-url tcp://127.0.0.1:PORT``, gloo on CPU) train,
-checkpoint (machine 0 only), resume and evaluate; a machine that never joins stops the other
-within ``--dist-timeout`` with a message naming the address, the machine and the timeout; the
-Slurm script runs one task per node with its node id and requeues after a preemption."""
+stop together on a signal to machine 0 with one checkpoint (machine 0's), resume and evaluate; a
+machine that never joins stops the other within ``--dist-timeout`` with a message naming the
+address, the machine and the timeout; the Slurm script runs one task per node with its node id
+and requeues after a preemption."""
 
 import json
 import math
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -32,9 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_machines(args, env, tmp_path, machines=2, timeout=400):
+def run_machines(args, env, tmp_path, machines=2, stop_signal=None, timeout=400):
     """``train_net.py args`` as machines 0..machines-1 of one run on this host, started together;
-    returns [(exit status, output)] by machine rank."""
+    returns [(exit status, output)] by machine rank. ``stop_signal``: sent to machine 0's
+    ``train_net.py`` (not to its worker, nor to machine 1) 2 s after its training started."""
     url = f"tcp://127.0.0.1:{_free_port()}"
     procs, logs = [], []
     for rank in range(machines):
@@ -54,6 +57,12 @@ def run_machines(args, env, tmp_path, machines=2, timeout=400):
     out = []
     try:
         deadline = time.monotonic() + timeout
+        while stop_signal and time.monotonic() < deadline and procs[0].poll() is None:
+            if "Starting training from iteration" in open(logs[0].name).read():
+                time.sleep(2)
+                procs[0].send_signal(stop_signal)
+                break
+            time.sleep(0.2)
         for proc in procs:
             proc.wait(timeout=max(1, deadline - time.monotonic()))
     finally:
@@ -70,43 +79,51 @@ def run_machines(args, env, tmp_path, machines=2, timeout=400):
 
 @pytest.mark.slow
 def test_two_machines_train_checkpoint_resume_and_evaluate(tmp_path, tmp_path_factory):
+    """Machine 0 gets SIGUSR1 (as Slurm sends before a time limit): both machines stop after the
+    same iteration, machine 0 alone saves, both exit with the preemption status; ``--resume`` on
+    both continues from there, checkpoints and evaluates, both exit 0."""
+    from nonlocal_det.engine.preemption import PREEMPTED_EXIT_CODE
+
     out = tmp_path / "out"
     env = env_for(shared_datasets_dir(tmp_path_factory))
-    args = ["--config-file", DEMO, *TINY, "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", out]
+    args = ["--config-file", DEMO, *TINY, "SOLVER.CHECKPOINT_PERIOD", "1000", "OUTPUT_DIR", out]
 
-    # 1. train 2 iterations (no evaluation): one checkpoint, by machine 0
-    train = [*args, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()"]
-    (rc0, log0), (rc1, log1) = run_machines(train, env, tmp_path)
-    assert rc0 == 0 and rc1 == 0, (log0[-3000:], log1[-3000:])
+    # 1. train until machine 0 is told to stop (no evaluation): one checkpoint, by machine 0
+    train = [*args, "SOLVER.MAX_ITER", "1000", "DATASETS.TEST", "()"]
+    (rc0, log0), (rc1, log1) = run_machines(train, env, tmp_path, stop_signal=signal.SIGUSR1)
+    assert rc0 == rc1 == PREEMPTED_EXIT_CODE, (rc0, rc1, log0[-3000:], log1[-3000:])
     rank1 = (out / "log.txt.rank1").read_text()
     assert "Rank of current process: 0. World size: 2" in log0
     assert "Rank of current process: 1. World size: 2" in rank1
     for text in (log0, rank1):
         assert "Starting training from iteration 0" in text
     files = sorted(os.listdir(out))
-    assert [f for f in files if f.endswith(".pth")] == ["model_final.pth"]
+    (saved,) = [f for f in files if f.endswith(".pth")]
+    assert (out / "last_checkpoint").read_text().strip() == saved
+    stop = torch.load(out / saved, weights_only=False)["iteration"]
+    assert f"Stopped on SIGUSR1 after iteration {stop}" in log0
+    assert f"after iteration {stop}" in rank1  # the same iteration on machine 1
     assert [f for f in files if f.startswith("metrics")] == ["metrics.json"]
     assert "Saving checkpoint to" in log0
     assert "Saving checkpoint to" not in log1 + rank1
-    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 1
 
-    # 2. resume on both machines: from iteration 2, one more checkpoint, then the evaluation,
-    # which machine 0 reports and writes
-    resume = ["--resume", *args, "SOLVER.MAX_ITER", "3"]
+    # 2. resume on both machines: from the next iteration, one more, a checkpoint, then the
+    # evaluation, which machine 0 reports and writes
+    resume = ["--resume", *args, "SOLVER.MAX_ITER", stop + 2]
     (rc0, log0), (rc1, log1) = run_machines(resume, env, tmp_path)
     assert rc0 == 0 and rc1 == 0, (log0[-3000:], log1[-3000:])
     rank1 = (out / "log.txt.rank1").read_text()
-    assert "Starting training from iteration 2" in log0
-    assert rank1.count("Starting training from iteration 2") == 1
-    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
-    assert [f for f in os.listdir(out) if f.endswith(".pth")] == ["model_final.pth"]
+    assert f"Starting training from iteration {stop + 1}" in log0
+    assert rank1.count(f"Starting training from iteration {stop + 1}") == 1
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == stop + 1
+    assert {f for f in os.listdir(out) if f.endswith(".pth")} == {saved, "model_final.pth"}
     for task in ("bbox", "segm", "keypoints"):
         assert f"Evaluation results for {task}" in log0
         assert f"Evaluation results for {task}" not in log1 + rank1
     assert (out / "inference" / "nl_synthetic_val" / "coco_instances_results.json").is_file()
     records = [json.loads(line) for line in open(out / "metrics.json")]
     losses = {r["iteration"]: r["total_loss"] for r in records if "total_loss" in r}
-    assert {1, 2} <= set(losses) and all(math.isfinite(v) for v in losses.values())
+    assert {stop, stop + 1} <= set(losses) and all(math.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.slow

@@ -13,11 +13,11 @@ import shlex
 import shutil
 
 import pytest
-from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from utils import CONFIGS, REPO
 
 from nonlocal_det.config import get_nonlocal_cfg
+from nonlocal_det.engine.launch import default_argument_parser  # train_net.py's
 from nonlocal_det.modeling import check_model_config
 
 D2_CHECKOUT = "~/detectron2/"  # where the docs put a Detectron2 source checkout
@@ -95,6 +95,11 @@ def test_commands_parse_and_their_configs_load(words, monkeypatch):
     if program == "make":
         targets = re.findall(r"^([a-z-]+):", open(os.path.join(REPO, "Makefile")).read(), re.M)
         assert set(args) <= set(targets), (args, targets)
+        return
+    if program == "sbatch":  # scripts/slurm_train.sh runs train_net.py with the arguments after it
+        script = next(i for i, a in enumerate(args) if a.endswith(".sh"))
+        assert os.path.isfile(os.path.join(REPO, args[script])), args[script]
+        _check_config(default_argument_parser().parse_args(args[script + 1 :]))
         return
     if program == "pip":
         assert args[:1] == ["install"]  # tests/test_packaging.py runs both forms
