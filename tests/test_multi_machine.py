@@ -258,3 +258,23 @@ def test_slurm_script_runs_one_task_per_node_and_requeues_after_a_preemption(tmp
         assert args.config_file == user[1] and args.opts == user[2:]
     requeued = (record / "scontrol").read_text() if (record / "scontrol").exists() else ""
     assert requeued == ("requeue 4242\n" if status == PREEMPTED_EXIT_CODE else "")
+
+
+def test_the_message_quotes_torch_s_error_line_not_its_cpp_frames():
+    """torch's c10d errors carry C++ stack frames after the error line (a port that something
+    else answers on): the message quotes the error line."""
+    from nonlocal_det.engine.launch import _rendezvous_message
+
+    child = """Traceback (most recent call last):
+  File "detectron2/engine/launch.py", line 123, in _distributed_worker
+    dist.init_process_group(
+torch.distributed.DistNetworkError: Ping failed, invalid value returned from server.
+Exception raised from ping at torch/csrc/distributed/c10d/TCPStore.cpp:427 (most recent call first):
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x98 (0x7f3c in libc10.so)
+frame #36: _start + 0x21 (0x563d in python)
+"""
+    args = _args("--num-machines", "2", "--machine-rank", "1", "--dist-url", "tcp://h:29500")
+    message = _rendezvous_message(args, child)
+    said = "torch said: torch.distributed.DistNetworkError: Ping failed, invalid value returned "
+    assert said + "from server. Check:" in message
+    assert "frame #" not in message and "--dist-timeout 1800 s" in message

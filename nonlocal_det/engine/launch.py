@@ -4,6 +4,7 @@ checked arguments, and an error that names the address, the machine and the time
 processes cannot form their group (a machine that never joins)."""
 
 import argparse
+import re
 import sys
 from datetime import timedelta
 
@@ -79,9 +80,16 @@ def check_launch_args(args: argparse.Namespace) -> None:
         )
 
 
+def _error_line(traceback_text: str) -> str:
+    """The ``SomeError: message`` line of a formatted traceback (torch's C++ errors add their
+    stack frames after it)."""
+    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
+    found = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    return (found or lines or ["no error text"])[-1]
+
+
 def _rendezvous_message(args: argparse.Namespace, child_error: str) -> str:
-    lines = [line for line in child_error.strip().splitlines() if line.strip()]
-    said = lines[-1].strip().rstrip(".") if lines else "no error text"
+    said = _error_line(child_error).rstrip(".")
     n, k, rank = args.num_machines, args.num_gpus, args.machine_rank
     world = n * k
     ranks = f"{rank * k}" if k == 1 else f"{rank * k}..{rank * k + k - 1}"
