@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections import abc
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -113,16 +113,49 @@ def _last_checkpoint(checkpointer) -> str:
         return ""
 
 
-def _non_finite_tensors(path: str) -> Optional[str]:
-    """A description of the checkpoint's non-finite model tensors, "" if none, None if the file
-    cannot be read."""
+def _non_finite_tensors(path: str) -> Optional[List[str]]:
+    """The names of the checkpoint's non-finite model tensors; None if it cannot be read."""
     try:
         model = torch.load(path, map_location="cpu", weights_only=False).get("model", {})
     except Exception:
         return None
-    bad = [k for k, v in model.items() if torch.is_tensor(v) and v.is_floating_point()
-           and not torch.isfinite(v).all()]  # fmt: skip
-    return f"{len(bad)} tensor(s) ({', '.join(bad[:3])}...)" if bad else ""
+    return [k for k, v in model.items() if torch.is_tensor(v) and v.is_floating_point()
+            and not torch.isfinite(v).all()]  # fmt: skip
+
+
+def _last_good_checkpoint(checkpointer, tries: int = 5) -> str:
+    """Which checkpoint of ``checkpointer.save_dir`` to resume from after a divergence: the one
+    ``last_checkpoint`` names if its weights are finite, else the newest such ``model_*.pth``
+    (a checkpoint saved right before the loss turned NaN often holds NaN weights already)."""
+    folder = getattr(checkpointer, "save_dir", "") or ""
+    last = _last_checkpoint(checkpointer)
+    if not last:
+        return f"No checkpoint was written in {folder or 'the output folder'}."
+    said = f"last_checkpoint names {last} (nothing was saved after it)"
+    files = sorted(
+        (os.path.join(folder, f) for f in os.listdir(folder) if re.fullmatch(r"model_.*\.pth", f)),
+        key=os.path.getmtime,
+        reverse=True,
+    )
+    files = [last] + [f for f in files if os.path.basename(f) != os.path.basename(last)]
+    for n, path in enumerate(files[:tries]):
+        bad = _non_finite_tensors(path)
+        if bad == [] and n == 0:
+            return f"{said}: its weights are finite; --resume restarts from it."
+        if bad == []:
+            name = os.path.basename(path)
+            return (
+                f"{said}, but its weights hold NaN / inf. The newest checkpoint with finite "
+                f"weights is {path}: write {name} into {os.path.join(folder, 'last_checkpoint')} "
+                "and --resume restarts from it."
+            )
+        if n == 0:
+            said += f", but {'it cannot be read' if bad is None else 'its weights hold NaN / inf'}"
+            said += f" ({len(bad)} tensors, e.g. {bad[0]})" if bad else ""
+    return (
+        f"{said}; none of the {len(files[:tries])} newest checkpoints has finite weights: train "
+        "again from the start (without --resume, in another OUTPUT_DIR)."
+    )
 
 
 def _losses(error: FloatingPointError) -> str:
@@ -178,8 +211,9 @@ class SafeStop(HookBase):
             if signal.SIGCHLD not in self._previous:
                 self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             logger.warning(
-                f"{name} received: finishing iteration {self.trainer.iter}, then saving a "
-                f"checkpoint and exiting with status {PREEMPTED_EXIT_CODE} (--resume continues)"
+                f"{name} received during iteration {self.trainer.iter}: the current iteration "
+                f"finishes, then a checkpoint is saved and the process exits with status "
+                f"{PREEMPTED_EXIT_CODE} (--resume continues)"
             )
         elif signum == self.requested and time.monotonic() - self._requested_at < 2.0:
             pass  # the same signal passed on by the parent process too (Ctrl-C reaches both)
@@ -290,33 +324,18 @@ class SafeStop(HookBase):
 
     def _diverged(self, error: FloatingPointError) -> None:
         it = self.trainer.iter
-        path = _last_checkpoint(self.checkpointer)
-        if not path:
-            kept = (
-                "No checkpoint was written yet in "
-                f"{getattr(self.checkpointer, 'save_dir', '') or 'the output folder'}: "
-                "restart from scratch (or your initial weights)."
-            )
-        else:
-            bad = _non_finite_tensors(path)
-            kept = f"The last checkpoint is {path} (last_checkpoint names it; nothing was saved after it)"
-            if bad is None:
-                kept += ", but it cannot be read back."
-            elif bad:
-                kept += (
-                    f", but its weights hold NaN / inf already: {bad}; resume from an older "
-                    "model_*.pth by writing its name into last_checkpoint."
-                )
-            else:
-                kept += ": its weights are finite; --resume restarts from it."
+        loss = str(error).startswith("Loss became infinite or NaN")  # SimpleTrainer's check
+        what = f"Loss became infinite or NaN at iteration {it}: {_losses(error)}" if loss else (
+            f"Training diverged at iteration {it}: {str(error).rstrip('.')}"
+        )  # fmt: skip
         message = (
-            f"Loss became infinite or NaN at iteration {it}: {_losses(error)}. Training stopped; "
-            f"the diverged model was not saved and not evaluated.\n{kept}\nTo avoid the "
-            "divergence, lower SOLVER.BASE_LR (train.lr / optimizer.lr in a LazyConfig) or enable "
-            "SOLVER.CLIP_GRADIENTS."
+            f"{what}. Training stopped; the diverged model was not saved and not evaluated.\n"
+            f"{_last_good_checkpoint(self.checkpointer)}\nTo avoid the divergence, lower "
+            "SOLVER.BASE_LR (optimizer.lr in a LazyConfig) or enable SOLVER.CLIP_GRADIENTS."
         )
         logger.error(message)
-        self._reduce(_DIVERGED)
+        if loss:  # found by the main process only, while the others go on to after_step
+            self._reduce(_DIVERGED)
         self._stop_other_hooks()
         raise NonFiniteLossError(message) from error
 
