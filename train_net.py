@@ -40,7 +40,6 @@ from nonlocal_det.engine import (
     NonLocalTrainer,
     check_weights_file,
     fall_back_to_cpu,
-    forward_stop_signals,
     share_cpu_threads,
 )
 from nonlocal_det.engine.launch import default_argument_parser, launch
@@ -108,5 +107,4 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    with forward_stop_signals(args.num_gpus):  # the workers stop on SIGTERM..., not this one
-        launch(main, args)  # --num-gpus / --num-machines processes, --dist-timeout to join
+    launch(main, args)  # --num-gpus / --num-machines processes, --dist-timeout to join

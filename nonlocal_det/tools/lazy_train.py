@@ -35,7 +35,6 @@ from ..engine.resume_state import TrainingResumeState, preserved_rng
 from ..engine.preemption import (
     DEFAULT_STOP_SIGNALS,
     SafeStop,
-    forward_stop_signals,
     parse_stop_signals,
 )
 
@@ -151,9 +150,7 @@ def parser():
 def cli(argv=None) -> None:
     """Parse the arguments and run :func:`main` on every process (``nonlocal_det.engine.launch``:
     the same launch, timeout and errors as ``train_net.py``)."""
-    args = parser().parse_args(argv)
-    with forward_stop_signals(args.num_gpus):  # the workers stop on SIGTERM..., not this one
-        launch(main, args)
+    launch(main, parser().parse_args(argv))  # the workers stop on SIGTERM..., not the launcher
 
 
 if __name__ == "__main__":
