@@ -5,10 +5,11 @@
 #       OUTPUT_DIR output/mask_rcnn_R50_NL
 #
 # Submit from the repository root. The arguments go to train_net.py (config file, KEY VALUE
-# overrides). One task per node: each runs train_net.py with --num-gpus $GPUS_PER_NODE (default
-# 8; the CPU process count without CUDA), --num-machines the node count, --machine-rank its node
-# id ($SLURM_NODEID), --dist-url tcp://<first node's hostname>:$PORT (default 29500) and --resume
-# (the first run starts from MODEL.WEIGHTS, a requeued one from OUTPUT_DIR/last_checkpoint).
+# overrides). One task per node: each runs train_net.py with --num-gpus $GPUS_PER_NODE (default:
+# the node's GPUs, else 8; the CPU process count without CUDA), --num-machines the node count,
+# --machine-rank its node id ($SLURM_NODEID), --dist-url tcp://<first node's hostname>:$PORT
+# (default 29500) and --resume (the first run starts from MODEL.WEIGHTS, a requeued one from
+# OUTPUT_DIR/last_checkpoint).
 # OUTPUT_DIR must be on a disk that every node sees.
 #
 # Preemption: 120 s before the time limit Slurm sends SIGUSR1 to the processes of the job step
@@ -30,7 +31,7 @@
 set -u
 PREEMPTED_EXIT_CODE=75
 export PYTHON=${PYTHON:-.venv/bin/python}
-export GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+export GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export DIST_URL="tcp://${first_node}:${PORT:-29500}"
 
