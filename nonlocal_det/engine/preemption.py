@@ -342,15 +342,15 @@ class SafeStop(HookBase):
 
 # ---- the parent process of several workers ---------------------------------------------------
 @contextlib.contextmanager
-def forward_stop_signals(num_gpus_per_machine: int) -> Iterator[None]:
-    """Around Detectron2's ``launch``: with several worker processes on this machine
-    (``num_gpus_per_machine > 1``), the parent process passes each signal of
-    :data:`ALLOWED_STOP_SIGNALS` it receives on to its workers instead of dying first (each
-    worker's :class:`SafeStop` then stops after its current iteration), and exits with
+def forward_stop_signals(world_size: int) -> Iterator[None]:
+    """Around Detectron2's ``launch``: when it starts worker processes (``world_size`` > 1, even
+    one per machine), this parent process passes each signal of :data:`ALLOWED_STOP_SIGNALS` it
+    receives on to its workers instead of dying first and leaving them orphaned (each worker's
+    :class:`SafeStop` then stops after its current iteration), and exits with
     :data:`PREEMPTED_EXIT_CODE` when a worker was ended by a signal passed on (before its training
     started). A worker's own exit status (75 after a stop) is the launcher's to pass on. With one
     process nothing changes."""
-    if num_gpus_per_machine <= 1:
+    if world_size <= 1:
         yield
         return
     import multiprocessing
