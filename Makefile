@@ -1,6 +1,6 @@
 # nonlocal_det — every target first runs the idempotent set-up (creates .venv/, installs all).
 PY := .venv/bin/python
-.PHONY: setup test demo bench bench-model gpu-check format clean-venv
+.PHONY: setup test demo bench bench-model gpu-check gpu-wheels format clean-venv
 
 setup:
 	@bash scripts/setup_env.sh
@@ -43,7 +43,22 @@ format: setup
 clean-venv:
 	rm -rf .venv
 
-# On a machine with one CUDA GPU (about 8 minutes): CUDA tests, operator and model benchmarks on
-# CUDA, 20 AMP training iterations; one Markdown report in output/gpu_check/report.md.
-gpu-check: setup
-	$(PY) benchmarks/gpu_check.py --output output/gpu_check
+# On a machine with one CUDA GPU (at most 8 minutes): CUDA tests, operator and model benchmarks on
+# CUDA, 20 AMP training iterations; one Markdown report in output/gpu_check/report.md. Without a
+# .venv but with the wheels of `make gpu-wheels` in .gpu_wheels/ (a lent GPU machine: no network,
+# its own python3 and torch), no set-up: the wheels are installed with pip --no-index
+# (docs/gpu_check.md).
+# GPU_CHECK_OPTS: e.g. "--device cpu" (the same steps, small, on the CPU: a rehearsal).
+GPU_WHEELS := .gpu_wheels
+GPU_CHECK_OPTS ?=
+gpu-check:
+	@if [ ! -x $(PY) ] && [ -d $(GPU_WHEELS) ]; then \
+		python3 benchmarks/gpu_check.py --wheels $(GPU_WHEELS) --output output/gpu_check $(GPU_CHECK_OPTS); \
+	else \
+		$(MAKE) --no-print-directory setup && \
+		$(PY) benchmarks/gpu_check.py --output output/gpu_check $(GPU_CHECK_OPTS); \
+	fi
+
+# Here, with network: the wheels a lent GPU machine lacks for gpu-check, into .gpu_wheels/.
+gpu-wheels: setup
+	bash scripts/gpu_wheels.sh $(GPU_WHEELS)

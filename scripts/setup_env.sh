@@ -134,16 +134,10 @@ else
   else
     say "detectron2: official source install unavailable ($(grep -m1 -iE 'fatal:|could not' /tmp/nonlocal_det_d2_git.log | sed 's/^ *//' | cut -c1-140)); using the PyPI fallback $D2_FALLBACK"
     TMP="$(mktemp -d)"
-    "${PIP[@]}" download --no-deps --only-binary=:all: --python-version 3.10 -d "$TMP" "$D2_FALLBACK" ||
-      fail "detectron2" "could not download $D2_FALLBACK from PyPI; install detectron2 yourself (see its INSTALL.md) into $VENV and rerun 'make setup'"
-    WHL="$(ls "$TMP"/*.whl | head -n1)"
-    "$PY" -m wheel unpack -d "$TMP/unpacked" "$WHL" >/dev/null || fail "detectron2" "could not unpack $WHL"
-    PKGDIR="$(ls -d "$TMP"/unpacked/*/ | head -n1)"
-    rm -f "$PKGDIR"/detectron2/_C*.so  # a cp310 binary built against another torch
-    sed -i 's/^Tag: .*/Tag: py3-none-any/' "$PKGDIR"/*.dist-info/WHEEL
-    mkdir -p "$TMP/out"
-    "$PY" -m wheel pack -d "$TMP/out" "$PKGDIR" >/dev/null || fail "detectron2" "could not repack the $D2_FALLBACK wheel"
-    "${PIP[@]}" install --no-compile --no-deps "$TMP"/out/*.whl ||
+    # download, drop the stale _C, retag py3-none-any (shared with scripts/gpu_wheels.sh)
+    D2_WHL="$(D2_FALLBACK="$D2_FALLBACK" bash "$ROOT/scripts/detectron2_wheel.sh" "$PY" "$TMP")" ||
+      fail "detectron2" "could not make the $D2_FALLBACK wheel (see the line above); install detectron2 yourself (see its INSTALL.md) into $VENV and rerun 'make setup'"
+    "${PIP[@]}" install --no-compile --no-deps "$D2_WHL" ||
       fail "detectron2" "could not install the repacked $D2_FALLBACK wheel"
     rm -rf "$TMP"
     say "detectron2: installed from the PyPI fallback $D2_FALLBACK (pure Python, no _C ops)"
