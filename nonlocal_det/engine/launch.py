@@ -98,10 +98,10 @@ def _rendezvous_message(args: argparse.Namespace, child_error: str) -> str:
         f"The {world} processes of this run did not all join at {where} within --dist-timeout "
         f"{args.dist_timeout:g} s. This is machine --machine-rank {rank} of --num-machines {n} "
         f"(--num-gpus {k}: global rank {ranks} of {world}); torch said: {said}. Check: every "
-        f"machine runs the same command with --num-machines {n}, the same "
-        f"--num-gpus and {where}, and its own --machine-rank (0..{n - 1}, each once); machine 0 "
-        f"is the host of {where}, its address and port are reachable from the others (firewall, "
-        "network interface) and the port is free; jobs that start minutes apart need a larger "
+        f"machine runs the same command with --num-machines {n}, the same --num-gpus and "
+        f"{where}, and its own --machine-rank (0..{n - 1}, each once); machine 0 is the host of "
+        f"{where}, its address and port are reachable from the others (firewall, network "
+        "interface) and the port is free; jobs that start minutes apart need a larger "
         "--dist-timeout."
     )
 
@@ -126,6 +126,7 @@ def launch(main_func, args: argparse.Namespace) -> None:
     check_launch_args(args)
     world_size = args.num_gpus * args.num_machines  # > 1: Detectron2 starts worker processes
     try:
+        # its argument only decides whether there are workers here: > 1 whenever the world is
         with forward_stop_signals(world_size):
             d2_launch(
                 main_func,
