@@ -126,7 +126,6 @@ def launch(main_func, args: argparse.Namespace) -> None:
     check_launch_args(args)
     world_size = args.num_gpus * args.num_machines  # > 1: Detectron2 starts worker processes
     try:
-        # its argument only decides whether there are workers here: > 1 whenever the world is
         with forward_stop_signals(world_size):
             d2_launch(
                 main_func,
