@@ -22,7 +22,7 @@ def _nan_mask_loss_at(monkeypatch, iteration):
     def forward_with_nan(self, batched_inputs):
         out = forward(self, batched_inputs)
         if self.training and get_event_storage().iter == iteration:
-            out["loss_mask"] = out["loss_mask"] * float("nan")
+            out["loss_mask"] = out["loss_mask"] + float("nan")  # (finite gradients: quick)
         return out
 
     monkeypatch.setattr(GeneralizedRCNN, "forward", forward_with_nan)
@@ -47,6 +47,7 @@ def _check_stop(error, out, last_good):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_train_net_trainer(tmp_path, monkeypatch):
     """NaN at the last iteration (4 of 0..4): Detectron2 would save it as model_final and
     evaluate it."""
@@ -60,6 +61,7 @@ def test_nan_loss_stops_train_net_trainer(tmp_path, monkeypatch):
     assert evaluations == []
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_lazy_trainer(tmp_path, monkeypatch):
     from nonlocal_det.tools import lazy_train
 
@@ -117,6 +119,7 @@ def _two_process_worker(rank, folder, port):
             f.write(f"{trainer.iter}\n{e}")
 
 
+@pytest.mark.slow
 def test_nan_loss_two_processes_both_stop(tmp_path):
     """The main process's NaN check (Detectron2's, on the mean over the processes) stops the other
     process after the same iteration too, instead of leaving it waiting in a collective."""

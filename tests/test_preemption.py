@@ -180,6 +180,7 @@ def _second_signal_during_save(checkpointer, sig, saves):
     checkpointer.save = save_with_a_signal
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "first, second, at, max_iter",
     [
@@ -189,6 +190,7 @@ def _second_signal_during_save(checkpointer, sig, saves):
         # evaluation
         (signal.SIGINT, signal.SIGTERM, 2, 3),
     ],
+    ids=["config-signal-then-ctrl-c-in-save", "ctrl-c-at-last-iteration"],
 )
 def test_signal_in_process_second_signal_ignored(
     tmp_path, monkeypatch, preemption_log, first, second, at, max_iter
@@ -221,6 +223,7 @@ def test_signal_in_process_second_signal_ignored(
     assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
+@pytest.mark.slow
 def test_lazy_trainer_stops_on_its_signal(tmp_path, monkeypatch, preemption_log):
     """``lazy_train.train``: ``train.stop_signals``, an atomic checkpoint of the stop iteration,
     exit status 75, no evaluation."""
