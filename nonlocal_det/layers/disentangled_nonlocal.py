@@ -11,6 +11,9 @@
 
 with x' = x, or x max-pooled 2x2 with ``downsample``. The pairwise term goes through
 ``scaled_dot_product_attention`` and never builds the N x M matrix (N query and M key positions).
+In float16 (autocast or a half module) the query, key, mask logits, both softmaxes and the
+attention run in float32 (at T = 0.05 large activations give logits beyond float16's 65504) and
+are cast back; the value and the residual stay in the input's precision.
 """
 
 import math

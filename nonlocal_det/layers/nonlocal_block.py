@@ -15,6 +15,10 @@ matrix (N query positions, M key positions), neither in the forward nor in the b
   sum_j ReLU(a_i + b_j) g_j = a_i * G[n_i] + BG[n_i] with G, BG prefix sums of g_j and b_j g_j and
   n_i found by binary search. Exact, O((N + M) log M) time and O((N + M) C) memory, and plain
   autograd gives the exact gradient (the ReLU kink has measure zero).
+
+In float16 (autocast or a half module) theta, phi, their products and the softmax are computed
+in float32 (with large activations theta_i . phi_j exceeds float16's 65504) and the result is
+cast back; g, W_z and the residual stay in the input's precision.
 """
 
 import math
