@@ -6,6 +6,9 @@
 * ``SOLVER.AMP.ENABLED`` on CPU trains (bf16 autocast of the forward; Detectron2's AMPTrainer
   needs CUDA), and evaluates in fp32.
 * CUDA fp16: Detectron2's AMPTrainer with non-local blocks (skipped without a GPU).
+
+Every block type of the family in float16 (autocast and half modules, gradients, against
+float64): tests/test_fp16_blocks.py.
 """
 
 import math
