@@ -101,6 +101,7 @@ def _nonlocal(pairwise: str) -> Tuple[nn.Module, float]:
 
 
 def _snl() -> Tuple[nn.Module, float]:
+    torch.manual_seed(0)
     block = SimplifiedNonLocalBlock(CHANNELS)
     _normal_(block.conv_mask.weight, 2.0, 10)  # mask logits ~ 2 * 20 * 8 = 320 (exp overflows)
     _normal_(block.conv_value.weight, 1 / math.sqrt(CHANNELS), 11)
@@ -109,6 +110,7 @@ def _snl() -> Tuple[nn.Module, float]:
 
 def _gc(fusions) -> Callable[[], Tuple[nn.Module, float]]:
     def make():
+        torch.manual_seed(0)  # PyTorch's default init of the transforms' first convs
         block = GlobalContextBlock(CHANNELS, ratio=0.25, fusion_types=fusions)
         _normal_(block.conv_mask.weight, 2.0, 10)
         for i, t in enumerate((block.channel_add_conv, block.channel_mul_conv)):
@@ -120,6 +122,7 @@ def _gc(fusions) -> Callable[[], Tuple[nn.Module, float]]:
 
 
 def _dnl() -> Tuple[nn.Module, float]:
+    torch.manual_seed(0)
     block = DisentangledNonLocalBlock(CHANNELS)  # ratio 1/4 (C' = 16), temperature 0.05
     # key = query: whitened q_i . q_i ~ 3e4, times 1 / (sqrt(16) * 0.05) = 5 in the softmax
     _normal_(block.conv_query.weight, 0.2, 10)
