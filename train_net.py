@@ -23,12 +23,11 @@ import logging
 import os
 
 import torch
-from detectron2.engine import default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from nonlocal_det.config import get_nonlocal_cfg
+from nonlocal_det.config import check_config_values, get_nonlocal_cfg
 from nonlocal_det.data import (
     EVAL_ONLY_KEYS,
     check_datasets,
@@ -43,6 +42,7 @@ from nonlocal_det.engine import (
     share_cpu_threads,
 )
 from nonlocal_det.engine.launch import default_argument_parser, launch
+from nonlocal_det.engine.output_dir import setup_output_dir
 from nonlocal_det.modeling import check_model_config
 
 
@@ -69,8 +69,9 @@ def setup(args):
     on_cpu = fall_back_to_cpu(cfg)  # MODEL.DEVICE cpu when CUDA is absent
     configure_coco_json_datasets(cfg, keys)  # DATASETS.*_JSON: files checked, classes from them
     check_model_config(cfg)
+    check_config_values(cfg, comm.get_world_size())  # solver, input sizes, test, data loader
     cfg.freeze()
-    default_setup(cfg, args)
+    setup_output_dir(cfg, args)  # one run per OUTPUT_DIR; --resume checked; then default_setup
     setup_logger(
         cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nonlocal_det", abbrev_name="nl"
     )

@@ -4,7 +4,15 @@ errors list the keys that do exist."""
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["ConfigKeyError", "add_nonlocal_config", "get_nonlocal_cfg"]
+from .layers._common import check_choice, check_int, check_positive, check_value
+
+__all__ = [
+    "ConfigKeyError",
+    "add_nonlocal_config",
+    "check_config_values",
+    "check_lazy_config_values",
+    "get_nonlocal_cfg",
+]
 
 
 def add_nonlocal_config(cfg: CN) -> CN:
@@ -191,3 +199,112 @@ def _unknown_key_error(cfg: CN, key: str, source: str) -> ConfigKeyError:
     return ConfigKeyError(
         f"{key} (in {source}) is not a config key; allowed keys under {where}: {sorted(node)}"
     )
+
+
+def _ints(value, minimum: int) -> bool:
+    return all(not isinstance(v, bool) and isinstance(v, int) and v >= minimum for v in value)
+
+
+def check_config_values(cfg: CN, world_size: int = 1) -> None:
+    """Check the Detectron2 keys a user typically sets (solver, input sizes, test, data loader)
+    before any work, where Detectron2 would fail later (``SOLVER.CHECKPOINT_PERIOD 0``: a
+    ``ZeroDivisionError`` once training runs; ``INPUT.MIN_SIZE_TRAIN (-100,)``: an error while
+    loading an image) or run without a word. The model keys: ``check_model_config``.
+
+    Args:
+        cfg: a config of :func:`get_nonlocal_cfg`.
+        world_size: the number of processes (``SOLVER.IMS_PER_BATCH`` is split among them).
+
+    Raises:
+        ValueError: naming the key, its value and what is allowed.
+    """
+    s, inp = cfg.SOLVER, cfg.INPUT
+    check_int("", "SOLVER.MAX_ITER", s.MAX_ITER, 1)
+    check_int("", "SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, 1)
+    check_int("", "SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, 1)
+    check_value(
+        "", "SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, s.IMS_PER_BATCH % world_size == 0,
+        f"a multiple of the number of processes, {world_size} (the images of a step are split "
+        "evenly among them)",
+    )  # fmt: skip
+    check_int("", "SOLVER.REFERENCE_WORLD_SIZE", s.REFERENCE_WORLD_SIZE, 0)
+    for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY"):
+        check_positive("", f"SOLVER.{key}", s[key], inclusive=True)
+    for key in ("WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS", "BIAS_LR_FACTOR"):
+        if s.get(key) is not None:
+            check_positive("", f"SOLVER.{key}", s[key], inclusive=True)
+    check_positive("", "SOLVER.GAMMA", s.GAMMA)
+    steps = tuple(s.STEPS)
+    check_value(
+        "", "SOLVER.STEPS", s.STEPS, _ints(steps, 1) and list(steps) == sorted(set(steps)),
+        "increasing ints >= 1 (iterations; those above SOLVER.MAX_ITER are not reached)",
+    )  # fmt: skip
+    check_choice("", "SOLVER.LR_SCHEDULER_NAME", s.LR_SCHEDULER_NAME,
+                 ["WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR"])  # fmt: skip
+    check_int("", "SOLVER.WARMUP_ITERS", s.WARMUP_ITERS, 0)
+    check_value("", "SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR,
+                isinstance(s.WARMUP_FACTOR, (int, float)) and 0 <= s.WARMUP_FACTOR <= 1,
+                "a number in [0, 1]")  # fmt: skip
+    check_choice("", "SOLVER.WARMUP_METHOD", s.WARMUP_METHOD, ["linear", "constant"])
+    if s.CLIP_GRADIENTS.ENABLED:
+        check_choice("", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", s.CLIP_GRADIENTS.CLIP_TYPE,
+                     ["value", "norm"])  # fmt: skip
+        check_positive("", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", s.CLIP_GRADIENTS.CLIP_VALUE)
+    sampling = inp.MIN_SIZE_TRAIN_SAMPLING
+    check_choice("", "INPUT.MIN_SIZE_TRAIN_SAMPLING", sampling, ["choice", "range"])
+    sizes = inp.MIN_SIZE_TRAIN if isinstance(inp.MIN_SIZE_TRAIN, (list, tuple)) else ()
+    if sampling == "range":
+        ok = len(sizes) == 2 and _ints(sizes, 1) and sizes[0] <= sizes[1]
+        allowed = "two ints >= 1, the smallest and largest short side (MIN_SIZE_TRAIN_SAMPLING "
+        check_value("", "INPUT.MIN_SIZE_TRAIN", inp.MIN_SIZE_TRAIN, ok, allowed + "'range')")
+    else:
+        ok = len(sizes) >= 1 and _ints(sizes, 1)
+        allowed = "ints >= 1, the short side of a training image (one drawn per image)"
+        check_value("", "INPUT.MIN_SIZE_TRAIN", inp.MIN_SIZE_TRAIN, ok, allowed)
+    check_int("", "INPUT.MAX_SIZE_TRAIN", inp.MAX_SIZE_TRAIN, 1)
+    check_int("", "INPUT.MIN_SIZE_TEST", inp.MIN_SIZE_TEST, 0)  # 0: no resizing
+    check_int("", "INPUT.MAX_SIZE_TEST", inp.MAX_SIZE_TEST, 1)
+    check_choice("", "INPUT.RANDOM_FLIP", inp.RANDOM_FLIP, ["none", "horizontal", "vertical"])
+    check_int("", "TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)
+    check_int("", "TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, 1)
+    check_int("", "DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, 0)
+    check_int("", "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, 1)
+
+
+def check_lazy_config_values(cfg, world_size: int = 1) -> None:
+    """:func:`check_config_values` for a LazyConfig of Detectron2's layout (``train``,
+    ``optimizer``, ``dataloader.train``): the keys present among ``train.max_iter``,
+    ``train.checkpointer.period``, ``train.eval_period``, ``train.log_period``, ``optimizer.lr``,
+    ``dataloader.train.total_batch_size`` and ``num_workers``.
+
+    Raises:
+        ValueError: naming the key, its value and what is allowed.
+    """
+
+    def get(path: str):
+        node = cfg
+        for part in path.split("."):
+            if not hasattr(node, "get") or node.get(part) is None:
+                return None
+            node = node.get(part)
+        return node
+
+    for key, minimum in (
+        ("train.max_iter", 1),
+        ("train.checkpointer.period", 1),
+        ("train.eval_period", 0),
+        ("train.log_period", 1),
+        ("dataloader.train.total_batch_size", 1),
+        ("dataloader.train.num_workers", 0),
+    ):
+        if get(key) is not None:
+            check_int("", key, get(key), minimum)
+    batch = get("dataloader.train.total_batch_size")
+    if batch is not None:
+        check_value(
+            "", "dataloader.train.total_batch_size", batch, batch % world_size == 0,
+            f"a multiple of the number of processes, {world_size} (the images of a step are "
+            "split evenly among them)",
+        )  # fmt: skip
+    if get("optimizer.lr") is not None:
+        check_positive("", "optimizer.lr", get("optimizer.lr"), inclusive=True)

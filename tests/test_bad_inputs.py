@@ -23,7 +23,7 @@ from detectron2.utils.events import EventStorage
 from subproc import DEMO, TINY, env_for, run_train_net
 from utils import REPO, train_cfg
 
-from nonlocal_det.config import ConfigKeyError
+from nonlocal_det.config import ConfigKeyError, check_config_values
 from nonlocal_det.data import check_datasets, register_datasets_for_config
 from nonlocal_det.data.coco import TRAIN_NAME
 from nonlocal_det.data.coco_check import DatasetError
@@ -72,6 +72,7 @@ def prepare(opts):
     """What train_net.py's setup() does before training, minus logging set-up."""
     cfg = train_cfg(DEMO, opts)
     check_model_config(cfg)
+    check_config_values(cfg)
     cfg.freeze()
     register_datasets_for_config(cfg)
     check_datasets(cfg)
@@ -195,6 +196,52 @@ CASES = [
         lambda r, f: ["MODEL.RESNETS.RES2_OUT_CHANNELS", "256"],
         ValueError,
     ),
+    # ---- solver, input sizes, test, data loader (check_config_values) -------------------------
+    (
+        "`SOLVER.CHECKPOINT_PERIOD 0`",
+        lambda r, f: ["SOLVER.CHECKPOINT_PERIOD", "0"],
+        ValueError,
+    ),
+    (
+        "`SOLVER.MAX_ITER 0`",
+        lambda r, f: ["SOLVER.MAX_ITER", "0"],
+        ValueError,
+    ),
+    (
+        "`SOLVER.IMS_PER_BATCH 0`",
+        lambda r, f: ["SOLVER.IMS_PER_BATCH", "0"],
+        ValueError,
+    ),
+    (
+        "`SOLVER.BASE_LR -0.02`",
+        lambda r, f: ["SOLVER.BASE_LR", "-0.02"],
+        ValueError,
+    ),
+    (
+        "`SOLVER.STEPS (700, 565)`",
+        lambda r, f: ["SOLVER.STEPS", "(700, 565)"],
+        ValueError,
+    ),
+    (
+        "`INPUT.MIN_SIZE_TRAIN (-100,)`",
+        lambda r, f: ["INPUT.MIN_SIZE_TRAIN", "(-100,)"],
+        ValueError,
+    ),
+    (
+        "`INPUT.MAX_SIZE_TRAIN 0`",
+        lambda r, f: ["INPUT.MAX_SIZE_TRAIN", "0"],
+        ValueError,
+    ),
+    (
+        "`TEST.EVAL_PERIOD -1`",
+        lambda r, f: ["TEST.EVAL_PERIOD", "-1"],
+        ValueError,
+    ),
+    (
+        "`DATALOADER.NUM_WORKERS -1`",
+        lambda r, f: ["DATALOADER.NUM_WORKERS", "-1"],
+        ValueError,
+    ),
     # ---- dataset files --------------------------------------------------------------------------
     (
         "`DATASETS.TRAIN_JSON` missing",
@@ -271,6 +318,13 @@ CASES = [
 ]
 # Rows whose message another test below produces.
 ELSEWHERE = ["an image truncated after its header (found only when read)"]
+# ... in tests/test_output_dir.py (the output folder, --resume, the commands' outputs).
+ELSEWHERE += [
+    "a second run into the same `OUTPUT_DIR`",
+    "`--resume` with another `MODEL.NONLOCAL.TYPE` and `PLACEMENT`",
+    "`--resume` with `SOLVER.MAX_ITER` below the checkpoint's",
+    "`tools.predict --input a.png --output a.png`",
+]
 
 
 def documented_errors():

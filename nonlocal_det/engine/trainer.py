@@ -48,6 +48,7 @@ from torch import nn
 from ..data import check_datasets
 from .checkpoint import AtomicCheckpointer
 from .metrics import trim_metrics_after
+from .output_dir import RunConfig, check_resume_iteration
 from .preemption import SafeStop
 from .resume_state import TrainingResumeState, preserved_rng
 from .solver import clip_each_parameter_norm
@@ -180,6 +181,7 @@ class NonLocalTrainer(DefaultTrainer):
             self.cfg.OUTPUT_DIR,
             trainer=weakref.proxy(self),
             resume_state=self.resume_state,
+            run_config=RunConfig(self.cfg),  # the config a --resume is compared with
         )
         ret = super().build_hooks()
         # SOLVER.STOP_SIGNALS / Ctrl-C / a non-finite loss: a checkpoint first, then stop; before
@@ -193,6 +195,9 @@ class NonLocalTrainer(DefaultTrainer):
         """As ``DefaultTrainer.resume_or_load``; when resuming a checkpoint, ``metrics.json`` is
         trimmed back to the checkpoint's iteration first (main process)."""
         super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint():  # MAX_ITER below it: an error
+            last = self.checkpointer.get_checkpoint_file()
+            check_resume_iteration(self.cfg.SOLVER.MAX_ITER, self.start_iter, last)
         if resume and self.checkpointer.has_checkpoint():
             self.resume_state.log_resume()  # the data order continues, or why it restarts
         if resume and self.checkpointer.has_checkpoint() and comm.is_main_process():

@@ -14,6 +14,7 @@ __all__ = [
     "AttentionPooling",
     "check_choice",
     "check_int",
+    "check_value",
     "check_bool",
     "check_positive",
     "check_ratio",
@@ -26,33 +27,39 @@ __all__ = [
 ]
 
 
+def check_value(owner: str, name: str, value, ok: bool, allowed: str) -> None:
+    """The value check the others go through: unless ``ok``, a ValueError
+    ``"{owner}: {name}={value!r} is not supported; allowed: {allowed}"``; an empty ``owner``
+    (``name`` a config key such as ``SOLVER.MAX_ITER``) starts the message at ``name``."""
+    if not ok:
+        where = f"{owner}: {name}" if owner else name
+        raise ValueError(f"{where}={value!r} is not supported; allowed: {allowed}")
+
+
 def check_choice(owner: str, name: str, value, allowed) -> None:
     """ValueError ``"{owner}: {name}={value!r} is not supported; allowed: [...]"`` unless
     ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: {list(allowed)}")
+    check_value(owner, name, value, value in allowed, str(list(allowed)))
 
 
 def check_int(owner: str, name: str, value, minimum: int) -> None:
     """Raises a ValueError naming ``owner``, the argument and its value unless it is an
     int >= ``minimum`` (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{owner}: {name}={value!r} is not supported; allowed: an int >= {minimum}"
-        )
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+    check_value(owner, name, value, ok, f"an int >= {minimum}")
 
 
 def check_bool(owner: str, name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: True or False")
+    check_value(owner, name, value, isinstance(value, bool), "True or False")
 
 
-def check_positive(owner: str, name: str, value) -> None:
+def check_positive(owner: str, name: str, value, minimum: float = 0.0, *, inclusive=False):
     """A ValueError naming ``owner``, the argument and its value unless it is a finite number
-    > 0 (bools refused)."""
-    real = not isinstance(value, bool) and isinstance(value, Real)
-    if not real or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: a number > 0")
+    > 0 (bools refused); > ``minimum``, or >= it with ``inclusive``."""
+    real = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+    ok = real and (value >= minimum if inclusive else value > minimum)
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+    check_value(owner, name, value, ok, f"a number {bound}")
 
 
 def check_ratio(owner: str, name: str, value, in_channels: int) -> int:

@@ -2,7 +2,7 @@
 
 import argparse
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -10,7 +10,14 @@ from ..config import get_nonlocal_cfg
 from ..data import configure_coco_json_datasets, register_datasets_for_config
 from ..engine import fall_back_to_cpu
 
-__all__ = ["draw_predictions", "existing_files", "load_config", "tool_cfg", "tool_parser"]
+__all__ = [
+    "check_outputs",
+    "draw_predictions",
+    "existing_files",
+    "load_config",
+    "tool_cfg",
+    "tool_parser",
+]
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()):
@@ -51,6 +58,48 @@ def existing_files(paths: Sequence[str], flag: str = "--input") -> List[str]:
     if missing:
         raise FileNotFoundError(f"{flag}: no such file(s): {missing}")
     return list(paths)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """The same path once links are resolved, or the same file (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_outputs(outputs: Dict[str, Sequence[str]], inputs: Dict[str, Sequence[str]]) -> None:
+    """Before a command writes anything: no output is one of its inputs, and no two outputs are
+    the same file.
+
+    Args:
+        outputs: option -> the files it will write (e.g. ``{"--output": ["a_pred.png"]}``).
+        inputs: option or config key -> the files it reads (``--input``, ``--config-file``,
+            ``MODEL.WEIGHTS``; empty and ``scheme://`` paths are skipped).
+
+    Raises:
+        ValueError: naming the output, the input and both options.
+    """
+    read = [(k, p) for k, paths in inputs.items() for p in paths if p and "://" not in p]
+    written: List[Tuple[str, str]] = []
+    for flag, paths in outputs.items():
+        for path in filter(None, paths):
+            for key, other in read:
+                if _same_file(path, other):
+                    raise ValueError(
+                        f"{flag} {path} is the same file as {key} {other}: the command would "
+                        f"write over its own input; allowed: an output path that is none of the "
+                        "inputs"
+                    )
+            for key, other in written:
+                if _same_file(path, other):
+                    raise ValueError(
+                        f"{flag} {path} is the same file as {key} {other}: the command would "
+                        "write one over the other; allowed: a separate path for each output"
+                    )
+            written.append((flag, path))
 
 
 def draw_predictions(

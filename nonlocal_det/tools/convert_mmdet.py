@@ -40,6 +40,7 @@ from ..from_mmdet import (
     read_layout,
 )
 from ..utils import atomic_open, read_config_text
+from ._common import check_outputs
 
 __all__ = ["convert_checkpoint", "load_mmdet_checkpoint", "main", "parser", "settings_yaml"]
 
@@ -162,6 +163,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Command-line entry point; returns the exit status (1: not converted, nothing written)."""
     args = parser().parse_intermixed_args(argv)
+    outputs = {"OUT.pth": [args.output], "--write-config": [args.write_config]}
+    check_outputs(outputs, {"IN.pth": [args.input], "--config-file": [args.config_file]})
     try:
         state, meta = load_mmdet_checkpoint(args.input, args.unsafe_load)
         state, settings, notes = convert_checkpoint(

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ..layers import NonLocalBlock
-from ._common import load_config
+from ._common import check_outputs, load_config
 
 __all__ = [
     "METHODS",
@@ -266,6 +266,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     args = parser().parse_args(argv)
     cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu"] + list(args.opts))
     cfg.freeze()
+    files = {"scripting": "model_scripted.ts", "tracing": "model_traced.ts", "onnx": "model.onnx"}
+    outputs = [os.path.join(args.output, files.get(m, "backbone.onnx")) for m in args.method]
+    inputs = {"--config-file": [args.config_file], "--image": [args.image or ""]}
+    check_outputs({"--output": outputs}, {**inputs, "MODEL.WEIGHTS": [cfg.MODEL.WEIGHTS]})
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     image = _sample_image(cfg, args.image)

@@ -24,14 +24,16 @@ from typing import Optional
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..config import check_lazy_config_values
 from ..engine.checkpoint import AtomicCheckpointer, check_weights_file
-from ..engine.launch import default_argument_parser, launch
 from ..engine.resume_state import TrainingResumeState, preserved_rng
+from ..engine.launch import default_argument_parser, launch
+from ..engine.output_dir import RunConfig, check_resume_iteration, setup_output_dir
 from ..engine.preemption import (
     DEFAULT_STOP_SIGNALS,
     SafeStop,
@@ -51,7 +53,8 @@ def setup(args):
     if device.startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
     parse_stop_signals(_stop_signals(cfg), "train.stop_signals")  # before any work
-    default_setup(cfg, args)
+    check_lazy_config_values(cfg, comm.get_world_size())
+    setup_output_dir(cfg, args)  # one run per output_dir; --resume checked; then default_setup
     if cfg.train.device != device:
         logger.info(f"Running on the CPU (train.device={device!r} but CUDA is not available)")
     return cfg
@@ -78,6 +81,7 @@ def evaluate(cfg, model) -> Optional[dict]:
 def train(cfg, resume: bool = False) -> None:
     """Train ``cfg.model`` for ``train.max_iter`` iterations with Detectron2's trainer and hooks
     (checkpoints, LR schedule, evaluation every ``train.eval_period`` and at the end, metrics)."""
+    run_config = RunConfig(cfg)  # stored in each checkpoint, before the model goes into cfg
     model = instantiate(cfg.model).to(cfg.train.device)
     logger.info(f"Model:\n{model}")
     cfg.optimizer.params.model = model
@@ -92,6 +96,7 @@ def train(cfg, resume: bool = False) -> None:
         cfg.train.output_dir,
         weights_key="train.init_checkpoint",
         trainer=trainer,
+        run_config=run_config,
         resume_state=resume_state,
     )
     main_process = comm.is_main_process()
@@ -122,6 +127,9 @@ def train(cfg, resume: bool = False) -> None:
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     if start_iter:
         resume_state.log_resume()  # the data order continues, or why it restarts
+    if start_iter:  # train.max_iter below the checkpoint's iteration: an error
+        last = checkpointer.get_checkpoint_file()
+        check_resume_iteration(cfg.train.max_iter, start_iter, last, "train.max_iter")
     trainer.train(start_iter, cfg.train.max_iter)
 
 

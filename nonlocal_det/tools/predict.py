@@ -20,7 +20,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
-from ._common import draw_predictions, existing_files, tool_cfg, tool_parser
+from ._common import check_outputs, draw_predictions, existing_files, tool_cfg, tool_parser
 
 __all__ = ["draw_predictions", "main", "parser"]
 
@@ -43,7 +43,6 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.startswith(("detectron2://", "http")):
         if not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise FileNotFoundError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r}: no such file")
-    predictor = DefaultPredictor(cfg)
     name = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     metadata = MetadataCatalog.get(name)
 
@@ -54,20 +53,26 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         items = [(f, None) for f in existing_files(args.input)]
 
     single = len(items) == 1 and args.output.lower().endswith(".png")
-    if not single:
-        os.makedirs(args.output, exist_ok=True)
-    written = []
-    for path, record in items:
-        image = read_image(path, format="BGR")
-        picture = draw_predictions(
-            predictor, image, metadata, args.confidence_threshold, record, args.scale
-        )
-        out = (
+    outs = [
+        (
             args.output
             if single
             else os.path.join(
                 args.output, os.path.splitext(os.path.basename(path))[0] + "_pred.png"
             )
+        )
+        for path, _ in items
+    ]
+    inputs = {"--input": [p for p, _ in items], "--config-file": [args.config_file]}
+    check_outputs({"--output": outs}, {**inputs, "MODEL.WEIGHTS": [cfg.MODEL.WEIGHTS]})
+    predictor = DefaultPredictor(cfg)
+    if not single:
+        os.makedirs(args.output, exist_ok=True)
+    written = []
+    for (path, record), out in zip(items, outs):
+        image = read_image(path, format="BGR")
+        picture = draw_predictions(
+            predictor, image, metadata, args.confidence_threshold, record, args.scale
         )
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         Image.fromarray(picture).save(out)

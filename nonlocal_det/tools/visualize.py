@@ -35,7 +35,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 from ..layers import BLOCK_TYPES, NonLocalBlock
-from ._common import draw_predictions, existing_files, tool_cfg, tool_parser
+from ._common import check_outputs, draw_predictions, existing_files, tool_cfg, tool_parser
 
 __all__ = [
     "AttentionArrows",
@@ -290,6 +290,9 @@ def main(argv: Optional[List[str]] = None) -> Optional[AttentionArrows]:
         if not 0 <= args.index < len(records):
             raise ValueError(f"--index {args.index}: allowed 0..{len(records) - 1}")
         args.input = [records[args.index]["file_name"]]
+    outputs = {"--output": [args.output], "--predictions-output": [args.predictions_output or ""]}
+    inputs = {"--input": args.input, "--config-file": [args.config_file]}
+    check_outputs(outputs, {**inputs, "MODEL.WEIGHTS": [cfg.MODEL.WEIGHTS]})
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     names = backbone_blocks(model)

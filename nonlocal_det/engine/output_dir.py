@@ -1,0 +1,532 @@
+"""The output folder of a run (``OUTPUT_DIR``, ``train.output_dir``): one run at a time, and a
+``--resume`` checked against the run that wrote the checkpoint, before anything is written.
+
+Detectron2's ``default_setup`` creates the folder and (over)writes ``config.yaml`` and
+``log.txt`` in it; its trainer then writes checkpoints, ``last_checkpoint``, ``metrics.json``
+and ``inference/``. :func:`setup_output_dir` runs it after these steps, on the main process:
+
+* the folder's lock (:func:`lock_output_dir`, an ``fcntl.flock`` on ``OUTPUT_DIR/.lock`` held for
+  the process's life): a second run into the same folder stops at once, naming the first one's
+  pid, host, command and start time; a lock file left by a process that has ended is taken over
+  (logged). Every run locks, ``--eval-only`` too: it writes ``config.yaml``, ``log.txt`` and
+  ``inference/`` as a training's evaluation does. With several processes only global rank 0 (the
+  first process of machine 0) locks; the others wait for its verdict and stop with it;
+* with ``--resume``, the config is compared with the one the checkpoint was trained with (stored
+  in each checkpoint by :class:`RunConfig`; ``config.yaml`` for older checkpoints): a changed
+  model key stops the run, listing each key with both values; keys that a resume ignores (the
+  solver's, restored from the optimizer and scheduler state, and ``MODEL.WEIGHTS``) are named in
+  a warning; a ``MAX_ITER`` below the checkpoint's iteration stops it too
+  (:func:`check_resume_iteration`);
+* a ``config.yaml`` that differs from this run's is kept as ``config.<its time>.yaml`` before
+  ``default_setup`` writes the new one.
+"""
+
+import atexit
+import datetime
+import fcntl
+import json
+import logging
+import os
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import yaml
+from detectron2.config import CfgNode, LazyConfig
+from detectron2.engine import default_setup
+from detectron2.utils import comm
+
+__all__ = [
+    "LOCK_NAME",
+    "OutputDirInUseError",
+    "OutputDirLock",
+    "ResumeConfigError",
+    "RunConfig",
+    "check_resume_iteration",
+    "lock_output_dir",
+    "run_config_text",
+    "setup_output_dir",
+]
+
+logger = logging.getLogger("detectron2")
+
+LOCK_NAME = ".lock"
+# Keys a resume does not apply: the optimizer's hyper-parameters come back with its state (torch's
+# load_state_dict restores each param group's lr, momentum, weight decay), the scheduler's base
+# learning rates with its state, and the weights with the checkpoint.
+IGNORED_ON_RESUME = {
+    "MODEL.WEIGHTS": "the weights come from the checkpoint",
+    "SOLVER.BASE_LR": "restored from the optimizer and scheduler state",
+    "SOLVER.MOMENTUM": "restored from the optimizer state",
+    "SOLVER.NESTEROV": "restored from the optimizer state",
+    "SOLVER.WEIGHT_DECAY": "restored from the optimizer state",
+    "SOLVER.WEIGHT_DECAY_NORM": "restored from the optimizer state",
+    "SOLVER.WEIGHT_DECAY_BIAS": "restored from the optimizer state",
+    "SOLVER.BIAS_LR_FACTOR": "restored from the optimizer state",
+    "train.init_checkpoint": "the weights come from the checkpoint",
+}
+_IGNORED_PREFIXES = {"optimizer.": "restored from the optimizer state"}  # LazyConfig
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another running process holds the output folder's lock."""
+
+
+class ResumeConfigError(ValueError):
+    """``--resume`` with a config the checkpoint cannot continue (another model, a ``MAX_ITER``
+    below its iteration)."""
+
+
+# ---- the lock ------------------------------------------------------------------------------------
+
+
+def _describe(owner: Dict[str, Any]) -> str:
+    return (
+        f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, started "
+        f"{owner.get('started', '?')}, command: {owner.get('command', '?')}"
+    )
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class OutputDirLock:
+    """The lock of one output folder, held by this process (see :func:`lock_output_dir`).
+
+    Attributes:
+        path: the lock file.
+        notes: ``(logging level, message)`` pairs to log once logging is set up (a lock taken
+            over, a filesystem without locks).
+    """
+
+    def __init__(self, path: str, fd: int, notes: List[Tuple[int, str]]):
+        self.path, self._fd, self.notes, self.pid = path, fd, notes, os.getpid()
+
+    def release(self) -> None:
+        """Empty the lock file (an empty one is not stale) and unlock it. Idempotent."""
+        if self._fd is None or os.getpid() != self.pid:  # never from a forked child
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        if self._flocked:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        _HELD.pop(os.path.realpath(os.path.dirname(self.path)), None)
+
+    _flocked = True
+
+
+_HELD: Dict[str, OutputDirLock] = {}
+
+
+@atexit.register
+def _release_all() -> None:
+    for lock in list(_HELD.values()):
+        lock.release()
+
+
+def _read_owner(fd: int) -> Dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
+    if not raw:
+        return {}
+    try:
+        owner = json.loads(raw)
+        return owner if isinstance(owner, dict) else {"command": raw}
+    except ValueError:
+        return {"command": raw}
+
+
+def lock_output_dir(output_dir: str) -> OutputDirLock:
+    """Create ``output_dir`` and lock it for this process's life (``fcntl.flock`` of
+    ``output_dir/.lock``, which then names this process: pid, host, command line, start time).
+    Re-entrant within a process; released at exit (or by ``release()``).
+
+    Returns:
+        OutputDirLock: with ``notes``, e.g. that a lock file left by a process that no longer
+        runs was taken over.
+
+    Raises:
+        OutputDirInUseError: another process holds the lock; the message names the folder and
+            that process.
+    """
+    real = os.path.realpath(output_dir)
+    held = _HELD.get(real)
+    if held is not None and held.pid == os.getpid():
+        return held
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    notes: List[Tuple[int, str]] = []
+    flocked = True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = _read_owner(fd)
+        os.close(fd)
+        raise OutputDirInUseError(
+            f"OUTPUT_DIR={output_dir} is in use by another run: {_describe(owner)} (it holds "
+            f"{path}). Two runs in one folder overwrite each other's checkpoints, config.yaml, "
+            "metrics.json and inference/ results: wait for that run to end, or give this one "
+            "another OUTPUT_DIR."
+        ) from None
+    except OSError as e:  # a filesystem without locks: the lock file's pid is all there is
+        flocked = False
+        owner = _read_owner(fd)
+        if owner.get("host") == socket.gethostname() and _pid_alive(owner.get("pid")):
+            os.close(fd)
+            raise OutputDirInUseError(
+                f"OUTPUT_DIR={output_dir} is in use by another run: {_describe(owner)} ({path} "
+                "names it; this filesystem has no file locks). Wait for that run to end, or "
+                "give this one another OUTPUT_DIR."
+            ) from None
+        notes.append(
+            (
+                logging.WARNING,
+                f"Cannot lock {path} ({e}): another run started into {output_dir} on another "
+                "machine would not be stopped",
+            )
+        )
+    owner = _read_owner(fd)
+    if owner and owner.get("pid") != os.getpid():
+        here = owner.get("host") == socket.gethostname()
+        why = "which is no longer running" if here else "which no longer holds it"
+        notes.append(
+            (
+                logging.WARNING,
+                f"Took over the lock {path}, left by {_describe(owner)}, {why} (killed or "
+                "crashed: its last checkpoint is the one --resume continues from)",
+            )
+        )
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(me) + "\n").encode())
+    os.fsync(fd)
+    lock = OutputDirLock(path, fd, notes)
+    lock._flocked = flocked
+    _HELD[real] = lock
+    return lock
+
+
+# ---- the run's config ------------------------------------------------------------------------------
+
+
+def run_config_text(cfg) -> Optional[str]:
+    """The YAML text Detectron2's ``default_setup`` writes as ``config.yaml`` for ``cfg`` (a
+    ``CfgNode`` or a LazyConfig); None when a LazyConfig cannot be written as YAML."""
+    if isinstance(cfg, CfgNode):
+        return cfg.dump()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        try:
+            LazyConfig.save(cfg, path)
+            with open(path) as f:
+                return f.read()
+        except Exception:  # LazyConfig.save logs and pickles what YAML cannot hold
+            return None
+
+
+class RunConfig:
+    """The run's config as a checkpointable (``checkpointer.checkpointables["run_config"]``):
+    each checkpoint then stores the config that trained it (``{"yaml": text}``), which a
+    ``--resume`` compares with its own (:func:`setup_output_dir`). Loading it changes nothing."""
+
+    def __init__(self, cfg):
+        self.text = run_config_text(cfg)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"yaml": self.text}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree} if prefix else {}
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader; a tagged object (``!!python/object:...ShapeSpec {...}`` in a LazyConfig)
+    becomes its tag and fields, nothing is imported or called."""
+
+
+def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return {"!": node.tag, **loader.construct_mapping(node, deep=True)}
+    if isinstance(node, yaml.SequenceNode):
+        return [node.tag, *loader.construct_sequence(node, deep=True)]
+    return f"{node.tag} {loader.construct_scalar(node)}"
+
+
+_Loader.add_multi_constructor("", _tagged)
+
+
+def _parse(text: Optional[str]) -> Optional[Dict[str, Any]]:
+    if not text:
+        return None
+    try:
+        tree = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return None
+    return _flat(tree) if isinstance(tree, dict) else None
+
+
+def _read_checkpoint(path: str) -> Optional[Dict[str, Any]]:
+    """The checkpoint's dict (tensors memory-mapped, not read), or None if it cannot be read
+    (the checkpointer's own load reports why)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return None
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def _last_checkpoint(output_dir: str) -> Optional[str]:
+    """The file ``output_dir/last_checkpoint`` names, if it exists."""
+    try:
+        with open(os.path.join(output_dir, "last_checkpoint")) as f:
+            name = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    path = os.path.join(output_dir, name) if name else ""
+    return path if path and os.path.isfile(path) else None
+
+
+def _kind(key: str) -> str:
+    """What a resume does with a changed key: "model" (the checkpoint cannot continue),
+    "ignored" (restored from the checkpoint) or "applies"."""
+    if key in IGNORED_ON_RESUME:
+        return "ignored"
+    if any(key.startswith(p) for p in _IGNORED_PREFIXES):
+        return "ignored"
+    last = key.rsplit(".", 1)[-1]
+    if key.startswith("MODEL."):
+        test_only = last.endswith("_TEST") or key == "MODEL.DEVICE"
+        return "applies" if test_only else "model"
+    if key.startswith("model."):
+        return "applies" if last.startswith("test_") or last == "device" else "model"
+    return "applies"
+
+
+def _why_ignored(key: str) -> str:
+    if key in IGNORED_ON_RESUME:
+        return IGNORED_ON_RESUME[key]
+    return next(w for p, w in _IGNORED_PREFIXES.items() if key.startswith(p))
+
+
+def _changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, List[Tuple[str, Any, Any]]]:
+    """The keys of both configs whose values differ, by :func:`_kind`."""
+    out: Dict[str, List[Tuple[str, Any, Any]]] = {"model": [], "ignored": [], "applies": []}
+    for key in sorted(set(old) & set(new) - {"OUTPUT_DIR", "train.output_dir"}):
+        if old[key] != new[key]:
+            out[_kind(key)].append((key, old[key], new[key]))
+    return out
+
+
+def check_resume_iteration(
+    max_iter: int, start_iter: int, checkpoint: str, key: str = "SOLVER.MAX_ITER"
+) -> Optional[str]:
+    """A resumed run starts at ``start_iter`` (the checkpoint's iteration + 1) and trains up to
+    ``max_iter``.
+
+    Returns:
+        a warning when nothing is left to train (``max_iter == start_iter``: only the final
+        evaluation runs again), else None.
+
+    Raises:
+        ResumeConfigError: ``max_iter`` below ``start_iter`` (Detectron2 would train nothing,
+            silently), naming both numbers.
+    """
+    if max_iter < start_iter:
+        raise ResumeConfigError(
+            f"{key}={max_iter}: the checkpoint --resume continues, {checkpoint}, has trained "
+            f"{start_iter} iterations (iteration {start_iter - 1}), so this run would train "
+            f"none; allowed: {key} >= {start_iter} (above it to train "
+            f"on), or --eval-only with MODEL.WEIGHTS {checkpoint} to evaluate it"
+        )
+    if max_iter == start_iter:
+        return (
+            f"{key}={max_iter}: the checkpoint {checkpoint} has trained all {max_iter} "
+            "iterations; --resume trains nothing more and runs the final evaluation again"
+        )
+    return None
+
+
+def _check_resume(
+    cfg, output_dir: str, checkpoint: str, eval_only: bool
+) -> Tuple[List[Tuple[int, str]], Optional[Dict[str, Any]]]:
+    """Compare ``cfg`` with the config ``checkpoint`` was trained with; returns the notes to
+    log and the checkpoint's dict (None if unreadable). Raises ResumeConfigError for a changed
+    model key, or a ``MAX_ITER`` below the checkpoint's iteration."""
+    notes: List[Tuple[int, str]] = []
+    ckpt = _read_checkpoint(checkpoint)
+    stored = (ckpt or {}).get("run_config")
+    old_text, source = (stored.get("yaml") if isinstance(stored, dict) else None), "checkpoint"
+    if not old_text:
+        source = os.path.join(output_dir, "config.yaml")
+        try:
+            with open(source) as f:
+                old_text = f.read()
+        except (OSError, UnicodeDecodeError):
+            old_text = None
+    old, new = _parse(old_text), _parse(run_config_text(cfg))
+    if old is None or new is None:
+        notes.append(
+            (logging.WARNING, f"--resume of {checkpoint}: the config it was trained with is not "
+             "known (no run config in it, no readable config.yaml); not compared")
+        )  # fmt: skip
+    else:
+        where = "stored in it" if source == "checkpoint" else f"as recorded in {source}"
+        changes = _changes(old, new)
+        if changes["model"]:
+            keys = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, o, n in changes["model"])
+            raise ResumeConfigError(
+                f"--resume cannot continue {checkpoint}: it was trained with another model. "
+                f"Keys that differ (the checkpoint's value {where} -> this run's):\n{keys}\n"
+                "A checkpoint resumes only the model it was trained with: set these keys back "
+                "to continue it, or start a new run (without --resume) in another OUTPUT_DIR "
+                f"with MODEL.WEIGHTS {checkpoint} to train from its weights."
+            )
+        if changes["ignored"] and not eval_only:
+            keys = "; ".join(
+                f"{k}: {o!r} (the checkpoint's, in use) -> {n!r} (ignored: {_why_ignored(k)})"
+                for k, o, n in changes["ignored"]
+            )
+            notes.append(
+                (logging.WARNING, f"--resume ignores these changed keys: {keys}. To train with "
+                 "the new values, start a new run (without --resume) in another OUTPUT_DIR with "
+                 f"MODEL.WEIGHTS {checkpoint}")
+            )  # fmt: skip
+        if changes["applies"] and not eval_only:
+            keys = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes["applies"])
+            notes.append((logging.INFO, f"--resume with changed keys, applied: {keys}"))
+    return notes, ckpt
+
+
+def _keep_previous_config(output_dir: str, text: Optional[str]) -> List[Tuple[int, str]]:
+    """Copy a ``config.yaml`` that differs from this run's to ``config.<its mtime>.yaml``."""
+    path = os.path.join(output_dir, "config.yaml")
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return []
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError):
+        pass
+    stamp = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y%m%d-%H%M%S")
+    kept, n = os.path.join(output_dir, f"config.{stamp}.yaml"), 1
+    while os.path.exists(kept):
+        kept, n = os.path.join(output_dir, f"config.{stamp}-{n}.yaml"), n + 1
+    shutil.copy2(path, kept)
+    return [(logging.INFO, f"Kept the previous run's config.yaml as {kept} (this run's differs)")]
+
+
+def _output_dir(cfg) -> str:
+    if isinstance(cfg, CfgNode):
+        return cfg.OUTPUT_DIR
+    return cfg.train.get("output_dir", "") if "train" in cfg else ""
+
+
+def _max_iter(cfg) -> Tuple[str, Optional[int]]:
+    if isinstance(cfg, CfgNode):
+        return "SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER
+    return "train.max_iter", cfg.train.get("max_iter")
+
+
+def _claim(cfg, args) -> List[Tuple[int, str]]:
+    output_dir = _output_dir(cfg)
+    if not output_dir:
+        return []
+    lock = lock_output_dir(output_dir)
+    notes = list(lock.notes)
+    try:
+        resume, eval_only = getattr(args, "resume", False), getattr(args, "eval_only", False)
+        checkpoint = _last_checkpoint(output_dir)
+        if checkpoint and resume:
+            found, ckpt = _check_resume(cfg, output_dir, checkpoint, eval_only)
+            notes += found
+            key, max_iter = _max_iter(cfg)
+            iteration = (ckpt or {}).get("iteration", (ckpt or {}).get("trainer", {}))
+            if isinstance(iteration, dict):  # saved without it: the trainer's own
+                iteration = iteration.get("iteration")
+            if not eval_only and isinstance(iteration, int) and isinstance(max_iter, int):
+                note = check_resume_iteration(max_iter, iteration + 1, checkpoint, key)
+                notes += [(logging.WARNING, note)] if note else []
+        elif checkpoint and not eval_only:
+            notes.append(
+                (logging.WARNING, f"{output_dir} holds the checkpoints of an earlier run (last: "
+                 f"{checkpoint}); this run starts without them (no --resume) and overwrites the "
+                 "files of the same names as it saves its own")
+            )  # fmt: skip
+        notes += _keep_previous_config(output_dir, run_config_text(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return notes
+
+
+def setup_output_dir(cfg, args) -> None:
+    """Detectron2's ``default_setup(cfg, args)`` (logging, ``config.yaml``, seeds), preceded on the
+    main process by the output folder's lock and, with ``args.resume``, the comparison with the
+    checkpoint's config (module docstring); what they found is logged once logging is set up.
+
+    Call it on every process: with several, the others wait for the main process's verdict and
+    raise its error too (no rank is left waiting on a collective).
+
+    Raises:
+        OutputDirInUseError: another run holds the folder.
+        ResumeConfigError: ``--resume`` with a changed model, or ``MAX_ITER`` below the
+            checkpoint's iteration.
+    """
+    notes: List[Tuple[int, str]] = []
+    error: Optional[BaseException] = None
+    if comm.get_rank() == 0:
+        try:
+            notes = _claim(cfg, args)
+        except Exception as e:
+            error = e
+    if comm.get_world_size() > 1:
+        verdict = comm.all_gather(None if error is None else (type(error).__name__, str(error)))
+        if error is None and verdict[0] is not None:
+            name, message = verdict[0]
+            kinds = {
+                "OutputDirInUseError": OutputDirInUseError,
+                "ResumeConfigError": ResumeConfigError,
+            }
+            raise kinds.get(name, RuntimeError)(f"rank 0 stopped: {name}: {message}")
+    if error is not None:
+        raise error
+    default_setup(cfg, args)
+    for level, message in notes:
+        logger.log(level, message)
