@@ -12,7 +12,9 @@ Trailing ``KEY VALUE`` pairs override the config (``DATASETS.TRAIN_JSON FILE DAT
 DIR``: your own COCO-format data). Without CUDA it runs on the CPU, and ``--num-gpus N`` starts N
 CPU processes. The config and the datasets are checked before any training work starts;
 ``--eval-only`` reads only the test datasets (``DATASETS.TEST``) and the weights. Checkpoints are
-written atomically; ``--resume`` continues from the last one. SIGTERM, SIGUSR1
+written atomically; ``--resume`` continues from the last one, once its config is checked against
+the checkpoint's (a changed model stops it; ignored keys are named). One run at a time per
+``OUTPUT_DIR``: a second one stops at once, naming the first. SIGTERM, SIGUSR1
 (``SOLVER.STOP_SIGNALS``) and Ctrl-C save a checkpoint of the current iteration and exit with
 status 75; a NaN or infinite loss stops with status 1, naming the last good checkpoint. On
 several machines (``--num-machines``, ``--machine-rank``, ``--dist-url``), ``--dist-timeout

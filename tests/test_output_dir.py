@@ -122,7 +122,8 @@ def test_train_net_into_a_busy_folder_exits_1(files, tmp_path):
     out = tmp_path / "out"
     lock = lock_output_dir(str(out))  # this test process is "the first run"
     try:
-        log = run_train_net(_argv(files, out), env_for(tmp_path), ok=False)
+        # two processes: rank 1 gets rank 0's verdict (no rank left waiting on the other)
+        log = run_train_net(["--num-gpus", "2", *_argv(files, out)], env_for(tmp_path), False, 120)
     finally:
         lock.release()
     assert (

@@ -16,7 +16,9 @@ without non-local blocks. Trailing ``key=value`` pairs override the config. With
 Checkpoints are written atomically. On SIGTERM or SIGUSR1 (``train.stop_signals``, e.g.
 ``train.stop_signals=[SIGTERM,SIGUSR2]``) or Ctrl-C, training finishes its iteration, saves its
 checkpoint and exits with status 75 (``--resume`` continues); a NaN or infinite loss stops it
-with status 1, naming the last good checkpoint.
+with status 1, naming the last good checkpoint. As ``train_net.py``: one run at a time per
+``train.output_dir``, and ``--resume`` checked against the checkpoint's config (``model.*`` keys)
+before anything is written (``nonlocal_det.engine.output_dir``).
 """
 
 import logging
