@@ -466,7 +466,7 @@ def _max_iter(cfg) -> Tuple[str, Optional[int]]:
 
 def _claim(cfg, args) -> List[Tuple[int, str]]:
     output_dir = _output_dir(cfg)
-    if not output_dir:
+    if not output_dir or "://" in output_dir:  # none, or a remote one: Detectron2's as it is
         return []
     lock = lock_output_dir(output_dir)
     notes = list(lock.notes)
