@@ -1,15 +1,80 @@
 """Keypoint R-CNN head with blocks between its convs (paper §6, Table 6: non-local blocks)."""
 
+import copy
 from typing import List, Mapping, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
+from detectron2.modeling.roi_heads.keypoint_head import keypoint_rcnn_inference
+from detectron2.structures import Instances, heatmaps_to_keypoints
 from torch import nn
 
 from .blocks import block_builder, config_block_spec, config_wording, legacy_spec
 
-__all__ = ["NonLocalKRCNNHead"]
+__all__ = ["NonLocalKRCNNHead", "decode_heatmaps", "decodable_heatmaps", "DECODABLE_SPREAD"]
+
+# Largest logit range (max - min) of one keypoint's heatmap that Detectron2's decoding always
+# takes: its bicubic upsampling overshoots the heatmap's maximum by at most 0.445 of the range, so
+# the normaliser of the scores stays above exp(-44.5) (it asserts where that underflows to 0).
+DECODABLE_SPREAD = 100.0
+
+
+def decodable_heatmaps(maps: torch.Tensor, spread: float = DECODABLE_SPREAD) -> torch.Tensor:
+    """Keypoint heatmaps that Detectron2's ``heatmaps_to_keypoints`` decodes without asserting.
+
+    Each (instance, keypoint) map whose logits span more than ``spread`` (or that holds NaN or
+    infinity) is shifted to a maximum of 0 and scaled to span exactly ``spread``: its maximum stays
+    where it is, its score becomes that of a softmax at a higher temperature (finite instead of
+    overflowing). Every other map is returned unchanged, bit for bit.
+
+    Args:
+        maps (Tensor): (R, K, H, W) heatmap logits.
+        spread (float): the largest range of logits left as it is.
+
+    Returns:
+        Tensor of the shape and dtype of ``maps``.
+    """
+    flat = maps.flatten(2)
+    bad = ~(flat.amax(2) - flat.amin(2) <= spread)  # NaN and infinity included
+    if not bool(bad.any()):
+        return maps
+    big = torch.finfo(maps.dtype).max
+    m = torch.nan_to_num(maps[bad].double(), nan=-big, posinf=big, neginf=-big)
+    top = m.flatten(1).amax(1)[:, None, None]
+    low = m.flatten(1).amin(1)[:, None, None]
+    out = maps.clone()
+    out[bad] = ((m - top) * (spread / (top - low).clamp(min=spread))).to(maps.dtype)
+    return out
+
+
+def decode_heatmaps(maps: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    """Detectron2's ``heatmaps_to_keypoints`` that does not assert: where it asserts on a batch,
+    each box is decoded on its own, and where it asserts on a box, each keypoint; a keypoint map
+    it asserts on alone is decoded from :func:`decodable_heatmaps`. So every keypoint Detectron2
+    decodes gets Detectron2's result.
+
+    Args, Returns: as ``detectron2.structures.heatmaps_to_keypoints``: (R, K, H, W) logits and
+        (R, 4) boxes in; (R, K, 4) of (x, y, logit, score) out.
+    """
+    try:
+        return heatmaps_to_keypoints(maps, rois)
+    except AssertionError:
+        pass
+    out = maps.new_zeros(maps.shape[0], maps.shape[1], 4)
+    for i in range(maps.shape[0]):
+        try:
+            out[i] = heatmaps_to_keypoints(maps[i : i + 1], rois[i : i + 1])[0]
+            continue
+        except AssertionError:
+            pass
+        for k in range(maps.shape[1]):
+            one = maps[i : i + 1, k : k + 1]
+            try:
+                out[i, k] = heatmaps_to_keypoints(one, rois[i : i + 1])[0, 0]
+            except AssertionError:
+                out[i, k] = heatmaps_to_keypoints(decodable_heatmaps(one), rois[i : i + 1])[0, 0]
+    return out
 
 
 def _checked_after(after: Sequence[int], conv_dims: Sequence[int]) -> List[int]:
@@ -80,6 +145,31 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
             block_builder("NonLocalKRCNNHead", ret["nonlocal_spec"])
             _checked_after(ret["nonlocal_after"], ret["conv_dims"])
         return ret
+
+    def forward(self, x, instances: List[Instances]):
+        """As ``KRCNNConvDeconvUpsampleHead.forward``; in inference, where Detectron2's keypoint
+        decoding asserts (heatmaps whose logits span hundreds, as a barely trained or diverging
+        head gives), the keypoints come from :func:`decode_heatmaps`."""
+        if self.training or torch.jit.is_tracing():
+            return super().forward(x, instances)
+        x = self.layers(x)
+        try:
+            keypoint_rcnn_inference(x, instances)
+        except AssertionError:  # the fields keypoint_rcnn_inference sets, from decode_heatmaps
+            maps = x.detach()
+            boxes = torch.cat([i.pred_boxes.tensor for i in instances]).detach()
+            n = [len(i) for i in instances]
+            keypoints = decode_heatmaps(maps, boxes)[:, :, [0, 1, 3]]
+            for inst, kps, m in zip(instances, keypoints.split(n), maps.split(n)):
+                inst.pred_keypoints, inst.pred_keypoint_heatmaps = kps, m
+        return instances
+
+    def __prepare_scriptable__(self):
+        """For TorchScript (no ``super()``, no ``try``): this head as Detectron2's
+        ``KRCNNConvDeconvUpsampleHead``, the same children run in the same order."""
+        scriptable = copy.copy(self)
+        scriptable.__class__ = KRCNNConvDeconvUpsampleHead
+        return scriptable
 
     def nonlocal_blocks(self) -> List[nn.Module]:
         """The inserted blocks, in forward order."""
