@@ -148,24 +148,13 @@ fi
 say "installing nonlocal_det in editable mode"
 "${PIP[@]}" install --no-compile --no-deps --no-build-isolation -e "$ROOT" ||
   fail "project" "pip install -e $ROOT failed (see above)"
-say "byte-compiling the environment's Python files (every core; plain and optimised)"
+say "byte-compiling the environment's Python files (every core)"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-# Not the packages' own test suites and pip (a fifth of the bytes; nothing here imports them).
-# The optimised level (*.opt-1.pyc) too: `make test` runs train_net.py and Detectron2's tools with
-# PYTHONOPTIMIZE=1 (tests/subproc.py), and without them each such start compiled torch and
-# Detectron2 from source (25 s instead of 7 s on a 2.0 GHz Xeon; the tests took 547 s instead of
-# 419 s). That level skips what those processes never import (OPT_SKIP: mmdetection's and the ONNX
-# tests' packages, scipy, pytest).
-NO_PYC='[/\\](tests?|pip)[/\\]'
-OPT_SKIP='mmdet|mmcv|mmengine|onnx|onnxruntime|scipy|fontTools|_pytest'
-mapfile -t OPT_PATHS < <(find "$SITE" -mindepth 1 -maxdepth 1 | grep -vE "/($OPT_SKIP)\$")
-mapfile -t PLAIN_PATHS < <(find "$SITE" -mindepth 1 -maxdepth 1 | grep -E "/($OPT_SKIP)\$")
-# Both levels in one pass (each source read once), then the plain level of the rest. As pip's own
+# Once, on every core, instead of file by file in each pip run (--no-compile above); not the
+# packages' own test suites and pip (a fifth of the bytes; nothing here imports them). As pip's own
 # compile step, errors (a test file of some package in old syntax) are not fatal.
-"$PY" -m compileall -q -j 0 -o 0 -o 1 -x "$NO_PYC" "${OPT_PATHS[@]}" >/dev/null 2>&1 || true
-if [ ${#PLAIN_PATHS[@]} -gt 0 ]; then  # (no path at all: compileall would compile sys.path)
-  "$PY" -m compileall -q -j 0 -x "$NO_PYC" "${PLAIN_PATHS[@]}" >/dev/null 2>&1 || true
-fi
+NO_PYC='[/\\](tests?|pip)[/\\]'
+"$PY" -m compileall -q -j 0 -x "$NO_PYC" "$SITE" >/dev/null 2>&1 || true
 
 # One import check of everything (each Python start importing torch and Detectron2 costs seconds).
 VERSIONS="$("$PY" -c 'import torch, detectron2, detectron2.model_zoo, detectron2.modeling, nonlocal_det

@@ -26,12 +26,11 @@ TINY = [
 
 
 def env_for(datasets_dir: str, threads: int = 1) -> dict:
-    """The environment of a subprocess: the generated data under ``datasets_dir``; asserts off
-    (Detectron2's keypoint decoding asserts on the near-flat heatmaps of untrained heads)."""
+    """The environment of a subprocess: the generated data under ``datasets_dir``, ``threads``
+    threads."""
     return dict(
         os.environ,
         NONLOCAL_DET_DATASETS=str(datasets_dir),
-        PYTHONOPTIMIZE="1",
         OMP_NUM_THREADS=str(threads),
     )
 

@@ -307,7 +307,7 @@ def test_mechanism_recorder_changes_nothing(tmp_path):
 @pytest.mark.slow
 def test_probe_quick_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = tmp_path / "probe"
-    env = dict(os.environ, NONLOCAL_DET_DATASETS=str(tmp_path / "cache"), PYTHONOPTIMIZE="1")
+    env = dict(os.environ, NONLOCAL_DET_DATASETS=str(tmp_path / "cache"))
     cmd = [
         sys.executable,
         PROBE,

@@ -33,13 +33,10 @@ needs_d2_tools = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    # PYTHONOPTIMIZE drops `assert`s: Detectron2's keypoint decoding asserts on the near-flat
-    # heatmaps of a barely trained model now and then.
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     return dict(
         os.environ,
         NONLOCAL_DET_DATASETS=shared_datasets_dir(tmp_path_factory),
-        PYTHONOPTIMIZE="1",
         OMP_NUM_THREADS="1",
         PYTHONPATH=path,  # this checkout's package, whatever the working directory
     )
