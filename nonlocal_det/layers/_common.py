@@ -148,8 +148,9 @@ def conv1x1_fp32(
     For the embeddings whose products are attention logits (queries, keys, attention masks):
     float16 keeps 11 significant bits, so an embedding rounded to it moves a logit q . k by up to
     about |q| |k| 2^-11 -- 5 to 50 at logits of 1e4 to 1e5, enough to reorder the keys of a
-    softmax. In float32 the same rounding moves it by about 0.01. It is a matrix product, not a
-    convolution: cuDNN runs float32 convolutions in TF32 (float16's 11 bits) by default, CUDA
+    softmax. In float32 the same rounding moves it by about 0.01. On the CPU it is the module's
+    own convolution (a float32 block computes what ``nn.Conv2d`` computes, bit for bit); on CUDA a
+    matrix product: cuDNN runs float32 convolutions in TF32 (float16's 11 bits) by default, CUDA
     matrix products only where ``torch.backends.cuda.matmul.allow_tf32`` (or
     ``torch.set_float32_matmul_precision``) asks for it.
     """
@@ -158,6 +159,14 @@ def conv1x1_fp32(
     shape.extend(x.shape[2:])
     with torch.autocast(device_type="cpu", enabled=False):
         with torch.autocast(device_type="cuda", enabled=False):
+            if not x.is_cuda:
+                xd, wd = x.to(dt), weight.to(dt)
+                b = bias.to(dt) if bias is not None else None
+                if x.dim() == 3:
+                    return F.conv1d(xd, wd, b)
+                if x.dim() == 5:
+                    return F.conv3d(xd, wd, b)
+                return F.conv2d(xd, wd, b)
             w = weight.to(dt).reshape(1, weight.shape[0], -1)  # (1, C_out, C)
             # bmm, not matmul: matmul folds the batch into one product only when no gradient
             # is needed, which changes the rounding (frozen and trainable blocks would differ)
