@@ -292,7 +292,13 @@ def _matching_configs(state, meta) -> Tuple[List[str], str]:
     """The configs of ``configs/mmdet`` that compute what the checkpoint computes (their
     settings, then their model's tensor names and shapes), and the model's description."""
     from ..config import get_nonlocal_cfg
-    from ..from_mmdet import UnsupportedCheckpoint, config_mismatches, mmdet_settings, read_layout
+    from ..from_mmdet import (
+        UnsupportedCheckpoint,
+        config_mismatches,
+        convert_checkpoint,
+        mmdet_settings,
+        read_layout,
+    )
     from ..utils import read_config_text
 
     layout = read_layout(state)
@@ -304,8 +310,6 @@ def _matching_configs(state, meta) -> Tuple[List[str], str]:
     settings, _ = mmdet_settings(layout, config, version=meta.get("mmdet_version"))
     if not os.path.isdir(_MMDET_CONFIGS):
         return [], description
-    from ..tools.convert_mmdet import convert_checkpoint
-
     found = []
     for name in sorted(os.listdir(_MMDET_CONFIGS)):
         path = os.path.join(_MMDET_CONFIGS, name)

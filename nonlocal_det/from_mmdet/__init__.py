@@ -12,6 +12,7 @@ from .keys import (
     read_layout,
 )
 from .settings import CHECKED_BY_KEYS, config_mismatches, mmdet_settings
+from .convert import convert_checkpoint  # noqa: E402  (after what it uses)
 
 __all__ = [
     "CHECKED_BY_KEYS",
@@ -19,6 +20,7 @@ __all__ = [
     "PLUGIN_TYPES",
     "UnsupportedCheckpoint",
     "config_mismatches",
+    "convert_checkpoint",
     "convert_state_dict",
     "mmdet_settings",
     "model_mismatches",

@@ -25,21 +25,13 @@ import pickle
 import re
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import yaml
 
-from ..config import get_nonlocal_cfg
-from ..from_mmdet import (
-    UnsupportedCheckpoint,
-    config_mismatches,
-    convert_state_dict,
-    mmdet_settings,
-    model_mismatches,
-    read_layout,
-)
-from ..utils import atomic_open, read_config_text
+from ..from_mmdet import UnsupportedCheckpoint, convert_checkpoint
+from ..utils import atomic_open
 from ._common import check_outputs
 
 __all__ = ["convert_checkpoint", "load_mmdet_checkpoint", "main", "parser", "settings_yaml"]
@@ -75,54 +67,6 @@ def load_mmdet_checkpoint(path: str, unsafe: bool = False) -> Tuple[Dict[str, An
     state = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     return state, meta
-
-
-def _config_of(settings: Dict[str, Any], config_file: str, opts: List[str]):
-    if config_file:
-        return get_nonlocal_cfg(config_file, opts)
-    flat = [item for pair in settings.items() for item in pair]
-    return get_nonlocal_cfg("", flat + list(opts))
-
-
-def convert_checkpoint(
-    state: Dict[str, torch.Tensor],
-    meta: dict,
-    config_file: str = "",
-    opts: Sequence[str] = (),
-    assume_defaults: bool = False,
-):
-    """Convert and check an mmdetection ``state_dict`` (its ``meta`` for the config): returns
-    (Detectron2 state dict, settings, notes).
-
-    Raises:
-        UnsupportedCheckpoint: naming what cannot be mapped and why.
-    """
-    text = meta.get("config") or meta.get("cfg")
-    try:
-        config = read_config_text(text) if isinstance(text, str) and text.strip() else None
-    except ValueError as e:
-        raise UnsupportedCheckpoint(f"meta's config: {e}") from None
-    layout = read_layout(state)
-    settings, notes = mmdet_settings(
-        layout, config, version=meta.get("mmdet_version"), assume_defaults=assume_defaults
-    )
-    converted = convert_state_dict(state)
-    cfg = _config_of(settings, config_file, list(opts))
-    if config_file:
-        wrong = config_mismatches(cfg, settings)
-        if wrong:
-            raise UnsupportedCheckpoint(
-                f"{config_file} does not compute what the checkpoint was trained to compute: "
-                + "; ".join(wrong)
-            )
-    problems = model_mismatches(cfg, converted)
-    if problems:
-        more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
-        source = config_file or "the checkpoint's settings"
-        raise UnsupportedCheckpoint(
-            f"the model of {source} does not match the weights: {'; '.join(problems[:8])}{more}"
-        )
-    return converted, settings, notes
 
 
 def settings_yaml(settings: Dict[str, Any], source: str) -> str:
