@@ -3,6 +3,7 @@ decoding of heatmaps that Detectron2's decoding asserts on."""
 
 import math
 import os
+from typing import Tuple
 
 import pytest
 import torch
@@ -184,14 +185,14 @@ def test_head_decodes_as_detectron2_wherever_detectron2_decodes():
     the others (their image's decoding asserts in Detectron2) a finite score, inside their box,
     at the maximum of the upsampled heatmap."""
     g = torch.Generator().manual_seed(0)
-    r, k, s = 60, 5, 14
+    r, k, s = 40, 5, 14
     scale = 10 ** (torch.rand(r, k, 1, 1, generator=g) * 9 - 6)
     maps = torch.randn(r, k, s, s, generator=g) * scale + torch.randn(r, k, 1, 1, generator=g) * 30
-    maps[7, 2], maps[50, 0] = plateau_maps()[0, 0], plateau_maps(-1e4)[0, 0]
+    maps[7, 2], maps[30, 0] = plateau_maps()[0, 0], plateau_maps(-1e4)[0, 0]
     xy = torch.rand(r, 2, generator=g) * 100
     boxes = torch.cat([xy, xy + torch.rand(r, 2, generator=g) * 120 + 0.5], 1)
     head = kp_head()
-    sizes = [20, 1, 0, 39]  # instances per image
+    sizes = [12, 1, 0, 27]  # instances per image
     head.layers = lambda x: maps
     instances = []
     for part in boxes.split(sizes):
@@ -222,7 +223,7 @@ def test_head_decodes_as_detectron2_wherever_detectron2_decodes():
                 continue
             decoded += 1
             assert torch.equal(got[i, j], ref), (i, j)
-    assert failed >= 3 and decoded > 250, (failed, decoded)  # both kinds are covered
+    assert failed >= 3 and decoded > 150, (failed, decoded)  # both kinds are covered
 
 
 def test_head_decodes_a_batch_without_trouble_as_detectron2():
@@ -280,3 +281,36 @@ def test_no_test_or_command_turns_asserts_off():
         if os.path.isfile(path) and flag in open(path).read():
             found.append(name)
     assert not found
+
+
+class _HeadOnBoxes(torch.nn.Module):
+    """The keypoint head on one image's boxes: tensors in and out (for scripting)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        inst = Instances((100, 100))
+        inst.pred_boxes = Boxes(boxes)
+        out = self.head(x, [inst])[0]
+        return out.pred_keypoints, out.pred_keypoint_heatmaps
+
+
+def test_head_scripts_as_detectron2s_inference():
+    """Scripted (TorchScript has no ``try``), the head runs Detectron2's decoding: the same
+    keypoints and heatmaps as in eager mode on ordinary heatmaps."""
+    from detectron2.export import scripting_with_instances
+
+    cfg = head_cfg(opts=["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", (8, 8)])
+    cfg.MODEL.NONLOCAL.ENABLED = False  # the head's forward only (test_export: with blocks)
+    torch.manual_seed(0)
+    head = build_keypoint_head(cfg, SHAPE).eval()
+    x = torch.randn(3, 32, 14, 14)
+    boxes = torch.tensor([[0.0, 0.0, 30.0, 40.0], [5.0, 5.0, 60.5, 33.0], [1.0, 2.0, 9.0, 9.5]])
+    fields = {"pred_boxes": Boxes, "pred_keypoints": torch.Tensor}
+    fields["pred_keypoint_heatmaps"] = torch.Tensor
+    with torch.no_grad():
+        ref = _HeadOnBoxes(head)(x, boxes)
+        out = scripting_with_instances(_HeadOnBoxes(head).eval(), fields)(x, boxes)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

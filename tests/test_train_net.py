@@ -118,8 +118,7 @@ def test_the_demo_pictures_from_the_trained_model(trained, tmp_path, monkeypatch
     env, out, _ = trained
     monkeypatch.setenv("NONLOCAL_DET_DATASETS", env["NONLOCAL_DET_DATASETS"])
     att, pred = tmp_path / "attention.png", tmp_path / "predictions.png"
-    # no keypoint head: its decoding asserts on a 6-iteration model's flat heatmaps now and then
-    opts = ["MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.KEYPOINT_ON", "False"]
+    opts = ["MODEL.WEIGHTS", str(out / "model_final.pth")]  # keypoints drawn, as in `make demo`
     visualize.main(
         ["--config-file", DEMO, "--dataset", "nl_synthetic_val", "--index", "0"]
         + ["--output", str(att), "--predictions-output", str(pred), *opts]

@@ -1,6 +1,5 @@
 """Keypoint R-CNN head with blocks between its convs (paper §6, Table 6: non-local blocks)."""
 
-import copy
 from typing import List, Mapping, Optional, Sequence
 
 import torch
@@ -149,7 +148,16 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
     def forward(self, x, instances: List[Instances]):
         """As ``KRCNNConvDeconvUpsampleHead.forward``; in inference, where Detectron2's keypoint
         decoding asserts (heatmaps whose logits span hundreds, as a barely trained or diverging
-        head gives), the keypoints come from :func:`decode_heatmaps`."""
+        head gives), the keypoints come from :func:`decode_heatmaps`. Scripted, it is Detectron2's
+        inference (TorchScript has no ``try``)."""
+        if torch.jit.is_scripting():
+            keypoint_rcnn_inference(self.layers(x), instances)
+        else:
+            instances = self._forward_eager(x, instances)
+        return instances
+
+    @torch.jit.unused
+    def _forward_eager(self, x, instances: List[Instances]) -> List[Instances]:
         if self.training or torch.jit.is_tracing():
             return super().forward(x, instances)
         x = self.layers(x)
@@ -163,13 +171,6 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
             for inst, kps, m in zip(instances, keypoints.split(n), maps.split(n)):
                 inst.pred_keypoints, inst.pred_keypoint_heatmaps = kps, m
         return instances
-
-    def __prepare_scriptable__(self):
-        """For TorchScript (no ``super()``, no ``try``): this head as Detectron2's
-        ``KRCNNConvDeconvUpsampleHead``, the same children run in the same order."""
-        scriptable = copy.copy(self)
-        scriptable.__class__ = KRCNNConvDeconvUpsampleHead
-        return scriptable
 
     def nonlocal_blocks(self) -> List[nn.Module]:
         """The inserted blocks, in forward order."""
