@@ -1,4 +1,5 @@
-"""Keypoint R-CNN head with blocks between its convs (paper §6, Table 6: non-local blocks)."""
+"""Keypoint R-CNN head with blocks between its convs (paper §6, Table 6: non-local blocks), and
+the decoding of heatmaps that Detectron2's keypoint decoding asserts on."""
 
 from typing import List, Mapping, Optional, Sequence
 
@@ -147,8 +148,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
 
     def forward(self, x, instances: List[Instances]):
         """As ``KRCNNConvDeconvUpsampleHead.forward``; in inference, where Detectron2's keypoint
-        decoding asserts (heatmaps whose logits span hundreds, as a barely trained or diverging
-        head gives), the keypoints come from :func:`decode_heatmaps`. Scripted, it is Detectron2's
+        decoding asserts (heatmaps whose logits span hundreds, as a diverging head or one with
+        large output weights gives), the keypoints come from :func:`decode_heatmaps`. Scripted, it is Detectron2's
         inference (TorchScript has no ``try``)."""
         if torch.jit.is_scripting():
             keypoint_rcnn_inference(self.layers(x), instances)
