@@ -159,20 +159,22 @@ def conv1x1_fp32(
     shape.extend(x.shape[2:])
     with torch.autocast(device_type="cpu", enabled=False):
         with torch.autocast(device_type="cuda", enabled=False):
-            if not x.is_cuda:
+            if not x.is_cuda:  # (no return inside the with blocks: TorchScript)
                 xd, wd = x.to(dt), weight.to(dt)
                 b = bias.to(dt) if bias is not None else None
                 if x.dim() == 3:
-                    return F.conv1d(xd, wd, b)
-                if x.dim() == 5:
-                    return F.conv3d(xd, wd, b)
-                return F.conv2d(xd, wd, b)
-            w = weight.to(dt).reshape(1, weight.shape[0], -1)  # (1, C_out, C)
-            # bmm, not matmul: matmul folds the batch into one product only when no gradient
-            # is needed, which changes the rounding (frozen and trainable blocks would differ)
-            y = torch.bmm(w.expand(x.shape[0], -1, -1), x.to(dt).flatten(2))  # (N, C_out, L)
-            if bias is not None:
-                y = y + bias.to(dt).unsqueeze(1)
+                    y = F.conv1d(xd, wd, b)
+                elif x.dim() == 5:
+                    y = F.conv3d(xd, wd, b)
+                else:
+                    y = F.conv2d(xd, wd, b)
+            else:
+                w = weight.to(dt).reshape(1, weight.shape[0], -1)  # (1, C_out, C)
+                # bmm, not matmul: matmul folds the batch into one product only when no gradient
+                # is needed, which changes the rounding (frozen and trainable blocks would differ)
+                y = torch.bmm(w.expand(x.shape[0], -1, -1), x.to(dt).flatten(2))  # (N, C_out, L)
+                if bias is not None:
+                    y = y + bias.to(dt).unsqueeze(1)
     return y.reshape(shape)
 
 
