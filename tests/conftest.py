@@ -9,30 +9,35 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
-# The slowest test files, slowest first (seconds summed from `--durations=0`, 2026-12-03, Intel Xeon
+# The slowest test files, slowest first (seconds summed from `--durations=0`, 2026-12-06, Intel Xeon
 # Processor 2.0 GHz, 2 workers). `make test` hands whole files to the workers in collection order
 # (`--dist loadfile --no-loadscope-reorder`; xdist's own reordering puts the files with the most
 # tests first, which left the one-test end-to-end trainings for last on one worker). Longest first,
 # the two workers finish together. Order only: a file not listed runs after these, as collected.
 SLOWEST_FILES = (
-    "test_zoo_models.py",  # 98
-    "test_bench_model.py",  # 74
-    "test_context_probe.py",  # 63
-    "test_d2_tools.py",  # 52
-    "test_backbone.py",  # 49
-    "test_train_net.py",  # 46
-    "test_export.py",  # 33
-    "test_configs.py",  # 33
-    "test_convert_mmdet.py",  # 32
-    "test_lazy_config.py",  # 31
-    "test_checkpoint.py",  # 26
-    "test_distributed.py",  # 23
-    "test_packaging.py",  # 22
-    "test_crash_resume.py",  # 20
-    "test_convert_mmdet_configs.py",  # 20
-    "test_family_demo.py",  # 15
-    "test_warm_start.py",  # 14
-    "test_nonlocal_block.py",  # 13
+    "test_zoo_models.py",  # 69
+    "test_context_probe.py",  # 45
+    "test_bench_model.py",  # 44
+    "test_multi_machine.py",  # 37
+    "test_backbone.py",  # 35
+    "test_train_net.py",  # 28
+    "test_d2_tools.py",  # 27
+    "test_preemption.py",  # 23
+    "test_configs.py",  # 21
+    "test_output_dir.py",  # 18
+    "test_convert_mmdet.py",  # 18
+    "test_export.py",  # 17
+    "test_lazy_config.py",  # 17
+    "test_crash_resume.py",  # 16
+    "test_checkpoint.py",  # 14
+    "test_packaging.py",  # 12
+    "test_distributed.py",  # 11
+    "test_convert_mmdet_configs.py",  # 11
+    "test_exact_resume.py",  # 9
+    "test_family_demo.py",  # 9
+    "test_nonlocal_block.py",  # 8
+    "test_checkpoint_errors.py",  # 8
+    "test_warm_start.py",  # 7
 )
 
 
