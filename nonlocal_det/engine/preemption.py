@@ -29,9 +29,10 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from detectron2.engine import hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
+
+from .checkpoint import skip_final_evaluation
 
 __all__ = [
     "ALLOWED_STOP_SIGNALS",
@@ -288,8 +289,7 @@ class SafeStop(HookBase):
     def _stop_other_hooks(self) -> None:
         """Drop the hooks whose ``after_train`` saves ``model_final`` or evaluates."""
         self._stopping = True
-        stop = (hooks.PeriodicCheckpointer, hooks.EvalHook, hooks.BestCheckpointer)
-        self.trainer._hooks = [h for h in self.trainer._hooks if not isinstance(h, stop)]
+        skip_final_evaluation(self.trainer)
 
     def _preempt(self) -> None:
         it = self.trainer.iter
