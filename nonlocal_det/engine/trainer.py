@@ -195,12 +195,12 @@ class NonLocalTrainer(DefaultTrainer):
         """As ``DefaultTrainer.resume_or_load``; when resuming a checkpoint, ``metrics.json`` is
         trimmed back to the checkpoint's iteration first (main process)."""
         super().resume_or_load(resume=resume)
-        if resume and self.checkpointer.has_checkpoint():  # MAX_ITER below it: an error
-            last = self.checkpointer.get_checkpoint_file()
-            check_resume_iteration(self.cfg.SOLVER.MAX_ITER, self.start_iter, last)
-        if resume and self.checkpointer.has_checkpoint():
-            self.resume_state.log_resume()  # the data order continues, or why it restarts
-        if resume and self.checkpointer.has_checkpoint() and comm.is_main_process():
+        if not (resume and self.checkpointer.has_checkpoint()):
+            return
+        last = self.checkpointer.get_checkpoint_file()  # MAX_ITER below it: an error
+        check_resume_iteration(self.cfg.SOLVER.MAX_ITER, self.start_iter, last)
+        self.resume_state.log_resume()  # the data order continues, or why it restarts
+        if comm.is_main_process():
             trim_metrics_after(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.iter)
 
     @classmethod
