@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
-from detectron2.config import LazyConfig
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 from test_preemption import _checkpoints, _yaml_trainer
-from utils import CONFIGS
+from utils import lazy_demo_cfg
 
 from nonlocal_det.engine import NonFiniteLossError
 
@@ -65,18 +64,7 @@ def test_nan_loss_stops_train_net_trainer(tmp_path, monkeypatch):
 def test_nan_loss_stops_lazy_trainer(tmp_path, monkeypatch):
     from nonlocal_det.tools import lazy_train
 
-    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py"))
-    cfg = LazyConfig.apply_overrides(
-        cfg,
-        [
-            f"train.output_dir={tmp_path}",
-            "train.max_iter=5",
-            "train.checkpointer.period=2",
-            "train.device=cpu",
-            "dataloader.train.total_batch_size=2",
-            "dataloader.train.num_workers=0",
-        ],
-    )
+    cfg = lazy_demo_cfg(tmp_path, "train.max_iter=5", "train.checkpointer.period=2")
     _nan_mask_loss_at(monkeypatch, 4)
     monkeypatch.setattr(lazy_train, "evaluate", lambda *a: pytest.fail("evaluated"))
     with pytest.raises(NonFiniteLossError) as error:

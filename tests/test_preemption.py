@@ -14,12 +14,11 @@ import time
 import pytest
 import torch
 from coco_files import write_split
-from detectron2.config import LazyConfig
 from detectron2.engine import HookBase
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 from subproc import DEMO, TINY, command, env_for, load_train_net, run_train_net
-from utils import CONFIGS, REPO, shared_datasets_dir
+from utils import REPO, lazy_demo_cfg, shared_datasets_dir
 
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.engine import PREEMPTED_EXIT_CODE, TrainingPreempted
@@ -229,19 +228,12 @@ def test_lazy_trainer_stops_on_its_signal(tmp_path, monkeypatch, preemption_log)
     exit status 75, no evaluation."""
     from nonlocal_det.tools import lazy_train
 
-    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py"))
-    cfg = LazyConfig.apply_overrides(
-        cfg,
-        [
-            f"train.output_dir={tmp_path}",
-            "train.max_iter=6",
-            "train.eval_period=2",
-            "train.checkpointer.period=100",
-            "train.device=cpu",
-            "train.stop_signals=[SIGUSR1]",
-            "dataloader.train.total_batch_size=2",
-            "dataloader.train.num_workers=0",
-        ],
+    cfg = lazy_demo_cfg(
+        tmp_path,
+        "train.max_iter=6",
+        "train.eval_period=2",
+        "train.checkpointer.period=100",
+        "train.stop_signals=[SIGUSR1]",
     )
     forward = GeneralizedRCNN.forward
 

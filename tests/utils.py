@@ -80,3 +80,21 @@ def train_cfg(config_file: str, opts=()):
     fall_back_to_cpu(cfg)
     configure_coco_json_datasets(cfg)
     return cfg
+
+
+def lazy_demo_cfg(output_dir, *overrides: str):
+    """configs/lazy/mask_rcnn_R18_NL_demo.py on the CPU into ``output_dir``, 2 images a step, no
+    data-loader workers, and ``overrides`` (``key=value``)."""
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py"))
+    return LazyConfig.apply_overrides(
+        cfg,
+        [
+            f"train.output_dir={output_dir}",
+            "train.device=cpu",
+            "dataloader.train.total_batch_size=2",
+            "dataloader.train.num_workers=0",
+            *overrides,
+        ],
+    )
