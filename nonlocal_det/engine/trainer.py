@@ -16,8 +16,8 @@ Each change says which Detectron2 behaviour it works around:
 * ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA; here the training forward
   runs under bfloat16 autocast (fp32's range: no grad scaler needed), evaluation in fp32;
 * ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: "norm"``: Detectron2 clips each parameter's
-  gradient with its own ``clip_grad_norm_`` call (123 calls per step in the CPU demo); the same
-  clipping in batched ops (:func:`clip_each_parameter_norm`);
+  gradient with its own ``clip_grad_norm_`` call, one Python call per parameter and step; the
+  same clipping in batched ops (:func:`clip_each_parameter_norm`);
 * ``--resume`` continues the data order and the random states where the checkpoint was saved
   (Detectron2 starts the sampler's sequence again and seeds again from ``SEED``,
   :class:`TrainingResumeState`); an evaluation during training leaves the random states as they
