@@ -159,13 +159,11 @@ class DisentangledNonLocalBlock(CNNBlockBase):
         path, which builds the N x M matrix). The value is split into ceil(C / C') heads of width
         C' (zero-padded when C' does not divide C), each attending with the same query and key
         (expanded views). QK^T is thus computed once per head: L M C multiply-adds instead of
-        L M C', the same as zero-padding q and k to width C. Measured with
-        ``benchmarks/bench_dnl_sdpa.py`` (whole block, forward + backward, fp32, one CPU thread;
-        res4: C = 1024, 50 x 84): these heads 2.83-3.00 s, zero-padded q/k 2.89-2.99 s (a tie
-        on CPU), the explicit N x M matrix 1.91 s (fewer multiply-adds, but N x M memory: 67 MiB
-        per image and per copy at res4, 1.04 GiB at res3). The heads are kept: their width C'
-        (128 / 256 / 512 at res3 / res4 / res5) stays within the CUDA flash kernel's limit of 256
-        at res3 and res4, the padded width C does not (not measured: no GPU in that session).
+        L M C', the same as zero-padding q and k to width C. The explicit N x M product would
+        take fewer multiply-adds but N x M memory (67 MiB per image and per copy at res4 of an
+        800 x 1333 image, 1.04 GiB at res3). The heads' width C' (128 / 256 / 512 at res3 /
+        res4 / res5) stays within the CUDA flash kernel's limit of 256 at res3 and res4, the
+        padded width C does not. CPU timings of the three ways: docs/family.md.
         """
         n, cq, length = q.shape
         cv = v.shape[1]
