@@ -3,13 +3,13 @@
 thread.
 
 torchvision's CPU ``roi_align`` loops over the RoIs on one thread, forward and backward (its
-backward scatters into the feature map with plain adds). In the CPU demo the three poolers (box,
-mask, keypoint) took 60 ms of a 0.42 s step on two threads, three quarters of it the backward
-(docs/demo.md). Every sample point of a bin is a bilinear interpolation of four feature vectors:
-with the feature map laid out as rows of channels, ``F.embedding`` gathers the four rows of each
-point and a weighted sum gives the point, the mean of a bin's points the bin
-(:func:`roi_align_gather`). The transpose of those gathers, ``embedding``'s backward, sums the
-gradients of each row over all the points that read it on every thread: torchvision's scatter.
+backward scatters into the feature map with plain adds): with several cores, the poolers'
+backward leaves all but one idle (docs/demo.md measures it). Every sample point of a bin is a
+bilinear interpolation of four feature vectors: with the feature map laid out as rows of
+channels, ``F.embedding`` gathers the four rows of each point and a weighted sum gives the
+point, the mean of a bin's points the bin (:func:`roi_align_gather`). The transpose of those
+gathers, ``embedding``'s backward, sums the gradients of each row over all the points that read
+it on every thread: torchvision's scatter.
 :class:`GatherROIAlign` keeps torchvision's forward (faster than four gathers) and takes the
 gathers' backward (:func:`roi_align_fast_backward`); without a gradient to compute it is
 torchvision's ``roi_align``.

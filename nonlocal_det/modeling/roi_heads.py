@@ -3,15 +3,16 @@ of foreground RoIs per image (``MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE``,
 ``MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE``; 0: every one, Detectron2's behaviour).
 
 Late in training most sampled RoIs are foreground and the mask and keypoint heads run on all of
-them: tens of near-duplicate boxes per object, which made these heads 40% of a CPU demo step
-(docs/demo.md). The cap draws a random subset (without replacement, from torch's generator) of
-the RoIs Detectron2 would give each head: the foreground, and for keypoints those with a visible
-keypoint. The box head and inference are unchanged; the losses keep their normalisation (the mask
-loss is a mean over RoIs, the keypoint loss over visible keypoints by default).
+them: tens of near-duplicate boxes per object, each costing the heads as much as a distinct one
+(their share of a CPU step: docs/demo.md). The cap draws a random subset (without replacement,
+from torch's generator) of the RoIs Detectron2 would give each head: the foreground, and for
+keypoints those with a visible keypoint. The box head and inference are unchanged; the losses
+keep their normalisation (the mask loss is a mean over RoIs, the keypoint loss over visible
+keypoints by default).
 
 With ``MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` the three poolers' ROIAlign gets a backward by gathers
 (:class:`nonlocal_det.layers.GatherROIAlign`, torchvision's forward): the same numbers, and on CPU
-a backward on every thread instead of torchvision's one (the demo's step: docs/demo.md).
+a backward on every thread instead of torchvision's one.
 """
 
 import copy
