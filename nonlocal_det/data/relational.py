@@ -17,7 +17,7 @@ centre): an object's nearest neighbour is always far. The tasks (``task``):
   annotated), red or blue, in a corner; every object at least ``cue_distance`` x the image size
   from the cue. An object's category is its shape x the cue's colour: ``circle_red``,
   ``circle_blue``, ``square_red``, ``square_blue``. No comparison, only the cue's colour, far away.
-- ``"bar"`` and ``"plus"``: two held-out variants of the cue task (issue 22), with another cue
+- ``"bar"`` and ``"plus"``: two held-out variants of the cue task, with another cue
   shape, cue colours, placement rule, objects and background (:data:`HELD_OUT_RULES`, written
   down in docs/context_probe.md before any training on them). ``"bar"``: a green or magenta bar
   along a random edge, 2-3 light triangles and stars on a dark background, every object at
@@ -78,7 +78,7 @@ RELATION_TASKS = {
 # Shape name -> the category id of nonlocal_det.data.shapes.shape_parts.
 RELATION_SHAPES = {"circle": 1, "square": 2}
 
-# The held-out cue tasks (issue 22): fixed before their first training run and not tuned after
+# The held-out cue tasks: fixed before their first training run and not tuned after
 # (docs/context_probe.md). Colours are RGB; lengths in pixels at any image size; distances as
 # fractions of the image size. They take from RelationSpec only min_size, max_size, noise_std
 # and placement_tries.
