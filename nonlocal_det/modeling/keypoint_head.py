@@ -149,8 +149,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
     def forward(self, x, instances: List[Instances]):
         """As ``KRCNNConvDeconvUpsampleHead.forward``; in inference, where Detectron2's keypoint
         decoding asserts (heatmaps whose logits span hundreds, as a diverging head or one with
-        large output weights gives), the keypoints come from :func:`decode_heatmaps`. Scripted, it is Detectron2's
-        inference (TorchScript has no ``try``)."""
+        large output weights gives), the keypoints come from :func:`decode_heatmaps`. Scripted,
+        it is Detectron2's inference (TorchScript has no ``try``)."""
         if torch.jit.is_scripting():
             keypoint_rcnn_inference(self.layers(x), instances)
         else:
