@@ -31,7 +31,7 @@ machine, and whether the issue's two targets are met.
 
 Results are cached: a run whose ``result.json`` exists in ``--output-dir`` with the same settings
 is not trained again (``--fresh`` starts over). The first seed of every model with a block also
-draws ``attention.png`` (``nonlocal_det.tools.visualize.draw``) on a validation image. Every run
+draws ``attention.png`` (``nonlocal_det.modeling.attention.draw``) on a validation image. Every run
 with a block records how it learns (:func:`mechanism_recorder`: gradient norms, the attention's
 entropy and its share on the cue along training) in its ``result.json``; ``--collect DIR...``
 prints the task x model x seed table of finished runs and ``--curves PNG`` draws those records.
@@ -225,7 +225,7 @@ def _share(weights: np.ndarray, on: np.ndarray, topk: int) -> Dict[str, float]:
 
 def _block_input(model, image_bgr: np.ndarray, cfg, block):
     """Inference on one image with the block's input caught: (x, (sy, sx), stride)."""
-    from nonlocal_det.tools.visualize import run_with_block_input
+    from nonlocal_det.modeling.attention import run_with_block_input
 
     return run_with_block_input(model, image_bgr, cfg, block)[1:]
 
@@ -240,7 +240,7 @@ def _add_partner_shares(sums, block, x, pairs, scale, stride: float, topk: int) 
     import torch
 
     from nonlocal_det.layers import CrissCrossAttention
-    from nonlocal_det.tools.visualize import context_map
+    from nonlocal_det.modeling.attention import context_map
 
     sy, sx = scale
     h, w = x.shape[-2:]
@@ -296,7 +296,7 @@ def attention_on_partner(
     """
     import cv2
 
-    from nonlocal_det.tools.visualize import backbone_blocks
+    from nonlocal_det.modeling.attention import backbone_blocks
 
     names = backbone_blocks(model)
     if not names:
@@ -344,7 +344,7 @@ def mechanism_recorder(cfg, gt: Dict[str, Any], image_root: str, task: str, num_
     from detectron2.engine import HookBase
     from torch import nn
 
-    from nonlocal_det.tools.visualize import backbone_blocks
+    from nonlocal_det.modeling.attention import backbone_blocks
 
     class _Caught(Exception):
         pass
@@ -457,13 +457,14 @@ def mechanism_recorder(cfg, gt: Dict[str, Any], image_root: str, task: str, num_
 
 
 def draw_attention(model, cfg, gt, image_root: str, task: str, output: str, index=None) -> None:
-    """``nonlocal_det.tools.visualize`` picture of a validation image (the first with a partner
-    pair, or ``index``): arrows (8 per query) from the query objects' centres for pairwise
-    blocks, the heat map for query-independent ones, the partners outlined in white."""
+    """The picture of ``python -m nonlocal_det.tools.visualize`` (``nonlocal_det.modeling.attention``)
+    of a validation image (the first with a partner pair, or ``index``): arrows (8 per query) from
+    the query objects' centres for pairwise blocks, the heat map for query-independent ones, the
+    partners outlined in white."""
     import cv2
     from PIL import Image
 
-    from nonlocal_det.tools.visualize import backbone_blocks, compute_arrows, context_map, draw
+    from nonlocal_det.modeling.attention import backbone_blocks, compute_arrows, context_map, draw
 
     names = backbone_blocks(model)
     pairs = partner_pairs(gt, task)

@@ -7,7 +7,8 @@ from PIL import Image
 from utils import CONFIGS
 
 from nonlocal_det import NonLocalBlock
-from nonlocal_det.tools.visualize import compute_arrows, main, space_time_view
+from nonlocal_det.modeling.attention import compute_arrows
+from nonlocal_det.tools.visualize import main, space_time_view
 
 
 def _randomise(block):
