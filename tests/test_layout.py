@@ -1,6 +1,6 @@
 """The import graph: commands (``nonlocal_det.tools``) sit above the library and beside each other;
 the library never imports a command, no command imports another (their shared helpers live in
-``tools/_common.py``)."""
+``tools/_common.py``), and no benchmark imports a command (what they share lives in the library)."""
 
 import ast
 import glob
@@ -47,4 +47,12 @@ def test_no_command_imports_another():
         bad = {
             m for m in _imports(path) if m.startswith("nonlocal_det.tools.") and "_common" not in m
         }
+        assert not bad, (path, bad)
+
+
+def test_no_benchmark_imports_a_command():
+    benchmarks = sorted(glob.glob(os.path.join(REPO, "benchmarks", "**", "*.py"), recursive=True))
+    assert len(benchmarks) >= 7
+    for path in benchmarks:
+        bad = {m for m in _imports(path) if m.startswith("nonlocal_det.tools")}
         assert not bad, (path, bad)
