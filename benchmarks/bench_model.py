@@ -278,7 +278,7 @@ def count_flops(spec: dict) -> dict:
     from detectron2.utils.events import EventStorage
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nonlocal_det.modeling import count_flops as fvcore_flops
+    from nonlocal_det.modeling.flops import count_flops as fvcore_flops
 
     cfg, model = _build(dict(spec, device="cpu", naive=False))
     h, w = spec["size"]

@@ -1,6 +1,6 @@
 """What each block type costs in every model of Detectron2's installed model zoo (docs/your_models.md):
 the blocks' parameters and FLOPs at 800x1333, counted by fvcore with the handles of
-``nonlocal_det.modeling.count_flops`` (one multiply-add = one flop), and their share of the
+``nonlocal_det.modeling.flops.count_flops`` (one multiply-add = one flop), and their share of the
 model's FLOPs.
 
     python benchmarks/blocks_in_models.py --markdown              # every model, 800x1333
@@ -25,7 +25,8 @@ from detectron2.config import get_cfg, instantiate
 from detectron2.modeling import build_model
 
 from nonlocal_det.layers import BLOCK_TYPES
-from nonlocal_det.modeling import count_flops, insert_blocks
+from nonlocal_det.modeling import insert_blocks
+from nonlocal_det.modeling.flops import count_flops
 
 MODELS = {
     "RetinaNet": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",

@@ -6,7 +6,7 @@ from fvcore.nn import FlopCountAnalysis
 from utils import CONFIGS
 
 from nonlocal_det import NonLocalBlock
-from nonlocal_det.modeling import nonlocal_flop_handles
+from nonlocal_det.modeling.flops import nonlocal_flop_handles
 from nonlocal_det.tools.analyze import main
 
 # A block with C=8, C_inner=4 on a 4x6 input, subsampled keys: L=24 queries, M=2*3=6 keys.

@@ -31,9 +31,10 @@ from torch import nn
 from utils import CONFIGS, load_cfg
 
 from nonlocal_det.layers import BLOCK_TYPES
-from nonlocal_det.modeling import add_blocks, count_flops, insert_blocks
+from nonlocal_det.modeling import add_blocks, insert_blocks
 from nonlocal_det.modeling.backbone import config_insert_args
 from nonlocal_det.modeling.blocks import CONFIG_NODES
+from nonlocal_det.modeling.flops import count_flops
 
 # Model -> its file in Detectron2's model zoo (a .yaml is built by build_model, a .py by
 # instantiate).
@@ -234,7 +235,7 @@ RETINANET_NL_FLOPS = 4 * 24 * 1024 * 512 + 24 * 6 * 2 * 512
 
 
 def _backbone_flops(backbone):
-    """fvcore with the blocks' handles (nonlocal_det.modeling.count_flops) on the backbone,
+    """fvcore with the blocks' handles (nonlocal_det.modeling.flops.count_flops) on the backbone,
     where the blocks are."""
     with torch.no_grad():
         analysis = count_flops(backbone, torch.zeros(1, 3, H, W))

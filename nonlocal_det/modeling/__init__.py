@@ -9,7 +9,6 @@ from .backbone import (
     last_level_max_pool,
 )
 from .blocks import block_builder, config_block_spec
-from .flops import count_flops, nonlocal_flop_handles
 from .insertion import PLACEMENTS, POSITIONS, insert_blocks
 from .keypoint_head import NonLocalKRCNNHead
 from .lazy import add_blocks, build_with_blocks, remove_blocks
@@ -32,10 +31,8 @@ __all__ = [
     "build_with_blocks",
     "check_model_config",
     "config_block_spec",
-    "count_flops",
     "insert_blocks",
     "last_level_max_pool",
-    "nonlocal_flop_handles",
     "remove_blocks",
     "subsample_per_image",
 ]

@@ -1,7 +1,8 @@
 """FLOP counting of models with blocks: fvcore (through Detectron2's ``FlopCountAnalysis``, one
 multiply-add = one flop) with handles for the blocks' ops that fvcore skips, counts as zero or
 estimates: ``scaled_dot_product_attention`` (L*M*(E + E_v) per head), ``cumsum`` (the
-concatenation form's prefix sums) and two-operand ``einsum`` (exactly)."""
+concatenation form's prefix sums) and two-operand ``einsum`` (exactly). ``nonlocal_det.modeling``
+does not import this module: ``import nonlocal_det`` loads no FLOP analysis."""
 
 from typing import Dict, List
 

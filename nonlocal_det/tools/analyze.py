@@ -25,7 +25,8 @@ from detectron2.modeling import build_model
 from tabulate import tabulate
 
 from ..layers import BLOCK_TYPES
-from ..modeling import baseline_config, count_flops, remove_blocks
+from ..modeling import baseline_config, remove_blocks
+from ..modeling.flops import count_flops
 from ._common import load_config
 
 __all__ = ["analyze", "main", "parser"]
