@@ -171,6 +171,16 @@ def test_resume_with_another_model_stops_before_writing(files, copy, tmp_path):
     assert snapshot(copy) == before  # config.yaml, log.txt, metrics: not a byte changed
 
 
+def test_resume_past_a_garbled_tag_compares_the_checkpoint_it_continues(files, copy):
+    """A ``last_checkpoint`` the checkpointer resumes past (garbled): the config check reads
+    the checkpoint the resume falls back to, not nothing."""
+    (copy / "last_checkpoint").write_bytes(b"\xff\xfe garbled")
+    before = snapshot(copy)
+    with pytest.raises(ResumeConfigError, match=r"cannot continue .*model_0000009\.pth"):
+        setup(files, copy, "MODEL.NONLOCAL.TYPE", "global_context", flags=("--resume",))
+    assert snapshot(copy) == before
+
+
 def test_resume_names_the_keys_it_ignores_and_keeps_the_earlier_config(files, copy, checkpointed):
     old_config = (copy / "config.yaml").read_bytes()
     cfg = setup(

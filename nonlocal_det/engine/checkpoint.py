@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "check_weights_file",
     "describe_unreadable",
+    "resume_candidates",
     "skip_final_evaluation",
 ]
 
@@ -447,6 +448,41 @@ def skip_final_evaluation(trainer: Any) -> None:
     trainer._hooks = [h for h in trainer._hooks if not isinstance(h, stop)]
 
 
+def resume_candidates(save_dir: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """The checkpoints of ``save_dir`` a ``--resume`` tries, best first (the one
+    ``last_checkpoint`` names, then every ``model_*.pth``, newest first), and what is wrong with
+    the tag: (file, why) pairs."""
+    tag = os.path.join(save_dir, "last_checkpoint")
+    problems, tagged = [], None
+    if os.path.isfile(tag):
+        with open(tag, "rb") as f:
+            raw = f.read()
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            problems.append((tag, f"it is garbled ({len(raw)} bytes, not a file name)"))
+        else:
+            if not name:
+                problems.append((tag, "it is empty"))
+            elif not os.path.isfile(os.path.join(save_dir, name)):
+                problems.append((tag, f"it names {name}, which does not exist"))
+            else:
+                tagged = os.path.join(save_dir, name)
+
+    def newest_first(path: str):
+        number = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))[1]
+        return os.path.getmtime(path), float("inf") if number == "final" else int(number)
+
+    found = [
+        p
+        for p in glob.glob(os.path.join(glob.escape(save_dir), "model_*.pth"))
+        if _CHECKPOINT_NAME.fullmatch(os.path.basename(p)) and os.path.isfile(p)
+    ]
+    found.sort(key=newest_first, reverse=True)
+    rest = [p for p in found if tagged is None or not os.path.samefile(p, tagged)]
+    return ([tagged] if tagged else []) + rest, problems
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic writes, named load errors, resuming past unreadable
     checkpoints, and a clean stop when a save fails (see the module docstring).
@@ -544,39 +580,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
         ``last_checkpoint`` names (Detectron2's answer)."""
         return self._resumed_file or super().get_checkpoint_file()
 
-    def _resume_candidates(self) -> Tuple[List[str], List[Tuple[str, str]]]:
-        """The checkpoints to try, best first (the one ``last_checkpoint`` names, then every
-        ``model_*.pth``, newest first), and what is wrong with the tag."""
-        tag = os.path.join(self.save_dir, "last_checkpoint")
-        problems, tagged = [], None
-        if os.path.isfile(tag):
-            with open(tag, "rb") as f:
-                raw = f.read()
-            try:
-                name = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                problems.append((tag, f"it is garbled ({len(raw)} bytes, not a file name)"))
-            else:
-                if not name:
-                    problems.append((tag, "it is empty"))
-                elif not os.path.isfile(os.path.join(self.save_dir, name)):
-                    problems.append((tag, f"it names {name}, which does not exist"))
-                else:
-                    tagged = os.path.join(self.save_dir, name)
-
-        def newest_first(path: str):
-            number = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))[1]
-            return os.path.getmtime(path), float("inf") if number == "final" else int(number)
-
-        found = [
-            p
-            for p in glob.glob(os.path.join(glob.escape(self.save_dir), "model_*.pth"))
-            if _CHECKPOINT_NAME.fullmatch(os.path.basename(p)) and os.path.isfile(p)
-        ]
-        found.sort(key=newest_first, reverse=True)
-        rest = [p for p in found if tagged is None or not os.path.samefile(p, tagged)]
-        return ([tagged] if tagged else []) + rest, problems
-
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """As Detectron2's, resuming past what cannot be read.
 
@@ -594,7 +597,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if resume:
                 return super().resume_or_load(path, resume=True)
             return self.load(path, checkpointables=[])
-        candidates, rejected = self._resume_candidates()
+        candidates, rejected = resume_candidates(self.save_dir)
         for file in candidates:
             self._key = "the checkpoint to resume"
             try:

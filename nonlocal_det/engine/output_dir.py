@@ -40,6 +40,8 @@ from detectron2.config import CfgNode, LazyConfig
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
+from .checkpoint import resume_candidates
+
 __all__ = [
     "LOCK_NAME",
     "OutputDirInUseError",
@@ -311,15 +313,15 @@ def _read_checkpoint(path: str) -> Optional[Dict[str, Any]]:
     return ckpt if isinstance(ckpt, dict) else None
 
 
-def _last_checkpoint(output_dir: str) -> Optional[str]:
-    """The file ``output_dir/last_checkpoint`` names, if it exists."""
-    try:
-        with open(os.path.join(output_dir, "last_checkpoint")) as f:
-            name = f.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    path = os.path.join(output_dir, name) if name else ""
-    return path if path and os.path.isfile(path) else None
+def _resumed_checkpoint(output_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """The checkpoint ``--resume`` continues (the checkpointer's choice: the one
+    ``last_checkpoint`` names, else the newest readable ``model_*.pth``) and its dict; (None,
+    None) without a readable one."""
+    for path in resume_candidates(output_dir)[0]:
+        ckpt = _read_checkpoint(path)
+        if ckpt is not None:
+            return path, ckpt
+    return None, None
 
 
 def _kind(key: str) -> str:
@@ -383,14 +385,12 @@ def check_resume_iteration(
 
 
 def _check_resume(
-    cfg, output_dir: str, checkpoint: str, eval_only: bool
-) -> Tuple[List[Tuple[int, str]], Optional[Dict[str, Any]]]:
-    """Compare ``cfg`` with the config ``checkpoint`` was trained with; returns the notes to
-    log and the checkpoint's dict (None if unreadable). Raises ResumeConfigError for a changed
-    model key, or a ``MAX_ITER`` below the checkpoint's iteration."""
+    cfg, output_dir: str, checkpoint: str, ckpt: Dict[str, Any], eval_only: bool
+) -> List[Tuple[int, str]]:
+    """Compare ``cfg`` with the config ``checkpoint`` (its dict: ``ckpt``) was trained with;
+    returns the notes to log. Raises ResumeConfigError for a changed model key."""
     notes: List[Tuple[int, str]] = []
-    ckpt = _read_checkpoint(checkpoint)
-    stored = (ckpt or {}).get("run_config")
+    stored = ckpt.get("run_config")
     old_text, source = (stored.get("yaml") if isinstance(stored, dict) else None), "checkpoint"
     if not old_text:
         source = os.path.join(output_dir, "config.yaml")
@@ -430,7 +430,7 @@ def _check_resume(
         if changes["applies"] and not eval_only:
             keys = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes["applies"])
             notes.append((logging.INFO, f"--resume with changed keys, applied: {keys}"))
-    return notes, ckpt
+    return notes
 
 
 def _keep_previous_config(output_dir: str, text: Optional[str]) -> List[Tuple[int, str]]:
@@ -472,12 +472,11 @@ def _claim(cfg, args) -> List[Tuple[int, str]]:
     notes = list(lock.notes)
     try:
         resume, eval_only = getattr(args, "resume", False), getattr(args, "eval_only", False)
-        checkpoint = _last_checkpoint(output_dir)
+        checkpoint, ckpt = _resumed_checkpoint(output_dir)
         if checkpoint and resume:
-            found, ckpt = _check_resume(cfg, output_dir, checkpoint, eval_only)
-            notes += found
+            notes += _check_resume(cfg, output_dir, checkpoint, ckpt, eval_only)
             key, max_iter = _max_iter(cfg)
-            iteration = (ckpt or {}).get("iteration", (ckpt or {}).get("trainer", {}))
+            iteration = ckpt.get("iteration", ckpt.get("trainer", {}))
             if isinstance(iteration, dict):  # saved without it: the trainer's own
                 iteration = iteration.get("iteration")
             if not eval_only and isinstance(iteration, int) and isinstance(max_iter, int):
