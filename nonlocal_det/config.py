@@ -1,26 +1,37 @@
 """The project's config keys (``add_nonlocal_config``) and a config loader whose unknown-key
 errors list the keys that do exist."""
 
+import signal
+from collections import abc
+from typing import Tuple
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .layers._common import check_choice, check_int, check_positive, check_value
 
 __all__ = [
+    "ALLOWED_STOP_SIGNALS",
+    "DEFAULT_STOP_SIGNALS",
     "ConfigKeyError",
+    "add_config_keys",
     "add_nonlocal_config",
     "check_config_values",
     "check_lazy_config_values",
     "get_nonlocal_cfg",
+    "parse_stop_signals",
 ]
+
+#: The signals that stop a run besides SIGINT (``SOLVER.STOP_SIGNALS``, ``train.stop_signals``).
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+#: The signals a run may be told to stop on (those schedulers send; SIGINT is always one).
+ALLOWED_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
 
 
 def add_nonlocal_config(cfg: CN) -> CN:
-    """Add ``cfg.MODEL.NONLOCAL`` (non-local blocks), ``cfg.DATASETS.{TRAIN,TEST}_{JSON,IMAGES}``
-    (your own COCO files), ``cfg.MODEL.ROI_{MASK,KEYPOINT}_HEAD.TRAIN_ROIS_PER_IMAGE`` and
-    ``cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN`` (read by ``HeadSampledROIHeads``) and
-    ``cfg.SOLVER.STOP_SIGNALS`` (read by ``NonLocalTrainer``) to a Detectron2 config, before
-    ``merge_from_file``. Idempotent.
+    """Add ``cfg.MODEL.NONLOCAL`` (the blocks), ``cfg.DATASETS.{TRAIN,TEST}_{JSON,IMAGES}`` (your
+    own COCO files) and ``cfg.SOLVER.STOP_SIGNALS`` (read by ``NonLocalTrainer``) to a Detectron2
+    config, before ``merge_from_file``. Idempotent.
 
     Returns:
         The same ``cfg``, for chaining.
@@ -33,22 +44,11 @@ def add_nonlocal_config(cfg: CN) -> CN:
         cfg.DATASETS.TRAIN_IMAGES = ""
         cfg.DATASETS.TEST_JSON = ""
         cfg.DATASETS.TEST_IMAGES = ""
-    for head in (cfg.MODEL.ROI_MASK_HEAD, cfg.MODEL.ROI_KEYPOINT_HEAD):
-        if "TRAIN_ROIS_PER_IMAGE" not in head:
-            # With MODEL.ROI_HEADS.NAME "HeadSampledROIHeads": the head trains on at most this
-            # many foreground RoIs per image, drawn at random; 0: all (Detectron2's behaviour).
-            head.TRAIN_ROIS_PER_IMAGE = 0
-    if "GATHER_ROI_ALIGN" not in cfg.MODEL.ROI_HEADS:
-        # With MODEL.ROI_HEADS.NAME "HeadSampledROIHeads": the box, mask and keypoint poolers'
-        # ROIAlign with a backward by gathers (nonlocal_det.layers.GatherROIAlign;
-        # POOLER_SAMPLING_RATIO >= 1): the same numbers, a CPU backward on every thread
-        # (torchvision's: one).
-        cfg.MODEL.ROI_HEADS.GATHER_ROI_ALIGN = False
     if "STOP_SIGNALS" not in cfg.SOLVER:
         # Signals on which training finishes its iteration, saves a checkpoint and exits with
         # status 75 (nonlocal_det.engine.PREEMPTED_EXIT_CODE; --resume continues): names out of
         # SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP, SIGQUIT, SIGXCPU; SIGINT (Ctrl-C) always stops.
-        cfg.SOLVER.STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+        cfg.SOLVER.STOP_SIGNALS = DEFAULT_STOP_SIGNALS
     if "NONLOCAL" in cfg.MODEL:
         return cfg
     _C = cfg.MODEL.NONLOCAL = CN()
@@ -134,6 +134,16 @@ def add_nonlocal_config(cfg: CN) -> CN:
     return cfg
 
 
+_KEY_ADDERS = []
+
+
+def add_config_keys(adder) -> None:
+    """Make :func:`get_nonlocal_cfg` (the trainer and the commands) also call ``adder(cfg)``
+    after :func:`add_nonlocal_config`: a project's own keys, as its ``add_*_config``. Added once."""
+    if adder not in _KEY_ADDERS:
+        _KEY_ADDERS.append(adder)
+
+
 class ConfigKeyError(KeyError):
     """An unknown config key (``str()`` is the message itself, not its ``repr``)."""
 
@@ -142,8 +152,8 @@ class ConfigKeyError(KeyError):
 
 
 def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
-    """Detectron2's defaults + :func:`add_nonlocal_config`, merged with a YAML file and ``KEY
-    VALUE`` overrides. Nothing else: no device or dataset change.
+    """Detectron2's defaults + :func:`add_nonlocal_config` (and :func:`add_config_keys`'s), merged
+    with a YAML file and ``KEY VALUE`` overrides. Nothing else: no device or dataset change.
 
     Args:
         config_file: a YAML config (e.g. ``configs/mask_rcnn_R50_NL.yaml``), or "" for defaults.
@@ -157,6 +167,8 @@ def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
         ValueError: ``SOLVER.STOP_SIGNALS`` names no signal a run can stop on.
     """
     cfg = add_nonlocal_config(get_cfg())
+    for adder in _KEY_ADDERS:
+        adder(cfg)
     if config_file:
         try:
             cfg.merge_from_file(config_file)
@@ -173,10 +185,23 @@ def get_nonlocal_cfg(config_file: str = "", opts=()) -> CN:
         if not unknown:
             raise
         raise _unknown_key_error(cfg, unknown[0], "the command line") from None
-    from .engine.preemption import parse_stop_signals  # (engine imports this module)
-
     parse_stop_signals(cfg.SOLVER.STOP_SIGNALS, "SOLVER.STOP_SIGNALS")  # names of real signals
     return cfg
+
+
+def parse_stop_signals(value, key: str = "SOLVER.STOP_SIGNALS") -> Tuple[signal.Signals, ...]:
+    """The signals named by ``value`` (names like ``"SIGTERM"`` or ``"USR1"``), without repeats.
+
+    Raises:
+        ValueError: naming ``key``, the value and the allowed names.
+    """
+    names = [value] if isinstance(value, str) else value
+    allowed = f"signal names out of {list(ALLOWED_STOP_SIGNALS)} (SIGINT, Ctrl-C, always stops)"
+    check_value("", key, value, isinstance(names, abc.Sequence), "a list of " + allowed)
+    full = [("" if str(n).upper().startswith("SIG") else "SIG") + str(n).upper() for n in names]
+    ok = all(isinstance(n, str) and f in ALLOWED_STOP_SIGNALS for n, f in zip(names, full))
+    check_value("", key, tuple(names), ok and all(hasattr(signal, f) for f in full), allowed)
+    return tuple(dict.fromkeys(getattr(signal, f) for f in full))
 
 
 def _has_key(cfg: CN, key: str) -> bool:

@@ -22,7 +22,7 @@ from utils import REPO, lazy_demo_cfg, shared_datasets_dir
 
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.engine import PREEMPTED_EXIT_CODE, TrainingPreempted
-from nonlocal_det.engine.preemption import parse_stop_signals
+from nonlocal_det.config import parse_stop_signals
 
 STOP_RE = re.compile(r"Stopped on (\S+) after iteration (\d+)")
 

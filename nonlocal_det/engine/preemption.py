@@ -24,35 +24,28 @@ import re
 import signal
 import sys
 import time
-from collections import abc
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
+from ..config import ALLOWED_STOP_SIGNALS, DEFAULT_STOP_SIGNALS, parse_stop_signals
 from .checkpoint import skip_final_evaluation
 
 __all__ = [
-    "ALLOWED_STOP_SIGNALS",
-    "DEFAULT_STOP_SIGNALS",
     "PREEMPTED_EXIT_CODE",
     "NonFiniteLossError",
     "SafeStop",
     "TrainingPreempted",
     "forward_stop_signals",
-    "parse_stop_signals",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Exit status of a run stopped by a signal after saving its checkpoint: requeue it with --resume.
 PREEMPTED_EXIT_CODE = 75
-#: The signals that stop a run besides SIGINT (``SOLVER.STOP_SIGNALS``, ``train.stop_signals``).
-DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
-#: The signals a run may be told to stop on (those schedulers send; SIGINT is always one).
-ALLOWED_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
 
 _GO, _STOP, _DIVERGED = 0, 1, 2  # what the processes tell each other after each iteration
 
@@ -77,33 +70,6 @@ class TrainingPreempted(SystemExit):
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite: the message names the iteration, each loss's value and the
     last good checkpoint."""
-
-
-def parse_stop_signals(value, key: str = "SOLVER.STOP_SIGNALS") -> Tuple[signal.Signals, ...]:
-    """The signals named by ``value`` (a sequence of names like ``"SIGTERM"`` or ``"USR1"``).
-
-    Raises:
-        ValueError: naming ``key``, the value and the allowed names.
-    """
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, abc.Sequence):  # a list, tuple or OmegaConf ListConfig
-        raise ValueError(
-            f"{key}={value!r} is not supported; allowed: a list of signal names out of "
-            f"{list(ALLOWED_STOP_SIGNALS)}"
-        )
-    out = []
-    for name in value:
-        full = name.upper() if isinstance(name, str) else name
-        if isinstance(full, str) and not full.startswith("SIG"):
-            full = "SIG" + full
-        if full not in ALLOWED_STOP_SIGNALS or not hasattr(signal, full):
-            raise ValueError(
-                f"{key}={tuple(value)!r}: {name!r} is not supported; allowed: signal names out of "
-                f"{list(ALLOWED_STOP_SIGNALS)} (SIGINT, Ctrl-C, always stops a run)"
-            )
-        out.append(getattr(signal, full))
-    return tuple(dict.fromkeys(out))
 
 
 def _last_checkpoint(checkpointer) -> str:
