@@ -1,21 +1,5 @@
-"""A ``DetectionCheckpointer`` that writes atomically, names the file in every error, resumes
-past unreadable checkpoints, and stops cleanly when a save fails.
-
-Detectron2 (through fvcore) writes ``model_XXXXXXX.pth`` in place and then rewrites the
-``last_checkpoint`` tag in place. A process killed during either write leaves a truncated file:
-a truncated ``last_checkpoint`` makes ``--resume`` fail, and a truncated checkpoint that the tag
-already names (``model_final.pth`` saved again by a resumed run) is lost. Here both go through
-:func:`nonlocal_det.utils.atomic_open`: a kill leaves the previous tag and the file it names.
-
-Loading: a file that is empty, truncated, not a checkpoint, or an mmdetection checkpoint raises
-:class:`CheckpointError` naming the file, what it is and what to do (torch alone says
-``EOFError`` or ``Weights only load failed ... Unsupported operand``, without the file).
-Resuming skips an unreadable newest checkpoint (or a bad ``last_checkpoint`` tag) for the newest
-readable ``model_*.pth``, and stops when the folder holds checkpoints but none is readable.
-Saving: a failed write (a full disk) leaves the previous checkpoint and the tag as they were,
-removes the temporary file, and raises :class:`CheckpointError` with the folder, the space needed
-and the space free; the trainer's final evaluation is skipped.
-"""
+"""A ``DetectionCheckpointer`` that writes atomically, names the file in every load error, resumes
+past unreadable checkpoints and stops cleanly when a save fails (docs/reliability.md)."""
 
 import contextlib
 import errno
@@ -50,15 +34,8 @@ logger = logging.getLogger(__name__)
 
 _CHECKPOINT_NAME = re.compile(r"model_(\d+|final)\.pth")
 # Name prefixes of mmdetection's detectors (Detectron2's are backbone.bottom_up., roi_heads., ...)
-_MMDET_PREFIXES = (
-    "backbone.layer",
-    "backbone.conv1.",
-    "backbone.bn1.",
-    "neck.",
-    "rpn_head.",
-    "roi_head.",
-    "bbox_head.",
-)
+_MMDET_PREFIXES = ("backbone.layer", "backbone.conv1.", "backbone.bn1.", "neck.", "rpn_head.",
+                   "roi_head.", "bbox_head.")  # fmt: skip
 _MMDET_CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "mmdet"
 )
@@ -74,12 +51,8 @@ class CheckpointError(RuntimeError):
         self.reason = reason or message
 
 
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{int(n)} bytes"
-
-
 def _size(n: int) -> str:
-    return f"{n} bytes" + (f" ({_mb(n)})" if n >= 2**20 else "")
+    return f"{n} bytes" + (f" ({n / 2**20:.1f} MB)" if n >= 2**20 else "")
 
 
 def _descriptor_end(mm, start: int) -> int:
@@ -119,17 +92,12 @@ def _looks_like(path: str, size: int) -> str:
     """What a file that is neither a zip nor a pickle is: a JSON file, text, or bytes."""
     with open(path, "rb") as f:
         head = f.read(min(size, 4096))
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
-        if text.lstrip()[:1] in ("{", "["):
-            with contextlib.suppress(ValueError, OSError):
-                if size <= 2**24:
-                    with open(path, encoding="utf-8") as f:
-                        json.load(f)
-                    return "a JSON file"
+    text = head.decode("utf-8", "replace")
+    if "\ufffd" not in text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        if text.lstrip()[:1] in ("{", "[") and size <= 2**24:
+            with contextlib.suppress(ValueError, OSError), open(path, encoding="utf-8") as f:
+                json.load(f)
+                return "a JSON file"
         first = text.strip().splitlines()[0][:60] if text.strip() else ""
         return f"a text file (it starts with {first!r})"
     return f"binary data of an unknown format (its first bytes are {head[:8].hex(' ')})"
@@ -177,16 +145,24 @@ def describe_unreadable(path: str, error: Optional[BaseException] = None) -> str
     return message
 
 
-def _refused_global(error: BaseException) -> str:
+def _refused_global(path: str, key: str, error: BaseException) -> str:
+    """The global ``torch.load`` refused to unpickle ("" if none); raises the convert advice
+    (:func:`_mmdet_error`) when it is mmdetection's."""
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-    return found[1] if found else ""
+    refused = found[1] if found else ""
+    if refused.split(".")[0] in ("mmengine", "mmcv", "mmdet"):
+        raise _mmdet_error(path, key, None, {}, unsafe=refused) from error
+    return refused
 
 
-def _what_to_do(key: str) -> str:
-    return (
-        f"{key} must name a Detectron2 checkpoint: a .pth written by train_net.py or "
-        "lazy_train, a Detectron2 model-zoo .pkl, or a detectron2:// URL"
+def _unloadable(key: str, path: str, reason: str, advice: str = "") -> CheckpointError:
+    if not advice and ("truncated" in reason or "empty" in reason):
+        advice = f"Copy or download it again, or set {key} to another checkpoint"
+    advice = advice or (
+        f"{key} must name a Detectron2 checkpoint: a .pth written by train_net.py, a Detectron2 "
+        "model-zoo .pkl, or a detectron2:// URL."
     )
+    return CheckpointError(f"{key}={path}: cannot be loaded: {reason}. {advice}", path, reason)
 
 
 def check_weights_file(path: str, key: str = "MODEL.WEIGHTS", *, resume_from: str = "") -> None:
@@ -213,16 +189,12 @@ def check_weights_file(path: str, key: str = "MODEL.WEIGHTS", *, resume_from: st
         raise CheckpointError(f"{key}={path}: no such file", path, "no such file")
     reason = describe_unreadable(path)
     if reason:
-        raise CheckpointError(
-            f"{key}={path}: cannot be loaded: {reason}. {_advice(reason, key)}", path, reason
-        )
+        raise _unloadable(key, path, reason)
     if _names_mmdet_tensors(path):  # then read it whole, for the model and the config inside
         try:
             loaded = torch.load(path, map_location="cpu")
         except Exception as e:
-            refused = _refused_global(e)
-            if refused.split(".")[0] in ("mmengine", "mmcv", "mmdet"):
-                raise _mmdet_error(path, key, None, {}, unsafe=refused) from e
+            _refused_global(path, key, e)
             return  # the loader names what is wrong
         state, meta = _mmdet_parts(loaded)
         if state is not None:
@@ -245,48 +217,35 @@ def _names_mmdet_tensors(path: str) -> bool:
     return b"backbone.layer1." in text and b"backbone.bottom_up." not in text
 
 
-def _advice(reason: str, key: str) -> str:
-    if "truncated" in reason or "empty" in reason:
-        return f"Copy or download it again, or set {key} to another checkpoint"
-    return _what_to_do(key) + "."
-
-
 # ----- mmdetection checkpoints --------------------------------------------------------------
 
 
 def _mmdet_parts(loaded: Any) -> Tuple[Optional[Dict[str, Any]], dict]:
-    """(state dict, meta) of an mmdetection checkpoint (``state_dict`` + ``meta``, or a bare
-    state dict with mmdetection's names, as Detectron2's loader returns them: under "model"),
-    or (None, {})."""
+    """(state dict, meta) of an mmdetection checkpoint (``state_dict`` + ``meta``, or a bare state
+    dict with mmdetection's names, also under Detectron2's "model"), or (None, meta)."""
     if not isinstance(loaded, Mapping):
         return None, {}
     if isinstance(loaded.get("model"), Mapping) and "state_dict" in loaded["model"]:
         loaded = loaded["model"]
     meta = loaded.get("meta") if isinstance(loaded.get("meta"), dict) else {}
-    return _mmdet_state(loaded), meta
-
-
-def _mmdet_state(loaded: Mapping) -> Optional[Dict[str, Any]]:
     state = loaded.get("state_dict", loaded.get("model", loaded))
     if not isinstance(state, Mapping) or not state:
-        return None
+        return None, meta
     keys = [k[7:] if k.startswith("module.") else k for k in state if isinstance(k, str)]
     ours = sum(k.startswith(_MMDET_PREFIXES) for k in keys)
     if ours * 2 < len(keys) or not any(k.startswith("backbone.") for k in keys):
-        return None
-    return {k: v for k, v in zip(keys, state.values())}
+        return None, meta
+    return dict(zip(keys, state.values())), meta
 
 
 def _mmdet_model(layout) -> str:
     """``Mask R-CNN, ResNet-50-FPN with GC blocks``: the model the layout describes."""
-    head = "Mask R-CNN" if layout.mask_on else "Faster R-CNN"
     x = f"ResNeXt-{layout.depth}-{layout.num_groups}x{layout.width_per_group}d"
     net = f"ResNet-{layout.depth}" if layout.num_groups == 1 else x
     blocks = {"context_block": "GC blocks", "gen_attention_block": "generalized attention"}
-    extra = (
-        f" with {blocks.get(layout.plugin_kind, layout.plugin_kind)}" if layout.plugin_kind else ""
-    )
-    return f"{head}, {net}-FPN{extra}"
+    kind = layout.plugin_kind
+    extra = f" with {blocks.get(kind, kind)}" if kind else ""
+    return f"{'Mask' if layout.mask_on else 'Faster'} R-CNN, {net}-FPN{extra}"
 
 
 def _matching_configs(state, meta) -> Tuple[List[str], str]:
@@ -324,12 +283,6 @@ def _matching_configs(state, meta) -> Tuple[List[str], str]:
     return found, description
 
 
-def _shown(path: str) -> str:
-    """``path`` relative to the working directory when inside it."""
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
-
-
 def _mmdet_error(path: str, key: str, state: Optional[dict], meta: dict, unsafe: str = ""):
     """The :class:`CheckpointError` for an mmdetection checkpoint, with the command that converts
     it (and the config of ``configs/mmdet`` that matches it, where one does)."""
@@ -350,7 +303,8 @@ def _mmdet_error(path: str, key: str, state: Optional[dict], meta: dict, unsafe:
         except Exception as e:  # the advice must not hide the error it explains
             logger.debug(f"mmdetection checkpoint {path}: no config match: {e!r}")
     if configs:
-        config = _shown(configs[0])
+        config = os.path.relpath(configs[0])
+        config = configs[0] if config.startswith("..") else config
         command += f" --config-file {config}"
         then = f"then evaluate or train with --config-file {config} {key} {out}"
     else:
@@ -370,41 +324,36 @@ def _mmdet_error(path: str, key: str, state: Optional[dict], meta: dict, unsafe:
 
 
 class _CountingWriter:
-    """A binary file that counts the bytes written and keeps the first error of a write."""
+    """A binary file that counts the bytes written and keeps the first OSError of a write."""
 
     def __init__(self, f):
-        self._f = f
-        self.written = 0
-        self.error: Optional[BaseException] = None
+        self._f, self.written, self.error = f, 0, None
 
-    def write(self, data) -> int:
+    def _call(self, method, *args):
         try:
-            n = self._f.write(data)
+            return method(*args)
         except OSError as e:
             self.error = self.error or e
             raise
+
+    def write(self, data) -> int:
+        n = self._call(self._f.write, data)
         self.written += len(data) if n is None else n
         return n
 
     def flush(self) -> None:
-        try:
-            self._f.flush()
-        except OSError as e:
-            self.error = self.error or e
-            raise
+        self._call(self._f.flush)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
 
 
 class _AtomicWrites:
-    """A path manager that opens local files for writing with :func:`atomic_open`; every other
-    call goes to the wrapped path manager (Detectron2's ``PathManager``). ``last_write`` is the
-    :class:`_CountingWriter` of the latest binary write."""
+    """A path manager that writes local files with :func:`atomic_open` (``last_write``: the
+    :class:`_CountingWriter` of the latest binary write); the rest goes to the one it wraps."""
 
     def __init__(self, path_manager: Any):
-        self._pm = path_manager
-        self.last_write: Optional[_CountingWriter] = None
+        self._pm, self.last_write = path_manager, None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pm, name)
@@ -417,11 +366,9 @@ class _AtomicWrites:
     @contextlib.contextmanager
     def _atomic(self, path: str, mode: str, **kwargs: Any):
         with atomic_open(path, mode, **kwargs) as f:
-            if "b" not in mode:
-                yield f
-                return
-            self.last_write = _CountingWriter(f)
-            yield self.last_write
+            if "b" in mode:
+                f = self.last_write = _CountingWriter(f)
+            yield f
 
 
 def _os_error(error: BaseException, recorded: Optional[BaseException]) -> Optional[OSError]:
@@ -473,37 +420,25 @@ def resume_candidates(save_dir: str) -> Tuple[List[str], List[Tuple[str, str]]]:
         number = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))[1]
         return os.path.getmtime(path), float("inf") if number == "final" else int(number)
 
-    found = [
-        p
-        for p in glob.glob(os.path.join(glob.escape(save_dir), "model_*.pth"))
-        if _CHECKPOINT_NAME.fullmatch(os.path.basename(p)) and os.path.isfile(p)
-    ]
-    found.sort(key=newest_first, reverse=True)
+    found = glob.glob(os.path.join(glob.escape(save_dir), "model_*.pth"))
+    found = [p for p in found if _CHECKPOINT_NAME.fullmatch(os.path.basename(p))]
+    found = sorted(filter(os.path.isfile, found), key=newest_first, reverse=True)
     rest = [p for p in found if tagged is None or not os.path.samefile(p, tagged)]
     return ([tagged] if tagged else []) + rest, problems
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic writes, named load errors, resuming past unreadable
-    checkpoints, and a clean stop when a save fails (see the module docstring).
+    checkpoints, and a clean stop when a save fails. A process that saves deletes the temporary
+    files a killed one left in ``save_dir``; remote paths are written as Detectron2 writes them.
 
-    Same arguments as ``DetectionCheckpointer``, plus ``weights_key``: the config key that names
-    the weights, used in error messages ("MODEL.WEIGHTS", "train.init_checkpoint"). On
-    construction, a process that saves (``save_to_disk``) deletes temporary files that a killed
-    predecessor left in ``save_dir``. Remote paths (``scheme://``) are written as Detectron2
-    writes them.
+    Args:
+        weights_key: the config key of the weights, for messages ("train.init_checkpoint").
+        others: as ``DetectionCheckpointer``'s.
     """
 
-    def __init__(
-        self,
-        model,
-        save_dir: str = "",
-        *,
-        save_to_disk=None,
-        weights_key: str = "MODEL.WEIGHTS",
-        **checkpointables,
-    ):
-        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+    def __init__(self, model, save_dir: str = "", *, weights_key="MODEL.WEIGHTS", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
         self.path_manager = _AtomicWrites(self.path_manager)
         self.weights_key = weights_key
         self._key = weights_key  # the name of the file being loaded, in messages
@@ -513,20 +448,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
             for path in remove_stale_temp_files(save_dir):
                 logger.info(f"Removed {path}, left by an interrupted save")
 
-    # ----- loading
-
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        """As Detectron2's, with :class:`CheckpointError` for a file that is empty, truncated,
-        not a checkpoint, or an mmdetection checkpoint."""
+        """As Detectron2's; :class:`CheckpointError` for a file that is empty, truncated, not a
+        checkpoint, or an mmdetection checkpoint."""
         key = self._key
         try:
             loaded = super()._load_file(filename)
         except Exception as e:
             if isinstance(e, (AssertionError, ValueError)) and "query" in str(e):
                 raise
-            refused = _refused_global(e)
-            if refused.split(".")[0] in ("mmengine", "mmcv", "mmdet"):
-                raise _mmdet_error(filename, key, None, {}, unsafe=refused) from e
+            refused = _refused_global(filename, key, e)
             reason = describe_unreadable(filename, e)
             if refused and not reason.startswith("it is"):
                 reason = (
@@ -535,22 +466,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 )
                 advice = (
                     "If you trust the file, load it with torch.load(..., weights_only=False) and "
-                    "save {'model': <its state dict>} with torch.save; then set "
-                    f"{key} to that file"
+                    f"save {{'model': <its state dict>}} with torch.save; then set {key} to that file"
                 )
-            else:
-                advice = _advice(reason, key)
-            raise CheckpointError(
-                f"{key}={filename}: cannot be loaded: {reason}. {advice}", filename, reason
-            ) from e
+                raise _unloadable(key, filename, reason, advice) from e
+            raise _unloadable(key, filename, reason) from e
         model = loaded.get("model") if isinstance(loaded, Mapping) else None
         if not isinstance(model, Mapping):
-            reason = f"it holds a {type(model).__name__}, not a state dict"
-            raise CheckpointError(
-                f"{key}={filename}: cannot be loaded: {reason}. {_what_to_do(key)}.",
-                filename,
-                reason,
-            )
+            raise _unloadable(key, filename, f"it holds a {type(model).__name__}, not a state dict")
         own = self.model.state_dict()
         state, meta = _mmdet_parts(loaded)
         if state is not None and not any(k in own for k in state):
@@ -566,8 +488,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
         finally:  # Detectron2 resets it only after a success: the next load would assert
             self._parsed_url_during_load = None
 
-    # ----- resuming
-
     def has_checkpoint(self) -> bool:
         """After :meth:`resume_or_load` with ``resume=True``: whether it resumed a checkpoint;
         before: whether ``last_checkpoint`` exists (Detectron2's answer)."""
@@ -581,12 +501,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return self._resumed_file or super().get_checkpoint_file()
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
-        """As Detectron2's, resuming past what cannot be read.
-
-        With ``resume``: the checkpoint ``last_checkpoint`` names, else (the tag empty, garbled,
-        naming a missing file, or the file unreadable) the newest readable ``model_*.pth`` of
-        ``save_dir``, each skipped file and why logged as a warning. Without any checkpoint
-        there, ``path`` is loaded (model only) as in Detectron2.
+        """As Detectron2's; with ``resume`` the first readable one of :func:`resume_candidates`
+        (each skipped file and why logged), else ``path`` (model only).
 
         Raises:
             CheckpointError: the folder holds checkpoints and none is readable (each listed with
@@ -630,13 +546,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self._resumed = False
         return self.load(path, checkpointables=[])
 
-    # ----- saving
-
     def save(self, name: str, **kwargs: Any) -> None:
-        """As Detectron2's. A failed write raises :class:`CheckpointError` naming the folder,
-        the space needed and free; the previous checkpoint and ``last_checkpoint`` are left as
-        they were, the temporary file is removed, and the trainer's final evaluation is
-        skipped."""
+        """As Detectron2's; a failed write raises :class:`CheckpointError` naming the folder, the
+        space needed and free, and skips the trainer's final evaluation (the files stay as they
+        were)."""
         if not self.save_dir or not self.save_to_disk:
             return
         try:  # the last good checkpoint, for the message if this save fails
@@ -660,24 +573,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
         written = writer.written if writer is not None else 0
         os_error = _os_error(error, writer.error if writer is not None else None)
         folder = os.path.abspath(self.save_dir)
-        kept = (
-            f"{os.path.basename(previous)} and last_checkpoint are intact"
-            if previous
-            else ("no earlier checkpoint of this run exists")
-        )
-        resume = (
-            f"then rerun with --resume: it continues from {os.path.basename(previous)}"
-            if previous
-            else "then train again"
-        )
+        kept, resume = "no earlier checkpoint of this run exists", "then train again"
+        if previous:
+            name = os.path.basename(previous)
+            kept = f"{name} and last_checkpoint are intact"
+            resume = f"then rerun with --resume: it continues from {name}"
         if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
             free = 0
             with contextlib.suppress(OSError):
                 free = shutil.disk_usage(folder).free
-            if size >= written:
-                need = f"about {_size(size)} (the size of {os.path.basename(previous)})"
-            else:
-                need = f"more than {_size(written)}"
+            need = f"about {_size(size)} (the size of {os.path.basename(previous)})"
+            need = need if size >= written else f"more than {_size(written)}"
             reason = (
                 f"the disk is full ({os_error.strerror}): this checkpoint needs {need}, "
                 f"{_size(written)} of it were written before the failure, {_size(free)} are free"
