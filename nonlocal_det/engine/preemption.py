@@ -1,21 +1,6 @@
-"""Stopping a training run cleanly: on a preemption signal or Ctrl-C, and on a non-finite loss.
-
-A cluster scheduler that preempts a job sends a signal (SIGTERM, or SIGUSR1 / SIGUSR2 some time
-before the end), then kills it. :class:`SafeStop` makes Detectron2's training loop:
-
-* on one of its stop signals or SIGINT (Ctrl-C): finish the current iteration, save a checkpoint
-  of it and ``last_checkpoint`` (main process), and leave with :class:`TrainingPreempted`, a
-  ``SystemExit`` with :data:`PREEMPTED_EXIT_CODE` (75, sysexits' EX_TEMPFAIL: "try again"), for
-  a requeue script to test. ``--resume`` continues from the next iteration. The signal handler
-  only sets a flag; every process stops after the same iteration (the flag is reduced over the
-  processes after each one); a further signal during the save is logged and ignored;
-* on a non-finite loss (Detectron2's ``FloatingPointError``): stop with
-  :class:`NonFiniteLossError`, naming the iteration, each loss and the last good checkpoint.
-
-Either way the final evaluation does not run and no checkpoint is written over the last one.
-:func:`forward_stop_signals`: the parent process of several workers (``--num-gpus N > 1``) passes
-the stop signals on to them rather than dying first.
-"""
+"""Stopping a training run cleanly on a stop signal or Ctrl-C (a checkpoint of the current
+iteration, then exit status 75) and on a non-finite loss (no save, no evaluation); the parent
+process of several workers passes the signals on (docs/reliability.md)."""
 
 import contextlib
 import logging
@@ -32,7 +17,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
 from ..config import ALLOWED_STOP_SIGNALS, DEFAULT_STOP_SIGNALS, parse_stop_signals
-from .checkpoint import skip_final_evaluation
+from .checkpoint import resume_candidates, skip_final_evaluation
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
@@ -62,9 +47,7 @@ class TrainingPreempted(SystemExit):
 
     def __init__(self, iteration: int, checkpoint: str, signal_name: str):
         super().__init__(PREEMPTED_EXIT_CODE)
-        self.iteration = iteration
-        self.checkpoint = checkpoint
-        self.signal_name = signal_name
+        self.iteration, self.checkpoint, self.signal_name = iteration, checkpoint, signal_name
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -91,30 +74,25 @@ def _non_finite_tensors(path: str) -> Optional[List[str]]:
 
 
 def _last_good_checkpoint(checkpointer, tries: int = 5) -> str:
-    """Which checkpoint of ``checkpointer.save_dir`` to resume from after a divergence: the one
-    ``last_checkpoint`` names if its weights are finite, else the newest such ``model_*.pth``
-    (a checkpoint saved right before the loss turned NaN often holds NaN weights already)."""
+    """Which checkpoint to resume from after a divergence: the one ``last_checkpoint`` names if its
+    weights are finite, else the newest such ``model_*.pth`` (one saved right before the loss
+    turned NaN often holds NaN weights already)."""
     folder = getattr(checkpointer, "save_dir", "") or ""
     last = _last_checkpoint(checkpointer)
     if not last:
         return f"No checkpoint was written in {folder or 'the output folder'}."
     said = f"last_checkpoint names {last} (nothing was saved after it)"
-    files = sorted(
-        (os.path.join(folder, f) for f in os.listdir(folder) if re.fullmatch(r"model_.*\.pth", f)),
-        key=os.path.getmtime,
-        reverse=True,
-    )
+    files = resume_candidates(folder)[0]
     files = [last] + [f for f in files if os.path.basename(f) != os.path.basename(last)]
     for n, path in enumerate(files[:tries]):
         bad = _non_finite_tensors(path)
         if bad == [] and n == 0:
             return f"{said}: its weights are finite; --resume restarts from it."
         if bad == []:
-            name = os.path.basename(path)
             return (
                 f"{said}, but its weights hold NaN / inf. The newest checkpoint with finite "
-                f"weights is {path}: write {name} into {os.path.join(folder, 'last_checkpoint')} "
-                "and --resume restarts from it."
+                f"weights is {path}: write {os.path.basename(path)} into "
+                f"{os.path.join(folder, 'last_checkpoint')} and --resume restarts from it."
             )
         if n == 0:
             said += f", but {'it cannot be read' if bad is None else 'its weights hold NaN / inf'}"
@@ -137,14 +115,10 @@ def _losses(error: FloatingPointError) -> str:
 
 
 class SafeStop(HookBase):
-    """Stops training after the current iteration on a signal, and at once on a non-finite loss
-    (see the module docstring).
-
-    Register it on every process, after the ``PeriodicCheckpointer`` and before the ``EvalHook``
-    (the evaluation of the stop iteration is then skipped: a checkpoint first). Its
-    ``before_train`` installs the signal handlers and wraps the trainer's ``run_step`` (to catch
-    Detectron2's ``FloatingPointError``); with several processes it makes a gloo group for the
-    per-iteration flag (one small all-reduce).
+    """Stops training after the current iteration on a signal (a checkpoint of it, then
+    :class:`TrainingPreempted`), and at once on a non-finite loss (:class:`NonFiniteLossError`).
+    Register it on every process, after the ``PeriodicCheckpointer`` and before the ``EvalHook``;
+    with several processes the stop flag is all-reduced after each iteration (a gloo group).
 
     Args:
         checkpointer: the trainer's checkpointer (it saves on the main process only).
@@ -154,18 +128,12 @@ class SafeStop(HookBase):
 
     def __init__(self, checkpointer, stop_signals=DEFAULT_STOP_SIGNALS, key="SOLVER.STOP_SIGNALS"):
         self.checkpointer = checkpointer
-        self.signals = tuple(
-            dict.fromkeys(parse_stop_signals(stop_signals, key) + (signal.SIGINT,))
-        )
+        signals = parse_stop_signals(stop_signals, key) + (signal.SIGINT,)
+        self.signals = tuple(dict.fromkeys(signals))
         self.requested: Optional[int] = None  # the first signal received
-        self._requested_at = 0.0
-        self._saving = False
-        self._stopping = False
-        self._previous = {}
-        self._pid = os.getpid()
-        self._group = None
+        self._requested_at, self._saving, self._stopping = 0.0, False, False
+        self._previous, self._pid, self._group = {}, os.getpid(), None
 
-    # ---- signals ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked data-loader worker: its parent process stops it
             return
@@ -204,7 +172,6 @@ class SafeStop(HookBase):
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    # ---- hook -------------------------------------------------------------------------------
     def before_train(self):
         self.requested, self._saving, self._stopping = None, False, False
         if comm.get_world_size() > 1:
@@ -244,7 +211,6 @@ class SafeStop(HookBase):
         if not self._stopping or comm.get_world_size() == 1:
             self.uninstall()
 
-    # ---- stopping ---------------------------------------------------------------------------
     def _reduce(self, flag: int) -> int:
         if self._group is None:
             return flag
@@ -306,16 +272,11 @@ class SafeStop(HookBase):
         raise NonFiniteLossError(message) from error
 
 
-# ---- the parent process of several workers ---------------------------------------------------
 @contextlib.contextmanager
 def forward_stop_signals(world_size: int) -> Iterator[None]:
-    """Around Detectron2's ``launch``: when it starts worker processes (``world_size`` > 1, even
-    one per machine), this parent process passes each signal of :data:`ALLOWED_STOP_SIGNALS` it
-    receives on to its workers instead of dying first and leaving them orphaned (each worker's
-    :class:`SafeStop` then stops after its current iteration), and exits with
-    :data:`PREEMPTED_EXIT_CODE` when a worker was ended by a signal passed on (before its training
-    started). A worker's own exit status (75 after a stop) is the launcher's to pass on. With one
-    process nothing changes."""
+    """Around Detectron2's ``launch`` with ``world_size`` > 1: this parent process passes each
+    signal of :data:`ALLOWED_STOP_SIGNALS` on to its workers rather than dying first, and exits
+    with :data:`PREEMPTED_EXIT_CODE` when one was ended by such a signal before training."""
     if world_size <= 1:
         yield
         return
