@@ -1,27 +1,9 @@
-"""The output folder of a run (``OUTPUT_DIR``, ``train.output_dir``): one run at a time, and a
-``--resume`` checked against the run that wrote the checkpoint, before anything is written.
-
-Detectron2's ``default_setup`` creates the folder and (over)writes ``config.yaml`` and
-``log.txt`` in it; its trainer then writes checkpoints, ``last_checkpoint``, ``metrics.json``
-and ``inference/``. :func:`setup_output_dir` runs it after these steps, on the main process:
-
-* the folder's lock (:func:`lock_output_dir`, an ``fcntl.flock`` on ``OUTPUT_DIR/.lock`` held for
-  the process's life): a second run into the same folder stops at once, naming the first one's
-  pid, host, command and start time; a lock file left by a process that has ended is taken over
-  (logged). Every run locks, ``--eval-only`` too: it writes ``config.yaml``, ``log.txt`` and
-  ``inference/`` as a training's evaluation does. With several processes only global rank 0 (the
-  first process of machine 0) locks; the others wait for its verdict and stop with it;
-* with ``--resume``, the config is compared with the one the checkpoint was trained with (stored
-  in each checkpoint by :class:`RunConfig`; ``config.yaml`` for older checkpoints): a changed
-  model key stops the run, listing each key with both values; keys that a resume ignores (the
-  solver's, restored from the optimizer and scheduler state, and ``MODEL.WEIGHTS``) are named in
-  a warning; a ``MAX_ITER`` below the checkpoint's iteration stops it too
-  (:func:`check_resume_iteration`);
-* a ``config.yaml`` that differs from this run's is kept as ``config.<its time>.yaml`` before
-  ``default_setup`` writes the new one.
-"""
+"""The output folder of a run (``OUTPUT_DIR``, ``train.output_dir``): one run at a time (a lock),
+and a ``--resume`` checked against the config the checkpoint was trained with, before anything is
+written (docs/reliability.md)."""
 
 import atexit
+import contextlib
 import datetime
 import fcntl
 import json
@@ -57,21 +39,16 @@ __all__ = [
 logger = logging.getLogger("detectron2")
 
 LOCK_NAME = ".lock"
-# Keys a resume does not apply: the optimizer's hyper-parameters come back with its state (torch's
-# load_state_dict restores each param group's lr, momentum, weight decay), the scheduler's base
-# learning rates with its state, and the weights with the checkpoint.
+# Keys a resume does not apply (a trailing "." names a prefix), and why: the optimizer's and the
+# scheduler's hyper-parameters come back with their state, the weights with the checkpoint.
 IGNORED_ON_RESUME = {
     "MODEL.WEIGHTS": "the weights come from the checkpoint",
-    "SOLVER.BASE_LR": "restored from the optimizer and scheduler state",
-    "SOLVER.MOMENTUM": "restored from the optimizer state",
-    "SOLVER.NESTEROV": "restored from the optimizer state",
-    "SOLVER.WEIGHT_DECAY": "restored from the optimizer state",
-    "SOLVER.WEIGHT_DECAY_NORM": "restored from the optimizer state",
-    "SOLVER.WEIGHT_DECAY_BIAS": "restored from the optimizer state",
-    "SOLVER.BIAS_LR_FACTOR": "restored from the optimizer state",
     "train.init_checkpoint": "the weights come from the checkpoint",
-}
-_IGNORED_PREFIXES = {"optimizer.": "restored from the optimizer state"}  # LazyConfig
+    "SOLVER.BASE_LR": "restored from the optimizer and scheduler state",
+    **{f"SOLVER.{k}": "restored from the optimizer state" for k in ("MOMENTUM", "NESTEROV",
+       "WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS", "BIAS_LR_FACTOR")},
+    "optimizer.": "restored from the optimizer state",
+}  # fmt: skip
 
 
 class OutputDirInUseError(RuntimeError):
@@ -81,9 +58,6 @@ class OutputDirInUseError(RuntimeError):
 class ResumeConfigError(ValueError):
     """``--resume`` with a config the checkpoint cannot continue (another model, a ``MAX_ITER``
     below its iteration)."""
-
-
-# ---- the lock ------------------------------------------------------------------------------------
 
 
 def _describe(owner: Dict[str, Any]) -> str:
@@ -101,7 +75,7 @@ def _pid_alive(pid: Any) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 
@@ -114,24 +88,21 @@ class OutputDirLock:
             over, a filesystem without locks).
     """
 
-    def __init__(self, path: str, fd: int, notes: List[Tuple[int, str]]):
+    def __init__(self, path: str, fd: int, notes: List[Tuple[int, str]], flocked: bool):
         self.path, self._fd, self.notes, self.pid = path, fd, notes, os.getpid()
+        self._flocked = flocked
 
     def release(self) -> None:
         """Empty the lock file (an empty one is not stale) and unlock it. Idempotent."""
         if self._fd is None or os.getpid() != self.pid:  # never from a forked child
             return
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)
-        except OSError:
-            pass
         if self._flocked:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
         _HELD.pop(os.path.realpath(os.path.dirname(self.path)), None)
-
-    _flocked = True
 
 
 _HELD: Dict[str, OutputDirLock] = {}
@@ -176,46 +147,32 @@ def lock_output_dir(output_dir: str) -> OutputDirLock:
     path = os.path.join(output_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     notes: List[Tuple[int, str]] = []
-    flocked = True
+    flocked, held_by = True, ""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        held_by = f"it holds {path}"
+    except OSError as e:  # a filesystem without locks: the lock file's pid is all there is
+        flocked, owner = False, _read_owner(fd)
+        if owner.get("host") == socket.gethostname() and _pid_alive(owner.get("pid")):
+            held_by = f"{path} names it; this filesystem has no file locks"
+        msg = f"Cannot lock {path} ({e}): another run started into {output_dir} on another "
+        notes.append((logging.WARNING, msg + "machine would not be stopped"))
+    if held_by:
         owner = _read_owner(fd)
         os.close(fd)
         raise OutputDirInUseError(
-            f"OUTPUT_DIR={output_dir} is in use by another run: {_describe(owner)} (it holds "
-            f"{path}). Two runs in one folder overwrite each other's checkpoints, config.yaml, "
-            "metrics.json and inference/ results: wait for that run to end, or give this one "
-            "another OUTPUT_DIR."
+            f"OUTPUT_DIR={output_dir} is in use by another run: {_describe(owner)} ({held_by}). "
+            "Two runs in one folder overwrite each other's checkpoints, config.yaml, metrics.json "
+            "and inference/ results: wait for that run to end, or give this one another OUTPUT_DIR."
         ) from None
-    except OSError as e:  # a filesystem without locks: the lock file's pid is all there is
-        flocked = False
-        owner = _read_owner(fd)
-        if owner.get("host") == socket.gethostname() and _pid_alive(owner.get("pid")):
-            os.close(fd)
-            raise OutputDirInUseError(
-                f"OUTPUT_DIR={output_dir} is in use by another run: {_describe(owner)} ({path} "
-                "names it; this filesystem has no file locks). Wait for that run to end, or "
-                "give this one another OUTPUT_DIR."
-            ) from None
-        notes.append(
-            (
-                logging.WARNING,
-                f"Cannot lock {path} ({e}): another run started into {output_dir} on another "
-                "machine would not be stopped",
-            )
-        )
     owner = _read_owner(fd)
     if owner and owner.get("pid") != os.getpid():
         here = owner.get("host") == socket.gethostname()
         why = "which is no longer running" if here else "which no longer holds it"
-        notes.append(
-            (
-                logging.WARNING,
-                f"Took over the lock {path}, left by {_describe(owner)}, {why} (killed or "
-                "crashed: its last checkpoint is the one --resume continues from)",
-            )
-        )
+        notes.append((logging.WARNING, f"Took over the lock {path}, left by {_describe(owner)}, "
+                      f"{why} (killed or crashed: its last checkpoint is the one --resume continues "
+                      "from)"))  # fmt: skip
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -226,13 +183,8 @@ def lock_output_dir(output_dir: str) -> OutputDirLock:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(me) + "\n").encode())
     os.fsync(fd)
-    lock = OutputDirLock(path, fd, notes)
-    lock._flocked = flocked
-    _HELD[real] = lock
-    return lock
-
-
-# ---- the run's config ------------------------------------------------------------------------------
+    _HELD[real] = OutputDirLock(path, fd, notes, flocked)
+    return _HELD[real]
 
 
 def run_config_text(cfg) -> Optional[str]:
@@ -327,32 +279,21 @@ def _resumed_checkpoint(output_dir: str) -> Tuple[Optional[str], Optional[Dict[s
 def _kind(key: str) -> str:
     """What a resume does with a changed key: "model" (the checkpoint cannot continue),
     "ignored" (restored from the checkpoint) or "applies"."""
-    if key in IGNORED_ON_RESUME:
-        return "ignored"
-    if any(key.startswith(p) for p in _IGNORED_PREFIXES):
+    if _why_ignored(key):
         return "ignored"
     last = key.rsplit(".", 1)[-1]
     if key.startswith("MODEL."):
-        test_only = last.endswith("_TEST") or key == "MODEL.DEVICE"
-        return "applies" if test_only else "model"
+        return "applies" if last.endswith("_TEST") or key == "MODEL.DEVICE" else "model"
     if key.startswith("model."):
         return "applies" if last.startswith("test_") or last == "device" else "model"
     return "applies"
 
 
 def _why_ignored(key: str) -> str:
-    if key in IGNORED_ON_RESUME:
-        return IGNORED_ON_RESUME[key]
-    return next(w for p, w in _IGNORED_PREFIXES.items() if key.startswith(p))
-
-
-def _changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, List[Tuple[str, Any, Any]]]:
-    """The keys of both configs whose values differ, by :func:`_kind`."""
-    out: Dict[str, List[Tuple[str, Any, Any]]] = {"model": [], "ignored": [], "applies": []}
-    for key in sorted(set(old) & set(new) - {"OUTPUT_DIR", "train.output_dir"}):
-        if old[key] != new[key]:
-            out[_kind(key)].append((key, old[key], new[key]))
-    return out
+    for k, why in IGNORED_ON_RESUME.items():
+        if key == k or (k.endswith(".") and key.startswith(k)):
+            return why
+    return ""
 
 
 def check_resume_iteration(
@@ -401,13 +342,14 @@ def _check_resume(
             old_text = None
     old, new = _parse(old_text), _parse(run_config_text(cfg))
     if old is None or new is None:
-        notes.append(
-            (logging.WARNING, f"--resume of {checkpoint}: the config it was trained with is not "
-             "known (no run config in it, no readable config.yaml); not compared")
-        )  # fmt: skip
+        notes.append((logging.WARNING, f"--resume of {checkpoint}: the config it was trained with "
+                      "is not known (no run config in it, no readable config.yaml); not compared"))  # fmt: skip
     else:
         where = "stored in it" if source == "checkpoint" else f"as recorded in {source}"
-        changes = _changes(old, new)
+        changes: Dict[str, List[Tuple[str, Any, Any]]] = {"model": [], "ignored": [], "applies": []}
+        for k in sorted(set(old) & set(new) - {"OUTPUT_DIR", "train.output_dir"}):
+            if old[k] != new[k]:
+                changes[_kind(k)].append((k, old[k], new[k]))
         if changes["model"]:
             keys = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, o, n in changes["model"])
             raise ResumeConfigError(
@@ -422,11 +364,9 @@ def _check_resume(
                 f"{k}: {o!r} (the checkpoint's, in use) -> {n!r} (ignored: {_why_ignored(k)})"
                 for k, o, n in changes["ignored"]
             )
-            notes.append(
-                (logging.WARNING, f"--resume ignores these changed keys: {keys}. To train with "
-                 "the new values, start a new run (without --resume) in another OUTPUT_DIR with "
-                 f"MODEL.WEIGHTS {checkpoint}")
-            )  # fmt: skip
+            notes.append((logging.WARNING, f"--resume ignores these changed keys: {keys}. To train "
+                          "with the new values, start a new run (without --resume) in another "
+                          f"OUTPUT_DIR with MODEL.WEIGHTS {checkpoint}"))  # fmt: skip
         if changes["applies"] and not eval_only:
             keys = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes["applies"])
             notes.append((logging.INFO, f"--resume with changed keys, applied: {keys}"))
@@ -452,20 +392,16 @@ def _keep_previous_config(output_dir: str, text: Optional[str]) -> List[Tuple[in
     return [(logging.INFO, f"Kept the previous run's config.yaml as {kept} (this run's differs)")]
 
 
-def _output_dir(cfg) -> str:
+def _run_keys(cfg) -> Tuple[str, str, Optional[int]]:
+    """(output folder, the max-iteration key, its value) of a ``CfgNode`` or a LazyConfig."""
     if isinstance(cfg, CfgNode):
-        return cfg.OUTPUT_DIR
-    return cfg.train.get("output_dir", "") if "train" in cfg else ""
-
-
-def _max_iter(cfg) -> Tuple[str, Optional[int]]:
-    if isinstance(cfg, CfgNode):
-        return "SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER
-    return "train.max_iter", cfg.train.get("max_iter")
+        return cfg.OUTPUT_DIR, "SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER
+    train = cfg.get("train") or {}
+    return train.get("output_dir", ""), "train.max_iter", train.get("max_iter")
 
 
 def _claim(cfg, args) -> List[Tuple[int, str]]:
-    output_dir = _output_dir(cfg)
+    output_dir, key, max_iter = _run_keys(cfg)
     if not output_dir or "://" in output_dir:  # none, or a remote one: Detectron2's as it is
         return []
     lock = lock_output_dir(output_dir)
@@ -475,7 +411,6 @@ def _claim(cfg, args) -> List[Tuple[int, str]]:
         checkpoint, ckpt = _resumed_checkpoint(output_dir)
         if checkpoint and resume:
             notes += _check_resume(cfg, output_dir, checkpoint, ckpt, eval_only)
-            key, max_iter = _max_iter(cfg)
             iteration = ckpt.get("iteration", ckpt.get("trainer", {}))
             if isinstance(iteration, dict):  # saved without it: the trainer's own
                 iteration = iteration.get("iteration")
@@ -483,11 +418,9 @@ def _claim(cfg, args) -> List[Tuple[int, str]]:
                 note = check_resume_iteration(max_iter, iteration + 1, checkpoint, key)
                 notes += [(logging.WARNING, note)] if note else []
         elif checkpoint and not eval_only:
-            notes.append(
-                (logging.WARNING, f"{output_dir} holds the checkpoints of an earlier run (last: "
-                 f"{checkpoint}); this run starts without them (no --resume) and overwrites the "
-                 "files of the same names as it saves its own")
-            )  # fmt: skip
+            notes.append((logging.WARNING, f"{output_dir} holds the checkpoints of an earlier run "
+                          f"(last: {checkpoint}); this run starts without them (no --resume) and "
+                          "overwrites the files of the same names as it saves its own"))  # fmt: skip
         notes += _keep_previous_config(output_dir, run_config_text(cfg))
     except BaseException:
         lock.release()
@@ -496,12 +429,9 @@ def _claim(cfg, args) -> List[Tuple[int, str]]:
 
 
 def setup_output_dir(cfg, args) -> None:
-    """Detectron2's ``default_setup(cfg, args)`` (logging, ``config.yaml``, seeds), preceded on the
-    main process by the output folder's lock and, with ``args.resume``, the comparison with the
-    checkpoint's config (module docstring); what they found is logged once logging is set up.
-
-    Call it on every process: with several, the others wait for the main process's verdict and
-    raise its error too (no rank is left waiting on a collective).
+    """Detectron2's ``default_setup(cfg, args)``, preceded on the main process by the folder's lock
+    and, with ``args.resume``, the comparison with the checkpoint's config; what they found is
+    logged once logging is set up. Call it on every process: the others raise rank 0's error too.
 
     Raises:
         OutputDirInUseError: another run holds the folder.
@@ -519,11 +449,8 @@ def setup_output_dir(cfg, args) -> None:
         verdict = comm.all_gather(None if error is None else (type(error).__name__, str(error)))
         if error is None and verdict[0] is not None:
             name, message = verdict[0]
-            kinds = {
-                "OutputDirInUseError": OutputDirInUseError,
-                "ResumeConfigError": ResumeConfigError,
-            }
-            raise kinds.get(name, RuntimeError)(f"rank 0 stopped: {name}: {message}")
+            kind = {e.__name__: e for e in (OutputDirInUseError, ResumeConfigError)}.get(name)
+            raise (kind or RuntimeError)(f"rank 0 stopped: {name}: {message}")
     if error is not None:
         raise error
     default_setup(cfg, args)

@@ -1,46 +1,13 @@
-"""Resuming where training stopped: the random states and the position in the training data,
-saved with every checkpoint.
-
-Detectron2 does not store how far its training sampler got, and ``default_setup`` seeds every
-random generator again from ``SEED``: after ``--resume`` the batches start again from the
-beginning of the sampler's sequence and the random choices (augmentations, the RPN's and ROI
-heads' sampling) differ from an uninterrupted run's. :class:`TrainingResumeState` is a
-checkpointable (``state_dict`` / ``load_state_dict``) that the checkpointer saves with the model:
-
-* the random states of torch (CPU, and CUDA once initialised), numpy and Python's ``random``;
-* the position in the train loader's index sequence: how many indices the main process has
-  taken from the sampler, and the images that Detectron2's ``AspectRatioGroupedDataset`` holds in
-  its buckets (taken, not yet in a batch), each with the index and the random state it was
-  loaded with.
-
-On resume the sampler skips the indices already taken (indices only: no image is loaded), the
-images that were waiting in the buckets are loaded again with their random states, and the
-random states of the checkpoint are restored right before the first new image is loaded. With
-``DATALOADER.NUM_WORKERS 0`` in one process, the losses after a resume are those of an
-uninterrupted run, bit for bit on the CPU.
-
-Supported loaders: Detectron2's ``build_detection_train_loader`` / ``build_batch_data_loader``
-over a map-style dataset (any sampler whose sequence is fixed by its seed, e.g.
-``TrainingSampler``, ``RepeatFactorTrainingSampler``), with or without aspect-ratio grouping.
-Limits, each logged on resume:
-
-* ``NUM_WORKERS > 0``: the workers load the images, each from its share of the index sequence
-  and with its own random state; the sequence continues after the images the main process
-  received, the waiting images are not loaded again, and the workers' random states start
-  afresh: the same images in nearly the same order, other augmentations;
-* several processes: the main process saves the checkpoint, so only its state is stored; the
-  other processes continue their index sequence at the main process's position (within a batch)
-  with the random states seeded at start-up;
-* another loader (an iterable dataset, a custom one), or a checkpoint without this state (an
-  older one), or another dataset size, batch size or number of processes: the data order
-  restarts from the beginning of the sampler's sequence.
-"""
+"""The random states and the position in the training data, saved with every checkpoint so that
+``--resume`` continues the data order and the random choices of the run it resumes (Detectron2
+restarts its sampler and seeds again); its limits are in docs/reliability.md."""
 
 import contextlib
 import itertools
 import logging
 import random
-from typing import Any, Dict, Iterator, List, Optional
+from collections import namedtuple
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -133,9 +100,7 @@ class _ResumableSampler(Sampler):
     last index, and restores ``rng_to_restore`` (if set) before its first index."""
 
     def __init__(self, sampler: Sampler):
-        self.sampler = sampler
-        self.start = 0
-        self.taken = 0
+        self.sampler, self.start, self.taken = sampler, 0, 0
         self.last_index: Optional[int] = None
         self.rng_to_restore: Optional[Dict[str, Any]] = None
 
@@ -153,13 +118,8 @@ class _ResumableSampler(Sampler):
             yield index
 
 
-class _Waiting:
-    """An image taken from the index sequence, waiting in an aspect-ratio bucket."""
-
-    __slots__ = ("item", "position", "index", "rng")
-
-    def __init__(self, item, position, index, rng):
-        self.item, self.position, self.index, self.rng = item, position, index, rng
+# An image taken from the index sequence, waiting in an aspect-ratio bucket.
+_Waiting = namedtuple("_Waiting", "item position index rng")
 
 
 class _TrackedItems:
@@ -169,13 +129,9 @@ class _TrackedItems:
     the checkpoint again before continuing."""
 
     def __init__(self, loader: DataLoader, grouped: AspectRatioGroupedDataset, sampler):
-        self.loader = loader
-        self.grouped = grouped
-        self.sampler = sampler
+        self.loader, self.grouped, self.sampler = loader, grouped, sampler
         self.mapped = loader.dataset.dataset  # map-style: index -> loaded image
-        self.taken = 0
-        self.waiting: List[_Waiting] = []
-        self.replay: List[Dict[str, Any]] = []
+        self.taken, self.waiting, self.replay = 0, [], []
         self.rng_to_restore: Optional[Dict[str, Any]] = None
 
     def prune(self) -> None:
@@ -232,8 +188,8 @@ def _stages(data_loader):
 
 
 class TrainingResumeState:
-    """Checkpointable random states and training data position of one training run (see the
-    module docstring).
+    """The random states and the train loader's position (indices taken, images waiting in the
+    aspect-ratio buckets) of a run, as a checkpointable.
 
     Args:
         data_loader: the trainer's train loader (``build_detection_train_loader``'s result). Its
@@ -242,17 +198,11 @@ class TrainingResumeState:
     """
 
     def __init__(self, data_loader):
-        self.loaded = False
-        self._sampler: Optional[_ResumableSampler] = None
-        self._tracked: Optional[_TrackedItems] = None
-        self._loader: Optional[DataLoader] = None
-        self._batch_size = None
-        self._resumed = ""
+        self.loaded, self._resumed, self._tracked = False, "", None
         stages = _stages(data_loader)
-        if isinstance(stages, str):
-            self.unsupported: Optional[str] = stages
+        self.unsupported: Optional[str] = stages if isinstance(stages, str) else None
+        if self.unsupported:
             return
-        self.unsupported = None
         self._batch_size, self._loader, grouped = stages
         self._sampler = _ResumableSampler(self._loader.dataset.sampler)
         self._loader.dataset.sampler = self._sampler
