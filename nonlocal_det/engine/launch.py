@@ -1,9 +1,9 @@
-"""Starting the processes of a run on one or several machines, for both trainers: Detectron2's
-``default_argument_parser`` plus ``--dist-timeout``, and Detectron2's ``launch`` with that timeout,
-checked arguments, and an error that names the address, the machine and the timeout when the
-processes cannot form their group (a machine that never joins)."""
+"""Detectron2's ``default_argument_parser`` and ``launch`` with ``--dist-timeout``, checked
+arguments, and an error naming the address, the machine and the timeout when the processes
+cannot form their group."""
 
 import argparse
+import math
 import re
 import sys
 from datetime import timedelta
@@ -35,35 +35,26 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
+        value = math.nan
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r}: allowed: a number of seconds > 0")
     return value
 
 
 def default_argument_parser(epilog=None) -> argparse.ArgumentParser:
-    """Detectron2's standard arguments (``--config-file``, ``--num-gpus``, ``--num-machines``,
-    ``--machine-rank``, ``--dist-url``, ``--eval-only``, ``--resume``, ``opts``) and
-    ``--dist-timeout SECONDS``: how long the processes wait for every machine to join (the
-    timeout of the process group, which is also the limit of each collective operation)."""
+    """Detectron2's standard arguments and ``--dist-timeout SECONDS``, the process group's
+    timeout (for every machine to join, and for each collective operation)."""
     parser = d2_argument_parser(epilog=epilog)
     parser.add_argument(
-        "--dist-timeout",
-        type=_seconds,
-        default=DEFAULT_DIST_TIMEOUT,
-        metavar="SECONDS",
+        "--dist-timeout", type=_seconds, default=DEFAULT_DIST_TIMEOUT, metavar="SECONDS",
         help="with several processes: how long to wait for all machines to join at --dist-url, "
         "and for each collective operation (default: %(default)s, Detectron2's)",
-    )
+    )  # fmt: skip
     return parser
 
 
 def check_launch_args(args: argparse.Namespace) -> None:
-    """The launch arguments, checked before any process starts.
-
-    Raises:
-        ValueError: naming the flag, its value and what is allowed.
-    """
+    """ValueError naming the flag, its value and what is allowed, before any process starts."""
     if args.num_gpus < 1:
         raise ValueError(f"--num-gpus {args.num_gpus}: allowed: 1 or more processes per machine")
     if args.num_machines < 1:
@@ -107,35 +98,22 @@ def _rendezvous_message(args: argparse.Namespace, child_error: str) -> str:
 
 
 def launch(main_func, args: argparse.Namespace) -> None:
-    """Run ``main_func(args)`` in every process of the run that ``args`` describes (Detectron2's
-    ``launch``: ``--num-gpus`` processes on each of ``--num-machines`` machines, the process group
-    formed at ``--dist-url`` within ``--dist-timeout`` seconds).
-
-    With several processes this one only starts the workers and waits for them (also with one
-    worker per machine on several machines): a stop signal (SIGTERM, SIGUSR1, ...) is passed on to
-    them rather than ending it first (:func:`~nonlocal_det.engine.preemption.forward_stop_signals`),
-    and a worker that exits with a status (``sys.exit(n)``, e.g. 75 after a preemption) makes this
-    process exit with the same status.
+    """Detectron2's ``launch`` of ``main_func(args)`` with ``--dist-timeout``. With several
+    processes this one passes stop signals on to the workers (:func:`forward_stop_signals`) and
+    exits with a worker's exit status (75 after a preemption).
 
     Raises:
-        ValueError: a launch argument is out of range (:func:`check_launch_args`).
-        DistributedLaunchError: the process group was not formed in time (a machine that never
-            joins, a wrong address or port): names the address, this machine's rank, the
-            machine count and the timeout, and what to check.
+        ValueError: a launch argument out of range (:func:`check_launch_args`).
+        DistributedLaunchError: the group was not formed in time, naming the address, this
+            machine's rank, the machine count, the timeout and what to check.
     """
     check_launch_args(args)
     world_size = args.num_gpus * args.num_machines  # > 1: Detectron2 starts worker processes
     try:
         with forward_stop_signals(world_size):
-            d2_launch(
-                main_func,
-                args.num_gpus,
-                num_machines=args.num_machines,
-                machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
-                args=(args,),
-                timeout=timedelta(seconds=args.dist_timeout),
-            )
+            d2_launch(main_func, args.num_gpus, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
+                      timeout=timedelta(seconds=args.dist_timeout))  # fmt: skip
     except ProcessRaisedException as e:
         if "init_process_group" not in e.msg:  # an error of the run itself: as it is
             raise

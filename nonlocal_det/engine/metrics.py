@@ -1,11 +1,5 @@
-"""Keep ``metrics.json`` consistent with the checkpoint a run resumes from.
-
-Detectron2's ``JSONWriter`` appends one JSON object per line. After a crash, the file may end
-with records of iterations the resumed run will redo (their model state was never saved), and a
-kill in the middle of a write may leave a torn last line; appending after either gives duplicate
-iterations or an invalid file. :func:`trim_metrics_after` moves that tail to a side file and
-truncates ``metrics.json`` right after the last record of the checkpoint's iteration or before.
-"""
+"""Keep ``metrics.json`` consistent with the checkpoint a run resumes from: the records after it
+(iterations the resumed run redoes) and a line torn by a kill are moved to a side file."""
 
 import json
 import logging
@@ -30,13 +24,9 @@ def _iteration(line: bytes):
 
 
 def trim_metrics_after(path: str, iteration: int) -> Tuple[int, int]:
-    """Remove from the end of ``path`` the records after ``iteration`` and any torn line.
-
-    Scans from the end and stops at the first complete record whose iteration is ``<=
-    iteration``: everything before it is kept byte for byte. The removed lines are appended to
-    ``path + INTERRUPTED_SUFFIX`` (written and fsynced before the truncation, so nothing is lost
-    if this is interrupted too). The truncation is done in place, so a writer that already holds
-    the file open in append mode writes after the kept part.
+    """Move the lines after the last complete record of an iteration ``<= iteration`` to
+    ``path + INTERRUPTED_SUFFIX`` (appended and fsynced first), then truncate ``path`` in place
+    (a writer holding it open in append mode writes after the kept part).
 
     Args:
         path: a JSON-lines metrics file (missing: nothing to do).

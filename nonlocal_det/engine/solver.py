@@ -1,5 +1,5 @@
-"""Detectron2's ``SOLVER.CLIP_GRADIENTS`` for LazyConfig files (configs/lazy/*_demo.py), and its
-per-parameter norm clipping in a few batched ops (:func:`clip_each_parameter_norm`)."""
+"""Detectron2's ``SOLVER.CLIP_GRADIENTS`` for LazyConfig files, and its per-parameter norm
+clipping in a few batched ops."""
 
 from typing import List, Union
 
@@ -12,11 +12,8 @@ __all__ = ["clip_each_parameter_norm", "optimizer_with_gradient_clipping"]
 
 
 def _clip_grads_each(grads: List[torch.Tensor], max_norm: float, norm_type: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_(g, max_norm, norm_type)`` for each ``g`` on its own, as
-    one batch: the same operations (a tensor's norm, the norm of that one-element vector, the
-    clamped coefficient, the product), so the same numbers."""
-    if not grads:
-        return
+    """``clip_grad_norm_(g, max_norm, norm_type)`` for each ``g`` on its own, batched: the same
+    operations, so the same numbers."""
     norms = torch.stack(torch._foreach_norm(grads, norm_type))[:, None]
     norms = torch.linalg.vector_norm(norms, norm_type, dim=1)  # clip_grad_norm_'s total norm
     coefs = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
@@ -26,11 +23,10 @@ def _clip_grads_each(grads: List[torch.Tensor], max_norm: float, norm_type: floa
 def clip_each_parameter_norm(
     optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
 ) -> torch.optim.Optimizer:
-    """Make ``optimizer.step()`` first clip each parameter's gradient to norm ``max_norm``: what
-    Detectron2's ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: "norm"`` does, one
-    ``clip_grad_norm_`` call per parameter, here in a few batched ops per device and dtype
-    (``torch._foreach_norm``, ``torch._foreach_mul_``) with the same numbers. The optimizer's
-    class becomes a subclass of its own (as Detectron2 does it); its state dict is unchanged.
+    """Make ``optimizer.step()`` first clip each parameter's gradient to norm ``max_norm``, as
+    Detectron2's ``CLIP_TYPE: "norm"`` does with one ``clip_grad_norm_`` per parameter, in a few
+    batched ops per device and dtype (same numbers). The optimizer's class becomes a subclass of
+    its own, as in Detectron2; its state dict is unchanged.
 
     Returns:
         The same ``optimizer``, for chaining.
@@ -38,13 +34,12 @@ def clip_each_parameter_norm(
     base = type(optimizer)
 
     def step(self, closure=None):
-        for group in self.param_groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            by_device_dtype = {}
-            for g in grads:
+        by_device_dtype = {}
+        for g in (p.grad for group in self.param_groups for p in group["params"]):
+            if g is not None:
                 by_device_dtype.setdefault((g.device, g.dtype), []).append(g)
-            for same in by_device_dtype.values():
-                _clip_grads_each(same, max_norm, norm_type)
+        for same in by_device_dtype.values():
+            _clip_grads_each(same, max_norm, norm_type)
         return base.step(self, closure)
 
     optimizer.__class__ = type(base.__name__ + "WithEachNormClip", (base,), {"step": step})
@@ -58,12 +53,9 @@ def optimizer_with_gradient_clipping(
     norm_type: float = 2.0,
     **kwargs,
 ) -> torch.optim.Optimizer:
-    """An optimizer whose ``step()`` first clips gradients, exactly as the YAML keys
-    ``SOLVER.CLIP_GRADIENTS.{CLIP_TYPE, CLIP_VALUE, NORM_TYPE}`` do (Detectron2's
-    ``maybe_add_gradient_clipping``; "norm" clips each parameter's gradient norm).
-
-    A plain function with a dotted optimizer name, so that a LazyConfig using it still saves to a
-    loadable YAML file (the class Detectron2 generates cannot be named in one).
+    """An optimizer whose ``step()`` first clips gradients as the YAML keys
+    ``SOLVER.CLIP_GRADIENTS.{CLIP_TYPE, CLIP_VALUE, NORM_TYPE}`` do. A function of a dotted
+    optimizer name, so that a LazyConfig using it still saves to loadable YAML.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` class or its dotted name.
@@ -83,16 +75,5 @@ def optimizer_with_gradient_clipping(
         )
     if clip_type == "norm":
         return clip_each_parameter_norm(cls(**kwargs), clip_value, norm_type)
-    clip = CfgNode(
-        {
-            "SOLVER": {
-                "CLIP_GRADIENTS": {
-                    "ENABLED": True,
-                    "CLIP_TYPE": clip_type,
-                    "CLIP_VALUE": clip_value,
-                    "NORM_TYPE": norm_type,
-                }
-            }
-        }
-    )
-    return maybe_add_gradient_clipping(clip, cls)(**kwargs)
+    clip = dict(ENABLED=True, CLIP_TYPE=clip_type, CLIP_VALUE=clip_value, NORM_TYPE=norm_type)
+    return maybe_add_gradient_clipping(CfgNode({"SOLVER": {"CLIP_GRADIENTS": clip}}), cls)(**kwargs)
