@@ -11,20 +11,20 @@ setup:
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25 tests
 
-DEMO_CFG := configs/demo/mask_rcnn_R18_NL_demo.yaml
+DEMO_CFG := projects/demo/configs/mask_rcnn_R18_NL_demo.yaml
 DEMO_OUT := output/demo
 
-# Generate the synthetic dataset (first run), train, evaluate (COCO tables), draw predictions
-# and the attention of the non-local block on a validation image (both from tools.visualize: one
-# start-up).
+# The demo project (projects/demo: nonlocal_det's trainer and commands with the demo's datasets):
+# generate the synthetic dataset (first run), train, evaluate (COCO tables), draw predictions and
+# the attention of the non-local block on a validation image (both from visualize: one start-up).
 # DEMO_OPTS: config overrides added to the training, e.g. `make demo DEMO_OPTS="SOLVER.AMP.ENABLED
 # True"` (bfloat16 autocast training: 7% faster on an AMX Xeon with the half-width backbone; its
 # one run had 4.5 points less keypoint AP than fp32's, docs/demo.md).
 DEMO_OPTS ?=
 
 demo: setup
-	$(PY) train_net.py --config-file $(DEMO_CFG) OUTPUT_DIR $(DEMO_OUT) $(DEMO_OPTS)
-	$(PY) -m nonlocal_det.tools.visualize --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
+	$(PY) projects/demo/train_net.py --config-file $(DEMO_CFG) OUTPUT_DIR $(DEMO_OUT) $(DEMO_OPTS)
+	$(PY) projects/demo/tools.py visualize --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
 		--index 0 --output $(DEMO_OUT)/attention.png --predictions-output $(DEMO_OUT)/predictions.png \
 		MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
 	@echo "demo: COCO metrics above; pictures in $(DEMO_OUT)/predictions.png and $(DEMO_OUT)/attention.png"

@@ -2,8 +2,8 @@
 
 Importing the package registers, as a side effect, the backbones ``build_nonlocal_backbone``,
 ``build_resnet_nonlocal_backbone`` and ``build_resnet_nonlocal_fpn_backbone`` in Detectron2's
-``BACKBONE_REGISTRY``, the keypoint head ``NonLocalKRCNNHead`` in ``ROI_KEYPOINT_HEAD_REGISTRY``
-and ``HeadSampledROIHeads`` in ``ROI_HEADS_REGISTRY``; nothing else happens at import.
+``BACKBONE_REGISTRY`` and the keypoint head ``NonLocalKRCNNHead`` in ``ROI_KEYPOINT_HEAD_REGISTRY``;
+nothing else happens at import.
 """
 
 from . import modeling  # noqa: F401  (side effect: registers the backbones and the head)

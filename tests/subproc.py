@@ -5,10 +5,12 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from utils import CONFIGS, REPO
+from utils import DEMO_DIR, DEMO_YAML, REPO
 
-DEMO = os.path.join(CONFIGS, "demo", "mask_rcnn_R18_NL_demo.yaml")
+DEMO = DEMO_YAML
 TRAIN_NET = os.path.join(REPO, "train_net.py")
+# The demo project's train_net.py: the same trainer with the demo's datasets, keys and heads.
+DEMO_TRAIN_NET = os.path.join(DEMO_DIR, "train_net.py")
 # A smaller, faster demo model; evaluation keeps every box of a barely trained model.
 TINY = [
     "DATALOADER.NUM_WORKERS", "0",
@@ -36,7 +38,11 @@ def env_for(datasets_dir: str, threads: int = 1) -> dict:
 
 
 def command(args: List[str]) -> List[str]:
-    return [sys.executable, TRAIN_NET, *[str(a) for a in args]]
+    """``train_net.py args``: the demo project's for a config of the demo project, as a user runs
+    it."""
+    args = [str(a) for a in args]
+    demo = any(a.startswith(DEMO_DIR) for a in args)
+    return [sys.executable, DEMO_TRAIN_NET if demo else TRAIN_NET, *args]
 
 
 def run_train_net(args: List[str], env: dict, ok: Optional[bool] = True, timeout: int = 300) -> str:

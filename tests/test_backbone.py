@@ -551,39 +551,22 @@ def test_detectron2_retinanet_with_the_old_builder_name_keeps_p6_p7():
 
 
 # ------------------------------------------------------------------------------------------------
-# ResNet-18/34 at other widths (Detectron2's builders assert RES2_OUT_CHANNELS 64)
+# ResNet-18/34 at other widths: the demo project's builder (Detectron2's assert RES2_OUT_CHANNELS 64)
 # ------------------------------------------------------------------------------------------------
 
-_C4 = ["MODEL.BACKBONE.NAME", "build_nonlocal_backbone"]
-_C4 += ["MODEL.NONLOCAL.BASE_BACKBONE", "build_resnet_backbone"]
-_C4 += ["MODEL.RESNETS.OUT_FEATURES", ["res4"], "MODEL.RPN.IN_FEATURES", ["res4"]]
-_C4 += ["MODEL.ROI_HEADS.IN_FEATURES", ["res4"]]
-BASIC_BASES = {
-    "fpn": ("mask_rcnn_R50_NL.yaml", []),
-    "retinanet": ("retinanet_R50_NL.yaml", []),
-    "c4": ("mask_rcnn_R50_NL.yaml", _C4),
-}
+_BASIC = ["MODEL.BACKBONE.NAME", "build_nonlocal_backbone", "MODEL.RESNETS.DEPTH", 18]
 
 
-@pytest.mark.parametrize("depth", [18, 34])
-@pytest.mark.parametrize("base", sorted(BASIC_BASES))
-def test_basic_resnet_path_at_width_64_builds_detectron2s_network(monkeypatch, base, depth):
-    """The path that builds the other widths, forced at 64, builds exactly what Detectron2's
-    builder builds: names, shapes, weights from the same seed, outputs (FPN, RetinaNet's P6/P7, C4).
-    """
-    import nonlocal_det.modeling.backbone as backbone_module
-
-    config, opts = BASIC_BASES[base]
-    cfg = load_cfg(
-        config, opts + ["MODEL.RESNETS.DEPTH", depth, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
-    )
-    torch.manual_seed(0)
-    d2 = build_backbone(cfg).eval()
-    taken = []
-    monkeypatch.setattr(backbone_module, "_narrow_basic", lambda cfg: taken.append(1) or True)
-    torch.manual_seed(0)
-    ours = build_backbone(cfg).eval()
-    assert taken
+def test_demo_basic_backbone_at_width_64_builds_detectron2s_network():
+    """nonlocal_demo's builder at width 64 under build_nonlocal_backbone builds exactly what
+    Detectron2's ResNet-18 FPN builds with the blocks: names, weights from one seed, outputs."""
+    opts = _BASIC + ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
+    built = {}
+    for base in ("build_resnet_fpn_backbone", "build_basic_resnet_fpn_backbone"):
+        torch.manual_seed(0)
+        cfg = load_cfg("mask_rcnn_R50_NL.yaml", opts + ["MODEL.NONLOCAL.BASE_BACKBONE", base])
+        built[base] = build_backbone(cfg).eval()
+    d2, ours = built.values()
     assert ours.output_shape() == d2.output_shape()
     a, b = d2.state_dict(), ours.state_dict()
     assert list(a) == list(b)
@@ -599,7 +582,7 @@ def test_basic_resnet_path_at_width_64_builds_detectron2s_network(monkeypatch, b
 
 @pytest.mark.parametrize("width", [32, 16])
 def test_narrow_resnet18_keeps_the_names_and_scales_every_stage(width):
-    opts = ["MODEL.RESNETS.DEPTH", 18, "MODEL.NONLOCAL.PLACEMENT", "paper_1"]
+    opts = _BASIC + ["MODEL.NONLOCAL.BASE_BACKBONE", "build_basic_resnet_fpn_backbone"]
     wide = build_backbone(
         load_cfg("mask_rcnn_R50_NL.yaml", opts + ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64])
     )
@@ -611,12 +594,8 @@ def test_narrow_resnet18_keeps_the_names_and_scales_every_stage(width):
     assert shapes["stem.conv1.weight"] == (width, 3, 7, 7)
     assert shapes["res2.0.conv1.weight"] == (width, width, 3, 3)
     assert shapes["res5.1.conv2.weight"] == (8 * width, 8 * width, 3, 3)
-    assert [s.channels for s in narrow.bottom_up.output_shape().values()] == [
-        width,
-        2 * width,
-        4 * width,
-        8 * width,
-    ]
+    channels = [s.channels for s in narrow.bottom_up.output_shape().values()]
+    assert channels == [width, 2 * width, 4 * width, 8 * width]
     block = dict(narrow.named_modules())["bottom_up.res4.nonlocal0"]
     assert block.in_channels == 4 * width
     out = narrow(torch.randn(2, 3, 64, 64))
@@ -625,20 +604,25 @@ def test_narrow_resnet18_keeps_the_names_and_scales_every_stage(width):
     assert all(p.grad is not None for p in narrow.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("width", [60, 128, 256, 0])
-def test_basic_block_widths_detectron2_and_we_refuse(width):
-    """256 is the RES2_OUT_CHANNELS default: a ResNet-18 config that forgot to set it stops."""
+@pytest.mark.parametrize("width", [60, 32, 256, 0])
+def test_basic_block_widths_detectron2s_builders_refuse(width):
+    """256 is the RES2_OUT_CHANNELS default: a ResNet-18 config that forgot to set it stops; other
+    widths than 64 are the demo project's builder's (named in its own check)."""
     opts = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", width]
     with pytest.raises(ValueError) as err:
         build_backbone(load_cfg("mask_rcnn_R50_NL.yaml", opts))
-    for needle in (f"MODEL.RESNETS.RES2_OUT_CHANNELS={width}", "DEPTH=18", "64", "8-56"):
+    for needle in (f"MODEL.RESNETS.RES2_OUT_CHANNELS={width}", "DEPTH=18", "allowed: 64"):
         assert needle in str(err.value), (needle, str(err.value))
+    if width in (60, 0):
+        opts += _BASIC[:2] + ["MODEL.NONLOCAL.BASE_BACKBONE", "build_basic_resnet_fpn_backbone"]
+        with pytest.raises(ValueError, match=f"MODEL.RESNETS.RES2_OUT_CHANNELS={width} .*8"):
+            build_backbone(load_cfg("mask_rcnn_R50_NL.yaml", opts))
 
 
 def test_basic_resnet_stages_at_64_are_detectron2s_default_stages():
     from detectron2.modeling.backbone.resnet import ResNet
 
-    from nonlocal_det.modeling import basic_resnet_stages
+    from nonlocal_demo import basic_resnet_stages
 
     for depth in (18, 34):
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The context probe's data (nonlocal_det.data.relational) and ``benchmarks/context_probe.py``."""
+"""The context probe's data (nonlocal_demo.relational) and ``projects/demo/context_probe.py``."""
 
 import importlib.util
 import json
@@ -15,7 +15,7 @@ import torch
 from pycocotools import mask as mask_util
 
 from nonlocal_det.data.coco_check import check_coco_json
-from nonlocal_det.data.relational import (
+from nonlocal_demo.relational import (
     HELD_OUT_RULES,
     RELATION_TASKS,
     RelationSpec,
@@ -24,10 +24,10 @@ from nonlocal_det.data.relational import (
     register_relation_coco,
     relation_categories,
 )
-from nonlocal_det.tools.generate_data import main as generate_data_main
+from nonlocal_demo.generate_data import main as generate_data_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = os.path.join(REPO, "benchmarks", "context_probe.py")
+PROBE = os.path.join(REPO, "projects", "demo", "context_probe.py")
 SMALL = dict(num_train=16, num_val=4)
 SPEC = RelationSpec()
 
@@ -278,12 +278,12 @@ def test_mechanism_recorder_changes_nothing(tmp_path):
     from types import SimpleNamespace
 
     from detectron2.modeling import build_model
-    from utils import load_cfg
+    from utils import PROBE_YAML, load_cfg
 
     probe = _probe_module()
     root = str(tmp_path / "cue")
     generate_relation_coco(root, "cue", num_train=1, num_val=3)
-    cfg = load_cfg("probe/faster_rcnn_R18_NL_probe.yaml", ["MODEL.FPN.OUT_CHANNELS", 16])
+    cfg = load_cfg(PROBE_YAML, ["MODEL.FPN.OUT_CHANNELS", 16])
     model = build_model(cfg).train()
     gt = _coco(root, "val")
     hook = probe.mechanism_recorder(cfg, gt, os.path.join(root, "val"), "cue")

@@ -9,7 +9,7 @@ import pytest
 from subproc import DEMO, TINY, env_for, run_train_net
 from utils import SMALL_DEMO_DATA, shared_datasets_dir
 
-from nonlocal_det.data.synthetic import SYNTHETIC_DATASET_VERSION
+from nonlocal_demo.synthetic import SYNTHETIC_DATASET_VERSION
 
 
 @pytest.mark.slow

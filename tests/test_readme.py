@@ -13,6 +13,7 @@ import shlex
 import shutil
 
 import pytest
+from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
 from utils import CONFIGS, REPO
 
@@ -82,10 +83,15 @@ def test_yaml_snippets_build_a_model_with_blocks(code, tmp_path):
 
 
 def _check_config(args):
-    """A project YAML config with its overrides loads and passes the model checks."""
-    if args.config_file.endswith((".yaml", ".yml")) and args.config_file.startswith("configs/"):
+    """A project YAML config with its overrides loads and passes the model checks; a LazyConfig
+    ``.py`` file loads with its ``key=value`` overrides."""
+    if args.config_file.endswith((".yaml", ".yml")) and args.config_file.startswith(
+        ("configs/", "projects/demo/configs/")
+    ):
         cfg = get_nonlocal_cfg(args.config_file, args.opts)
         check_model_config(cfg)
+    elif args.config_file.endswith(".py"):
+        LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
 
 
 @pytest.mark.parametrize("words", _commands())
@@ -105,11 +111,22 @@ def test_commands_parse_and_their_configs_load(words, monkeypatch):
         assert args[:1] == ["install"]  # tests/test_packaging.py runs both forms
         return
     assert program == ".venv/bin/python", words
-    if args[0] == "train_net.py":
-        _check_config(default_argument_parser().parse_args(args[1:]))
-    elif args[0] == "-m" and args[1].startswith("nonlocal_det.tools."):
-        command = importlib.import_module(args[1])
+    if args[0] in ("train_net.py", "projects/demo/train_net.py"):
+        parsed = default_argument_parser().parse_args(args[1:])
+        # the demo's configs need the demo's script (its datasets and keys), and only its configs
+        demo = parsed.config_file.startswith("projects/demo/")
+        assert demo == (args[0] != "train_net.py"), words
+        _check_config(parsed)
+    elif (args[0] == "-m" and args[1].startswith("nonlocal_det.tools.")) or (
+        args[0] == "projects/demo/tools.py"
+    ):
+        name = args[1]
+        if args[0] == "projects/demo/tools.py":  # COMMAND: nonlocal_det's, or generate_data
+            name = ("nonlocal_demo." if name == "generate_data" else "nonlocal_det.tools.") + name
+        command = importlib.import_module(name)
         parsed = command.parser().parse_args(args[2:])
+        config = getattr(parsed, "config_file", None) or ""
+        assert config.startswith("projects/demo/") <= (args[0] == "projects/demo/tools.py"), words
         if hasattr(parsed, "config_file"):
             _check_config(parsed)
         if hasattr(parsed, "tool_args"):  # d2_tool: a Detectron2 script and its --config-file
@@ -118,7 +135,7 @@ def test_commands_parse_and_their_configs_load(words, monkeypatch):
             config = tool_args[tool_args.index("--config-file") + 1]
             opts = tool_args[tool_args.index("--opts") + 1 :] if "--opts" in tool_args else []
             _check_config(argparse.Namespace(config_file=config, opts=opts))
-    elif args[0].startswith("benchmarks/"):
+    elif args[0].startswith("benchmarks/") or args[0] == "projects/demo/context_probe.py":
         name = os.path.splitext(os.path.basename(args[0]))[0]
         spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, args[0]))
         bench = importlib.util.module_from_spec(spec)

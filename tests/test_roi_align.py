@@ -12,7 +12,7 @@ from detectron2.modeling.roi_heads import StandardROIHeads
 from test_roi_heads import build, heads_cfg, inputs, train_losses
 from torchvision.ops import roi_align
 
-from nonlocal_det.layers import GatherROIAlign, roi_align_fast_backward, roi_align_gather
+from nonlocal_demo.roi_align import GatherROIAlign, roi_align_fast_backward, roi_align_gather
 
 
 def reference(feat, rois, out_hw, scale, ratio, aligned):

@@ -7,16 +7,16 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
-from utils import load_cfg
+from utils import DEMO_YAML, load_cfg
 
-from nonlocal_det.modeling import HeadSampledROIHeads, subsample_per_image
+from nonlocal_demo.roi_heads import HeadSampledROIHeads, subsample_per_image
 
 SIZE, CHANNELS = 128, 16
 SHAPES = {f"p{k}": ShapeSpec(channels=CHANNELS, stride=2**k) for k in range(2, 7)}
 
 
 def heads_cfg(name="HeadSampledROIHeads", mask_rois=0, keypoint_rois=0):
-    cfg = load_cfg("demo/mask_rcnn_R18_NL_demo.yaml")
+    cfg = load_cfg(DEMO_YAML)
     cfg.MODEL.ROI_HEADS.NAME = name
     cfg.MODEL.ROI_MASK_HEAD.TRAIN_ROIS_PER_IMAGE = mask_rois
     cfg.MODEL.ROI_KEYPOINT_HEAD.TRAIN_ROIS_PER_IMAGE = keypoint_rois

@@ -1,4 +1,4 @@
-"""Tests of the synthetic COCO-format dataset (nonlocal_det.data.synthetic)."""
+"""Tests of the synthetic COCO-format dataset (nonlocal_demo.synthetic)."""
 
 import json
 import math
@@ -12,7 +12,7 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from nonlocal_det.data.synthetic import (
+from nonlocal_demo.synthetic import (
     SYNTHETIC_DATASET_VERSION,
     SYNTHETIC_KEYPOINT_CATEGORY,
     SYNTHETIC_KEYPOINT_CONNECTION_RULES,
@@ -24,7 +24,7 @@ from nonlocal_det.data.synthetic import (
     generate_synthetic_coco,
     register_synthetic_coco,
 )
-from nonlocal_det.tools.generate_data import main as generate_data_main
+from nonlocal_demo.generate_data import main as generate_data_main
 
 K = len(SYNTHETIC_KEYPOINT_NAMES)
 SMALL = dict(num_train=8, num_val=4)
@@ -180,7 +180,7 @@ def test_a_folder_that_exists_is_complete(tmp_path, monkeypatch):
 
     # Interrupted (here: an error while writing the validation split): no dataset folder, no
     # temporary folder; the next run generates the same files.
-    import nonlocal_det.data.synthetic as synthetic
+    import nonlocal_demo.synthetic as synthetic
 
     reference = _load(root, "train")
     original = synthetic._generate_image

@@ -4,21 +4,29 @@ import os
 
 from detectron2.config import get_cfg
 
+import nonlocal_demo
+from nonlocal_demo.synthetic import SYNTHETIC_DATASET_VERSION, generate_synthetic_coco
 from nonlocal_det import add_nonlocal_config
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data import configure_coco_json_datasets
-from nonlocal_det.data.synthetic import SYNTHETIC_DATASET_VERSION, generate_synthetic_coco
 from nonlocal_det.engine import fall_back_to_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+# The demo project beside the library (projects/demo): most end-to-end tests train its small model
+# on its generated data, through nonlocal_det's trainer and commands, as `make demo` does.
+DEMO_DIR = os.path.join(REPO, "projects", "demo")
+DEMO_CONFIGS = os.path.join(DEMO_DIR, "configs")
+DEMO_YAML = os.path.join(DEMO_CONFIGS, "mask_rcnn_R18_NL_demo.yaml")
+DEMO_LAZY = os.path.join(DEMO_CONFIGS, "mask_rcnn_R18_NL_demo.py")
+PROBE_YAML = os.path.join(DEMO_CONFIGS, "faster_rcnn_R18_NL_probe.yaml")
+nonlocal_demo.setup()  # its config keys and datasets, as its scripts do
 
 
 def load_cfg(name: str = None, opts=()):
-    """A config from ``configs/<name>`` (or Detectron2's defaults) with the project's keys, on CPU,
-    without pretrained weights."""
-    cfg = get_cfg()
-    add_nonlocal_config(cfg)
+    """A config from ``configs/<name>`` (or a path; or Detectron2's defaults) with the project's
+    and the demo's keys, on CPU, without pretrained weights."""
+    cfg = nonlocal_demo.add_demo_config(add_nonlocal_config(get_cfg()))
     if name:
         cfg.merge_from_file(os.path.join(CONFIGS, name))
     cfg.MODEL.WEIGHTS = ""
@@ -83,11 +91,11 @@ def train_cfg(config_file: str, opts=()):
 
 
 def lazy_demo_cfg(output_dir, *overrides: str):
-    """configs/lazy/mask_rcnn_R18_NL_demo.py on the CPU into ``output_dir``, 2 images a step, no
+    """The demo's LazyConfig on the CPU into ``output_dir``, 2 images a step, no
     data-loader workers, and ``overrides`` (``key=value``)."""
     from detectron2.config import LazyConfig
 
-    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py"))
+    cfg = LazyConfig.load(DEMO_LAZY)
     return LazyConfig.apply_overrides(
         cfg,
         [

@@ -1,90 +1,37 @@
-"""The datasets a config names, registered and checked: Detectron2's own (COCO), the generated
-demo data (``nl_synthetic_train`` / ``nl_synthetic_val``) and the context probe's (``nl_twin_*``,
-``nl_match_*``), made on first use, and your own COCO files (``DATASETS.*_JSON``)."""
+"""The datasets a config names, registered and checked: Detectron2's own (COCO), your own COCO
+files (``DATASETS.*_JSON``) and those of the registrars a project adds (:func:`add_dataset_registrar`)."""
 
 import logging
 import os
-
-from detectron2.utils import comm
+from typing import Callable, List, Sequence
 
 from .coco import register_coco_json_datasets
-from .relational import (
-    RELATION_TASKS,
-    generate_relation_coco,
-    register_relation_coco,
-    relation_dataset_root,
-)
-from .synthetic import (
-    SPLITS,
-    default_dataset_root,
-    generate_synthetic_coco,
-    register_synthetic_coco,
-)
 
-__all__ = [
-    "EVAL_ONLY_KEYS",
-    "SYNTHETIC_PREFIX",
-    "RELATION_PREFIXES",
-    "check_datasets",
-    "register_datasets_for_config",
-    "synthetic_dataset",
-]
+__all__ = ["EVAL_ONLY_KEYS", "add_dataset_registrar", "check_datasets", "register_datasets_for_config"]
 
 logger = logging.getLogger(__name__)
 
 # The dataset keys an evaluation (``--eval-only``) needs: no training data.
 EVAL_ONLY_KEYS = ("TEST",)
-# Dataset names starting with this prefix are the generated demo data.
-SYNTHETIC_PREFIX = "nl_synthetic"
-# ... and these the context probe's data (nonlocal_det.data.relational, its defaults), by task.
-RELATION_PREFIXES = {f"nl_{task}": task for task in RELATION_TASKS}
+_REGISTRARS: List[Callable[[Sequence[str]], None]] = []
 
 
-def _register_synthetic(names) -> None:
-    """Generate (once per machine: machines may not share a disk) and register the demo data
-    if ``names`` use it."""
-    if not any(n.startswith(SYNTHETIC_PREFIX) for n in names):
-        return
-    root = default_dataset_root()
-    if comm.get_local_rank() == 0 and generate_synthetic_coco(root):
-        logger.info(f"Generated the demo dataset in {root}")
-    comm.synchronize()
-    register_synthetic_coco(root, name_prefix=SYNTHETIC_PREFIX)
-
-
-def _register_relational(names) -> None:
-    """Generate (once per machine) and register the context-probe data that ``names`` use."""
-    for prefix, task in RELATION_PREFIXES.items():
-        if not any(n in (f"{prefix}_train", f"{prefix}_val") for n in names):
-            continue
-        root = relation_dataset_root(task)
-        if comm.get_local_rank() == 0 and generate_relation_coco(root, task):
-            logger.info(f"Generated the {task} dataset in {root}")
-        comm.synchronize()
-        register_relation_coco(root, name_prefix=prefix)
+def add_dataset_registrar(registrar: Callable[[Sequence[str]], None]) -> None:
+    """Make :func:`register_datasets_for_config` (the trainer and the commands) call
+    ``registrar(names)`` with the dataset names of a config, for a project whose datasets are
+    made or registered on demand (e.g. generated on first use). Added once."""
+    if registrar not in _REGISTRARS:
+        _REGISTRARS.append(registrar)
 
 
 def register_datasets_for_config(cfg, keys=("TRAIN", "TEST")) -> None:
-    """Register the datasets ``cfg`` needs beyond Detectron2's own: generated data when
-    ``DATASETS.TRAIN`` / ``TEST`` name it, and the ``DATASETS.*_JSON`` files (images checked).
-    ``keys``: the splits needed (:data:`EVAL_ONLY_KEYS` for an evaluation)."""
+    """Register the datasets ``cfg`` needs beyond Detectron2's own: the ``DATASETS.*_JSON`` files
+    (images checked), then those of the added registrars. ``keys``: the splits needed
+    (:data:`EVAL_ONLY_KEYS` for an evaluation)."""
     register_coco_json_datasets(cfg, keys)
     names = [name for key in keys for name in cfg.DATASETS.get(key)]
-    _register_synthetic(names)
-    _register_relational(names)
-
-
-def synthetic_dataset(split: str) -> str:
-    """The name of a split of the demo data, generated and registered now; for LazyConfig files,
-    which have no training script to register their datasets:
-    ``L(get_detection_dataset_dicts)(names=L(synthetic_dataset)(split="train"))``."""
-    if split not in SPLITS:
-        raise ValueError(
-            f"synthetic_dataset: split={split!r} is not supported; allowed: {list(SPLITS)}"
-        )
-    name = f"{SYNTHETIC_PREFIX}_{split}"
-    _register_synthetic([name])
-    return name
+    for registrar in _REGISTRARS:
+        registrar(names)
 
 
 def _where_builtin() -> str:
@@ -119,7 +66,7 @@ def check_datasets(cfg, keys=("TRAIN", "TEST")) -> None:
         for name in cfg.DATASETS.get(key):
             where = f"DATASETS.{key}: dataset {name!r}"
             if name not in registered:
-                examples = [n for n in ("coco_2017_train", "nl_synthetic_train") if n in registered]
+                examples = [n for n in ("coco_2017_train", "coco_2017_val") if n in registered]
                 raise ValueError(
                     f"{where} is not registered; allowed: a registered name (e.g. {examples}; "
                     f"{len(registered)} are registered), or your own COCO file via "

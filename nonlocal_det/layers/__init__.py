@@ -1,13 +1,11 @@
-from ._common import check_choice
 from .criss_cross import CrissCrossAttention
 from .disentangled_nonlocal import DisentangledNonLocalBlock
 from .generalized_attention import GeneralizedAttention
 from .global_context import FUSION_TYPES, GlobalContextBlock
 from .nonlocal_block import NORMS, PAIRWISE_FUNCTIONS, NonLocalBlock
-from .roi_align import GatherROIAlign, roi_align_fast_backward, roi_align_gather
 from .simplified_nonlocal import SimplifiedNonLocalBlock
 
-# The block types, by the name MODEL.NONLOCAL.TYPE (nonlocal_type) gives them.
+# The block types, by their name in a block spec (MODEL.NONLOCAL.TYPE).
 BLOCK_TYPES = {
     "nonlocal": NonLocalBlock,
     "simplified": SimplifiedNonLocalBlock,
@@ -22,14 +20,10 @@ __all__ = [
     "CrissCrossAttention",
     "DisentangledNonLocalBlock",
     "FUSION_TYPES",
-    "GatherROIAlign",
     "GeneralizedAttention",
     "GlobalContextBlock",
     "NORMS",
     "NonLocalBlock",
     "PAIRWISE_FUNCTIONS",
     "SimplifiedNonLocalBlock",
-    "check_choice",
-    "roi_align_fast_backward",
-    "roi_align_gather",
 ]

@@ -6,30 +6,20 @@ is ``build_retinanet_resnet_fpn_backbone``, a C4/DC5 model's ``build_resnet_back
 inserts the blocks of ``MODEL.NONLOCAL`` into the ResNet or RegNet it returns. Detectron2's
 builder does everything else (P6/P7, C4, DC5, deformable stages), with the same parameter names.
 ``build_resnet_nonlocal_backbone`` and ``build_resnet_nonlocal_fpn_backbone`` are the same with
-a fixed base. :class:`NonLocalResNet` is Detectron2's ``ResNet`` with the blocks as arguments.
-
-Detectron2's builders make ResNet-18/34 only at ``MODEL.RESNETS.RES2_OUT_CHANNELS`` 64 (an
-``assert``); with another width, these builders make the same network from Detectron2's stem, basic
-blocks and FPN at that width (:func:`basic_resnet_stages`; the CPU demo's ResNet-18 is 32 wide).
+a fixed base.
 """
 
-import inspect
 import math
-from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
-from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
-from torch import nn
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from .blocks import block_builder, config_block_spec, config_wording, legacy_spec
+from .blocks import block_builder, config_block_spec, config_keys
 from .insertion import STAGES, insert_blocks, residual_network
 
 __all__ = [
-    "NonLocalResNet",
-    "basic_resnet_stages",
     "build_nonlocal_backbone",
     "build_resnet_nonlocal_backbone",
     "build_resnet_nonlocal_fpn_backbone",
@@ -42,7 +32,6 @@ OURS += ("build_resnet_nonlocal_fpn_backbone",)
 _RESNET_BUILDERS = ("build_resnet_backbone", "build_resnet_fpn_backbone")
 _RESNET_BUILDERS += ("build_retinanet_resnet_fpn_backbone",)
 _DEPTHS = (18, 34, 50, 101, 152)  # what Detectron2's ResNet builds
-_BASIC_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # residual blocks per stage, res2-res5
 _FEATURES = ("stem",) + STAGES
 # The features each meta-architecture's heads read: MODEL.<node>.IN_FEATURES.
 _HEADS = {
@@ -61,13 +50,11 @@ def _check_resnet_keys(cfg, base: str) -> None:
         raise ValueError(
             f"MODEL.RESNETS.DEPTH={r.DEPTH!r} is not supported; allowed: {list(_DEPTHS)}"
         )
-    if r.DEPTH in _BASIC_BLOCKS:
-        width = r.RES2_OUT_CHANNELS
-        if not isinstance(width, int) or not 8 <= width <= 64 or width % 8:
+    if r.DEPTH in (18, 34):
+        if r.RES2_OUT_CHANNELS != 64:
             raise ValueError(
-                f"MODEL.RESNETS.RES2_OUT_CHANNELS={width!r} is not supported with MODEL.RESNETS."
-                f"DEPTH={r.DEPTH} (basic blocks); allowed: 64 (Detectron2's ResNet-18/34) or a "
-                "narrower multiple of 8 (8-56)"
+                f"MODEL.RESNETS.RES2_OUT_CHANNELS={r.RES2_OUT_CHANNELS!r} is not supported with "
+                f"MODEL.RESNETS.DEPTH={r.DEPTH} (Detectron2's ResNet-18/34); allowed: 64"
             )
         if r.RES5_DILATION != 1:
             raise ValueError(
@@ -107,75 +94,15 @@ def _check_head_features(cfg, backbone: Backbone, base: str) -> None:
             )
 
 
-def basic_resnet_stages(
-    depth: int = 18, width: int = 64, norm: str = "BN", in_channels: int = 64
-) -> List[List[nn.Module]]:
-    """The four stages (res2-res5) of a ResNet-18 or -34 whose res2 is ``width`` channels wide
-    (then 2x, 4x, 8x), of Detectron2's ``BasicBlock`` (its parameter names), for its ``ResNet``.
-    ``width`` 64 is Detectron2's own (``ResNet.make_default_stages``); ``in_channels``: the
-    stem's output channels. For a LazyConfig::
-
-        model.backbone.bottom_up.stem.out_channels = 32
-        model.backbone.bottom_up.stages = L(basic_resnet_stages)(depth=18, width=32, in_channels=32)
-    """
-    if depth not in _BASIC_BLOCKS:
-        raise ValueError(f"depth={depth!r} is not supported; allowed: {sorted(_BASIC_BLOCKS)}")
-    stages = []
-    for i, n in enumerate(_BASIC_BLOCKS[depth]):
-        out = width * 2**i
-        stride = [1 if i == 0 else 2] + [1] * (n - 1)
-        stages.append(
-            ResNet.make_stage(
-                BasicBlock,
-                n,
-                stride_per_block=stride,
-                in_channels=in_channels,
-                out_channels=out,
-                norm=norm,
-            )
-        )
-        in_channels = out
-    return stages
-
-
-def _narrow_basic(cfg) -> bool:
-    """A ResNet-18/34 at a width Detectron2's builder refuses."""
-    r = cfg.MODEL.RESNETS
-    return r.DEPTH in _BASIC_BLOCKS and r.RES2_OUT_CHANNELS != 64
-
-
-def _basic_backbone(cfg, input_shape: ShapeSpec, base: str) -> Backbone:
-    """What Detectron2's builder ``base`` makes, with a ResNet-18/34 of any width."""
-    r = cfg.MODEL.RESNETS
-    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=r.NORM)
-    stages = basic_resnet_stages(r.DEPTH, r.RES2_OUT_CHANNELS, r.NORM, r.STEM_OUT_CHANNELS)
-    bottom_up = ResNet(
-        stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT
-    )
-    if base == "build_resnet_backbone":
-        return bottom_up
-    f = cfg.MODEL.FPN
-    top_block = LastLevelMaxPool()
-    if base == "build_retinanet_resnet_fpn_backbone":  # P6/P7 from res5, as Detectron2's
-        top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, f.OUT_CHANNELS)
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=f.IN_FEATURES,
-        out_channels=f.OUT_CHANNELS,
-        norm=f.NORM,
-        top_block=top_block,
-        fuse_type=f.FUSE_TYPE,
-    )
-
-
 def config_insert_args(cfg) -> Dict:
-    """The arguments of :func:`insert_blocks` given by ``cfg.MODEL.NONLOCAL``."""
-    spec = config_block_spec(cfg)
+    """The arguments of :func:`insert_blocks` given by ``cfg.MODEL.NONLOCAL``, errors naming its
+    keys."""
+    args = dict(nonlocal_spec=config_block_spec(cfg), owner="", keys=config_keys(cfg))
     nl = cfg.MODEL.NONLOCAL
     if not nl.ENABLED:
-        return dict(nonlocal_spec=spec, nonlocal_placement="none")
+        return dict(args, nonlocal_placement="none")
     return dict(
-        nonlocal_spec=spec,
+        args,
         nonlocal_placement=nl.PLACEMENT,
         nonlocal_blocks={s: list(nl.get(f"{s.upper()}_BLOCKS")) for s in STAGES},
         nonlocal_position=nl.POSITION,
@@ -183,26 +110,21 @@ def config_insert_args(cfg) -> Dict:
 
 
 def _build(cfg, input_shape: ShapeSpec, base: str) -> Backbone:
-    """Detectron2's builder ``base``, then the blocks of ``MODEL.NONLOCAL``; errors name keys."""
-    owner = cfg.MODEL.BACKBONE.NAME
+    """Detectron2's builder ``base``, then the blocks of ``MODEL.NONLOCAL``."""
     args = config_insert_args(cfg)
-    with config_wording():
-        block_builder(owner, args["nonlocal_spec"])  # the spec's errors before any work
-        allowed = sorted(set(BACKBONE_REGISTRY._obj_map) - set(OURS))
-        if base not in allowed:
-            raise ValueError(
-                f"{owner}: nonlocal_base={base!r} is not a registered backbone builder (this "
-                f"project's names excluded); allowed: {allowed}"
-            )
-        build = BACKBONE_REGISTRY.get(base)
-        if base in _RESNET_BUILDERS:
-            _check_resnet_keys(cfg, base)
-            if _narrow_basic(cfg):  # a width Detectron2's builder asserts against
-                build = partial(_basic_backbone, base=base)
-        backbone = build(cfg, input_shape)
-        residual_network(backbone, f"MODEL.NONLOCAL.BASE_BACKBONE={base!r}")
-        insert_blocks(backbone, owner=owner, **args)
-        _check_head_features(cfg, backbone, base)
+    block_builder("", args["nonlocal_spec"], args["keys"])  # the spec's errors before any work
+    allowed = sorted(set(BACKBONE_REGISTRY._obj_map) - set(OURS))
+    if base not in allowed:
+        raise ValueError(
+            f"MODEL.NONLOCAL.BASE_BACKBONE={base!r} is not a registered backbone builder (this "
+            f"project's names excluded); allowed: {allowed}"
+        )
+    if base in _RESNET_BUILDERS:
+        _check_resnet_keys(cfg, base)
+    backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
+    residual_network(backbone, f"MODEL.NONLOCAL.BASE_BACKBONE={base!r}")
+    insert_blocks(backbone, **args)
+    _check_head_features(cfg, backbone, base)
     return backbone
 
 
@@ -244,40 +166,3 @@ def last_level_max_pool(in_feature: str = "p5") -> LastLevelMaxPool:
     block.in_feature = in_feature
     return block
 
-
-_INSERT_ARGS = [p for p in inspect.signature(insert_blocks).parameters if p.startswith("nonlocal")]
-
-
-class NonLocalResNet(ResNet):
-    """Detectron2's ``ResNet`` (same arguments) with blocks: :func:`insert_blocks` applied to it,
-    its ``nonlocal_*`` arguments passed on. For a LazyConfig, swap the target of its ResNet::
-
-        model.backbone.bottom_up._target_ = NonLocalResNet
-        model.backbone.bottom_up.nonlocal_placement = "paper_1"
-
-    (:func:`nonlocal_det.modeling.add_blocks` does this for any backbone node, RegNet included.)
-    The arguments of the non-local block given one by one (``nonlocal_pairwise``,
-    ``nonlocal_inner_ratio``, ...), ``nonlocal_type`` and ``nonlocal_options`` are still read:
-    they make the ``nonlocal_spec``.
-
-    Args:
-        stem, stages, num_classes, out_features, freeze_at: as :class:`detectron2.modeling.ResNet`.
-        nonlocal_args: ``nonlocal_spec``, ``nonlocal_placement``, ``nonlocal_blocks``,
-            ``nonlocal_position`` of :func:`insert_blocks`.
-    """
-
-    def __init__(
-        self,
-        stem: nn.Module,
-        stages: Sequence[Sequence[nn.Module]],
-        num_classes: Optional[int] = None,
-        out_features: Optional[Sequence[str]] = None,
-        freeze_at: int = 0,
-        **nonlocal_args,
-    ):
-        super().__init__(stem, stages, num_classes, out_features, freeze_at)
-        args = {k: nonlocal_args.pop(k) for k in _INSERT_ARGS if k in nonlocal_args}
-        args["nonlocal_spec"] = legacy_spec(
-            "NonLocalResNet", args.get("nonlocal_spec"), nonlocal_args, _INSERT_ARGS
-        )
-        insert_blocks(self, owner="NonLocalResNet", **args)

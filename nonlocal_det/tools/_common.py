@@ -36,7 +36,7 @@ def tool_parser(doc: str, input_help: str) -> argparse.ArgumentParser:
     p.add_argument("--config-file", required=True, metavar="FILE")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help=input_help)
-    src.add_argument("--dataset", help="a registered dataset, e.g. nl_synthetic_val")
+    src.add_argument("--dataset", help="a registered dataset, e.g. coco_2017_val")
     return p
 
 

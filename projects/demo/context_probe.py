@@ -1,14 +1,14 @@
 """The context probe: do the blocks carry information from far away inside a detector?
 
-    python benchmarks/context_probe.py                   # every model x 3 seeds, the cue task
-    python benchmarks/context_probe.py --jobs 2          # two trainings at once (two free cores)
-    python benchmarks/context_probe.py --quick           # smoke run: tiny data and model, seconds
-    python benchmarks/context_probe.py --task twin --models baseline nonlocal --markdown
-    python benchmarks/context_probe.py --task bar --iters 1200 --models nonlocal nonlocal_he
-    python benchmarks/context_probe.py --collect output/context_probe --curves curves.png
+    python projects/demo/context_probe.py                   # every model x 3 seeds, the cue task
+    python projects/demo/context_probe.py --jobs 2          # two trainings at once (two free cores)
+    python projects/demo/context_probe.py --quick           # smoke run: tiny data and model, seconds
+    python projects/demo/context_probe.py --task twin --models baseline nonlocal --markdown
+    python projects/demo/context_probe.py --task bar --iters 1200 --models nonlocal nonlocal_he
+    python projects/demo/context_probe.py --collect output/context_probe --curves curves.png
 
-Trains Faster R-CNN R18-FPN from scratch (``configs/probe/faster_rcnn_R18_NL_probe.yaml``: the
-ResNet stops at res4, no norm in the FPN) on a generated dataset (``nonlocal_det.data.relational``)
+Trains Faster R-CNN R18-FPN from scratch (``configs/faster_rcnn_R18_NL_probe.yaml``: the
+ResNet stops at res4, no norm in the FPN) on a generated dataset (``nonlocal_demo.relational``)
 where an object's class depends on something far away: ``--task cue`` (default), its shape x the
 colour (red / blue) of a cue square in a corner; ``--task twin``, its shape x whether another
 object has exactly its colour; ``--task match``, whether it has the colour of a cue triangle;
@@ -31,7 +31,7 @@ machine, and whether the issue's two targets are met.
 
 Results are cached: a run whose ``result.json`` exists in ``--output-dir`` with the same settings
 is not trained again (``--fresh`` starts over). The first seed of every model with a block also
-draws ``attention.png`` (``nonlocal_det.modeling.attention.draw``) on a validation image. Every run
+draws ``attention.png`` (the ``visualize`` command's ``draw``) on a validation image. Every run
 with a block records how it learns (:func:`mechanism_recorder`: gradient norms, the attention's
 entropy and its share on the cue along training) in its ``result.json``; ``--collect DIR...``
 prints the task x model x seed table of finished runs and ``--curves PNG`` draws those records.
@@ -51,8 +51,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "probe", "faster_rcnn_R18_NL_probe.yaml")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CONFIG = os.path.join(HERE, "configs", "faster_rcnn_R18_NL_probe.yaml")
 
 # Model -> overrides of CONFIG. Every block sits where CONFIG's non-local block does
 # (PLACEMENT paper_1, POSITION after_block); the SNL and DNL value convs start at zero, as the
@@ -464,7 +465,8 @@ def draw_attention(model, cfg, gt, image_root: str, task: str, output: str, inde
     import cv2
     from PIL import Image
 
-    from nonlocal_det.modeling.attention import backbone_blocks, compute_arrows, context_map, draw
+    from nonlocal_det.modeling.attention import backbone_blocks, compute_arrows, context_map
+    from nonlocal_det.tools.visualize import draw
 
     names = backbone_blocks(model)
     pairs = partner_pairs(gt, task)
@@ -500,16 +502,6 @@ def draw_attention(model, cfg, gt, image_root: str, task: str, output: str, inde
 # ------------------------------------------------------------------------------------------------
 # Worker: train and measure runs one after the other
 # ------------------------------------------------------------------------------------------------
-def _train_net():
-    """This checkout's ``train_net.py`` as a module (its Trainer: the COCO evaluator)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run_one(run: Dict[str, Any]) -> Dict[str, Any]:
     from detectron2.utils.env import seed_all_rng
 
@@ -522,7 +514,11 @@ def _run_one(run: Dict[str, Any]) -> Dict[str, Any]:
     from nonlocal_det.engine import fall_back_to_cpu
     from nonlocal_det.modeling import check_model_config
 
-    Trainer = _train_net().Trainer
+    from nonlocal_det.engine.train import Trainer
+
+    import nonlocal_demo
+
+    nonlocal_demo.setup()
 
     start = time.perf_counter()
     cfg = get_nonlocal_cfg(CONFIG, run["opts"])
@@ -765,7 +761,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    from nonlocal_det.data.relational import RELATION_TASKS
+    from nonlocal_demo.relational import RELATION_TASKS
 
     p.add_argument("--task", choices=list(RELATION_TASKS), default="cue")
     p.add_argument(
@@ -812,7 +808,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _data(args) -> Tuple[str, Dict[str, Any]]:
     """Generate the data if missing; returns (root, its parameters)."""
-    from nonlocal_det.data.relational import generate_relation_coco, relation_dataset_root
+    from nonlocal_demo.relational import generate_relation_coco, relation_dataset_root
 
     params = dict(num_train=4000, num_val=200, image_size=192)
     if args.quick:
@@ -1070,7 +1066,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if results:
         print(f"{len(results)} run(s) already in {args.output_dir}, reused", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, HERE, env.get("PYTHONPATH", "")])
     procs = []
     for j in range(min(args.jobs, len(todo))):
         chunk = todo[j :: args.jobs]

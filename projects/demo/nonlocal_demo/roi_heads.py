@@ -29,7 +29,7 @@ from detectron2.modeling.roi_heads.roi_heads import (
 from detectron2.structures import Instances
 from torch import nn
 
-from ..layers.roi_align import GatherROIAlign
+from .roi_align import GatherROIAlign
 
 __all__ = ["HeadSampledROIHeads", "subsample_per_image"]
 

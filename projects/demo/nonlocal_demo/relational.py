@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .coco import cache_root
+from nonlocal_det.data.coco import cache_root
 from .shapes import PAD, background, mask_to_polygons, rasterize, shape_parts
 from .synthetic import check_generator_args, register_generated_coco, write_generated_coco
 
@@ -544,11 +544,11 @@ def generate_relation_coco(
 
 def register_relation_coco(root: str, name_prefix: str = "nl_twin") -> Tuple[str, str]:
     """Register ``{name_prefix}_train`` and ``{name_prefix}_val`` for a generated ``root``
-    (:func:`nonlocal_det.data.coco.register_coco_dataset`).
+    (:func:`nonlocal_det.data.register_coco_dataset`).
 
     Raises:
         FileNotFoundError: ``root`` holds no generated dataset.
     """
     return register_generated_coco(
-        root, name_prefix, "nonlocal_det.data.relational.generate_relation_coco"
+        root, name_prefix, "nonlocal_demo.relational.generate_relation_coco"
     )

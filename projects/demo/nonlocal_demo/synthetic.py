@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .coco import cache_root, register_coco_dataset
-from .coco_check import check_coco_json
+from nonlocal_det.data.coco import cache_root, register_coco_dataset
+from nonlocal_det.data.coco_check import check_coco_json
 from .shapes import PAD, background, has_hole, mask_to_polygons, pick_colour, rasterize, shape_parts
 
 __all__ = [
@@ -410,7 +410,7 @@ def register_generated_coco(root: str, name_prefix: str, maker: str, **metadata)
 
 def register_synthetic_coco(root: str, name_prefix: str = "nl_synthetic") -> Tuple[str, str]:
     """Register ``{name_prefix}_train`` and ``{name_prefix}_val`` for a generated ``root``
-    (:func:`nonlocal_det.data.coco.register_coco_dataset`, plus the keypoint connection rules and
+    (:func:`nonlocal_det.data.register_coco_dataset`, plus the keypoint connection rules and
     OKS sigmas in the metadata).
 
     Raises:
@@ -419,7 +419,7 @@ def register_synthetic_coco(root: str, name_prefix: str = "nl_synthetic") -> Tup
     return register_generated_coco(
         root,
         name_prefix,
-        "nonlocal_det.data.synthetic.generate_synthetic_coco",
+        "nonlocal_demo.synthetic.generate_synthetic_coco",
         keypoint_connection_rules=list(SYNTHETIC_KEYPOINT_CONNECTION_RULES),
         keypoint_oks_sigmas=list(SYNTHETIC_KEYPOINT_OKS_SIGMAS),
     )

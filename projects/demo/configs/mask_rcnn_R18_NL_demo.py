@@ -1,13 +1,13 @@
-"""The CPU demo as a LazyConfig: the twin of configs/demo/mask_rcnn_R18_NL_demo.yaml.
+"""The CPU demo as a LazyConfig: the twin of mask_rcnn_R18_NL_demo.yaml beside it.
 
 Mask R-CNN + keypoints, a half-width ResNet-18 (32-128 channels) without res5 and a 64-channel
 FPN, slim heads whose mask and keypoint heads train on a few RoIs per image, from scratch, one
-non-local block in res4 and two in the keypoint head, on the project's generated dataset (made
+non-local block in res4 and two in the keypoint head, on the demo's generated dataset (made
 and registered on first use when the config is instantiated). Small enough to run Detectron2's
 LazyConfig tools end to end on a laptop CPU:
 
-    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py
-    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R18_NL_demo.py \\
+    python projects/demo/train_net.py --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.py
+    python projects/demo/train_net.py --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.py \\
         --eval-only train.init_checkpoint=output/demo_lazy/model_final.pth
 """
 
@@ -21,16 +21,10 @@ from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from nonlocal_det.data import synthetic_dataset
-from nonlocal_det.data.synthetic import SYNTHETIC_KEYPOINT_OKS_SIGMAS
 from nonlocal_det.engine import optimizer_with_gradient_clipping
-from nonlocal_det.modeling import (
-    HeadSampledROIHeads,
-    NonLocalKRCNNHead,
-    add_blocks,
-    basic_resnet_stages,
-    last_level_max_pool,
-)
+from nonlocal_det.modeling import NonLocalKRCNNHead, add_blocks, last_level_max_pool
+from nonlocal_demo import HeadSampledROIHeads, basic_resnet_stages, synthetic_dataset
+from nonlocal_demo.synthetic import SYNTHETIC_KEYPOINT_OKS_SIGMAS
 
 _base = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
 model = _base.model

@@ -1,11 +1,11 @@
-"""Generate a dataset as plain COCO files: ``python -m nonlocal_det.tools.generate_data``.
+"""Generate the demo's or the probe's dataset as plain COCO files:
 
-    python -m nonlocal_det.tools.generate_data --root datasets/shapes [--num-train N --num-val N]
-    python -m nonlocal_det.tools.generate_data --task twin --root datasets/twin   # context probe
+    python projects/demo/tools.py generate_data --root datasets/shapes [--num-train N --num-val N]
+    python projects/demo/tools.py generate_data --task twin --root datasets/twin   # context probe
 
 ``--task demo`` (the default): the demo's shapes and keypointed stars (400 / 50 images).
 ``--task twin`` / ``--task match``: the context probe's relational data (4000 / 200 images;
-``nonlocal_det.data.relational``). Without ``--root``: the folder the configs use
+``nonlocal_demo.relational``). Without ``--root``: the folder the configs use
 (``$NONLOCAL_DET_DATASETS`` or ``~/.cache/nonlocal_det/datasets``). A folder that exists is left as
 it is.
 """
@@ -16,8 +16,8 @@ import time
 from collections import Counter
 from typing import List, Optional
 
-from ..data.relational import RELATION_TASKS, generate_relation_coco, relation_dataset_root
-from ..data.synthetic import SPLITS, default_dataset_root, generate_synthetic_coco
+from .relational import RELATION_TASKS, generate_relation_coco, relation_dataset_root
+from .synthetic import SPLITS, default_dataset_root, generate_synthetic_coco
 
 __all__ = ["main", "parser"]
 
