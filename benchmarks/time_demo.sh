@@ -52,9 +52,9 @@ prepare() {  # $1: commit
   fi
   if [ -n "$MAX_ITER" ]; then
     sed -i -E "s/^  MAX_ITER: .*/  MAX_ITER: $MAX_ITER/; s/^  STEPS: .*/  STEPS: ($MAX_ITER,)/" \
-      "$dir/configs/demo/mask_rcnn_R18_NL_demo.yaml"
+      "$dir/projects/demo/configs/mask_rcnn_R18_NL_demo.yaml"
   else
-    git -C "$dir" checkout --quiet -- configs/demo/mask_rcnn_R18_NL_demo.yaml
+    git -C "$dir" checkout --quiet -- projects/demo/configs/mask_rcnn_R18_NL_demo.yaml
   fi
   (cd "$dir" && make setup >"$dir/setup.log" 2>&1) || { echo "make setup failed in $dir" >&2; exit 1; }
 }
