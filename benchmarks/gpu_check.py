@@ -104,7 +104,7 @@ def steps(out: str, python: str = sys.executable, device: str = "cuda") -> List[
     bench = os.path.join(REPO, "benchmarks")
     cpu = device == "cpu"
     iters = 2 if cpu else 20
-    train = [python, os.path.join(REPO, "train_net.py")]
+    train = [python, os.path.join(REPO, "projects", "demo", "train_net.py")]  # the demo's data
     train += ["--config-file", os.path.join(REPO, "configs", "mask_rcnn_R50_NL.yaml")]
     train += ["SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", str(iters), "SOLVER.IMS_PER_BATCH", "2"]
     train += ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.NUM_CLASSES", "4", "MODEL.KEYPOINT_ON", "False"]

@@ -50,11 +50,13 @@ prepare() {  # $1: commit
     git -C "$dir" checkout --quiet "$1"
     cp -al "$MASTER_VENV" "$dir/.venv" 2>/dev/null || cp -a "$MASTER_VENV" "$dir/.venv"
   fi
+  local cfg=projects/demo/configs/mask_rcnn_R18_NL_demo.yaml  # configs/demo/ before the split
+  [ -f "$dir/$cfg" ] || cfg=configs/demo/mask_rcnn_R18_NL_demo.yaml
   if [ -n "$MAX_ITER" ]; then
     sed -i -E "s/^  MAX_ITER: .*/  MAX_ITER: $MAX_ITER/; s/^  STEPS: .*/  STEPS: ($MAX_ITER,)/" \
-      "$dir/projects/demo/configs/mask_rcnn_R18_NL_demo.yaml"
+      "$dir/$cfg"
   else
-    git -C "$dir" checkout --quiet -- projects/demo/configs/mask_rcnn_R18_NL_demo.yaml
+    git -C "$dir" checkout --quiet -- "$cfg"
   fi
   (cd "$dir" && make setup >"$dir/setup.log" 2>&1) || { echo "make setup failed in $dir" >&2; exit 1; }
 }

@@ -135,7 +135,9 @@ def test_commands_parse_and_their_configs_load(words, monkeypatch):
             config = tool_args[tool_args.index("--config-file") + 1]
             opts = tool_args[tool_args.index("--opts") + 1 :] if "--opts" in tool_args else []
             _check_config(argparse.Namespace(config_file=config, opts=opts))
-    elif args[0].startswith("benchmarks/") or args[0] == "projects/demo/context_probe.py":
+    elif args[0].startswith("benchmarks/") or args[0] in (
+        "projects/demo/context_probe.py", "projects/demo/profile_demo.py"
+    ):
         name = os.path.splitext(os.path.basename(args[0]))[0]
         spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, args[0]))
         bench = importlib.util.module_from_spec(spec)

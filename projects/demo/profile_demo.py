@@ -2,9 +2,9 @@
 demo config, each op's time given to the part of the detector that ran it; or the CPU time per
 step of config variants, timed in turns.
 
-    python benchmarks/profile_demo.py --threads 1                       # early: fresh weights
-    python benchmarks/profile_demo.py --threads 1 --weights output/demo/model_final.pth   # late
-    python benchmarks/profile_demo.py --threads 1 --weights output/demo/model_final.pth \
+    python projects/demo/profile_demo.py --threads 1                       # early: fresh weights
+    python projects/demo/profile_demo.py --threads 1 --weights output/demo/model_final.pth   # late
+    python projects/demo/profile_demo.py --threads 1 --weights output/demo/model_final.pth \
         --variant "" --variant "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO 2"
 
 The steps are the trainer's (Detectron2's ``SimpleTrainer.run_step``): load a batch, forward with
@@ -30,8 +30,9 @@ import time
 from collections import defaultdict
 from typing import Dict, List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(REPO, "configs", "demo", "mask_rcnn_R18_NL_demo.yaml")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+DEMO_CONFIG = os.path.join(HERE, "configs", "mask_rcnn_R18_NL_demo.yaml")
 
 # The rows, in print order; "other" collects what no label covers (autograd engine, glue).
 ROWS = [
@@ -167,6 +168,9 @@ def build_trainer_parts(config_file: str, opts: List[str], weights: str):
     from nonlocal_det.engine import NonLocalTrainer, fall_back_to_cpu
     from nonlocal_det.engine.trainer import CPUAutocast
 
+    import nonlocal_demo
+
+    nonlocal_demo.setup()  # the demo's keys and datasets
     cfg = get_nonlocal_cfg(config_file, opts)
     fall_back_to_cpu(cfg)
     cfg.freeze()
