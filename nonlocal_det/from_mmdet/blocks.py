@@ -1,7 +1,5 @@
 """The blocks of an mmdetection checkpoint (mmcv's ``ContextBlock`` and ``GeneralizedAttention``
-plugins) as ``MODEL.NONLOCAL`` settings: their type and options from the weights and the config
-(mmdetection 2's ``plugins`` or the older ``gcb`` / ``gen_attention`` keys), their position and
-residual blocks."""
+plugins) as ``MODEL.NONLOCAL`` settings, from the weights and the config."""
 
 from collections import OrderedDict
 from typing import Any, List, Optional, Tuple
@@ -12,15 +10,8 @@ __all__ = ["STAGES", "block_settings"]
 
 STAGES = ("res2", "res3", "res4", "res5")
 # mmcv's defaults where a config leaves a value out.
-_GA_DEFAULTS = dict(
-    spatial_range=-1,
-    num_heads=9,
-    position_embedding_dim=-1,
-    position_magnitude=1,
-    kv_stride=2,
-    q_stride=1,
-    attention_type="1111",
-)
+_GA_DEFAULTS = dict(spatial_range=-1, num_heads=9, position_embedding_dim=-1, position_magnitude=1,
+                    kv_stride=2, q_stride=1, attention_type="1111")  # fmt: skip
 _PUBLISHED_GA = dict(num_heads=8)  # configs/empirical_attention: the --assume-defaults values
 _PRESETS = {
     frozenset({"res3", "res4", "res5"}): "all_res3_res5",
@@ -44,11 +35,8 @@ def _plugin_config(backbone: dict, kind: str) -> Tuple[Optional[dict], Optional[
             )
         cfg.pop("type")
         found.append((cfg, plugin.get("position")))
-    old = {
-        "context_block": ("gcb", "after_conv3"),
-        "gen_attention_block": ("gen_attention", "after_conv2"),
-    }
-    key, position = old[kind]
+    key, position = {"context_block": ("gcb", "after_conv3")}.get(
+        kind, ("gen_attention", "after_conv2"))  # fmt: skip
     if backbone.get(key):
         found.append((dict(backbone[key]), position))  # stage_with_*: the weights say where
     if len({repr(f[0]) for f in found}) > 1 or len({f[1] for f in found}) > 1:
@@ -129,13 +117,9 @@ def _ga_options(
             heads,
             f"value_conv has {t['value_conv.weight'][0]} outputs, not {heads} x {c} // {heads}",
         )
-    out = OrderedDict()
-    out["ATTENTION_TYPE"] = [int(v) for v in terms]
-    out["NUM_HEADS"] = heads
-    out["KV_STRIDE"] = o["kv_stride"]
-    out["Q_STRIDE"] = o["q_stride"]
-    out["SPATIAL_RANGE"] = o["spatial_range"]
-    out["POSITION_EMBEDDING_DIM"] = o["position_embedding_dim"]
+    out = OrderedDict(ATTENTION_TYPE=[int(v) for v in terms], NUM_HEADS=heads)
+    for key in ("kv_stride", "q_stride", "spatial_range", "position_embedding_dim"):
+        out[key.upper()] = o[key]
     out["POSITION_MAGNITUDE"] = float(o["position_magnitude"])
     return out
 

@@ -1,11 +1,6 @@
 """mmdetection's parameter names -> this project's Detectron2 names, and what the weights' names
-and shapes alone say about the model (:class:`Layout`).
-
-Covered: Faster / Mask R-CNN with a ResNet or ResNeXt (``style`` 'pytorch' or 'caffe'), an FPN
-without norms or extra convs, mmdetection's RPN head, a two-fc box head and the 4-conv mask head,
-and mmcv's ``ContextBlock`` / ``GeneralizedAttention`` plugins inside the bottlenecks (they become
-``resK.i.nonlocal_block``). Anything else is refused with :class:`UnsupportedCheckpoint`.
-"""
+and shapes say about the model (:class:`Layout`): Faster / Mask R-CNN with a ResNet(-Xt), an FPN,
+and mmcv's ``ContextBlock`` / ``GeneralizedAttention`` plugins; anything else is refused."""
 
 import re
 from collections import OrderedDict
@@ -28,8 +23,6 @@ __all__ = [
 # mmcv's plugin names (its ``_abbr_``) -> MODEL.NONLOCAL.TYPE
 PLUGIN_TYPES = {"context_block": "global_context", "gen_attention_block": "generalized_attention"}
 _DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
-_NORM_STATS = ("weight", "bias", "running_mean", "running_var")
-_BLOCK_CHILD = "nonlocal_block"  # nonlocal_det.modeling.ResidualWithBlock's block
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -42,28 +35,16 @@ def refused(where: str, value, why: str) -> UnsupportedCheckpoint:
     return UnsupportedCheckpoint(f"{where}={value!r} in the checkpoint's config: {why}")
 
 
-def _residual_part(rest: str) -> Optional[str]:
-    """The Detectron2 name inside a residual block of ``rest``, mmdetection's name there."""
-    m = re.fullmatch(r"conv([123])\.weight", rest)
-    if m:
-        return rest
-    m = re.fullmatch(r"bn([123])\.(\w+)", rest)
-    if m and m[2] in _NORM_STATS:
-        return f"conv{m[1]}.norm.{m[2]}"
-    if rest == "downsample.0.weight":
-        return "shortcut.weight"
-    m = re.fullmatch(r"downsample\.1\.(\w+)", rest)
-    if m and m[1] in _NORM_STATS:
-        return f"shortcut.norm.{m[1]}"
-    m = re.fullmatch(r"(\w+)\.(.+)", rest)
-    if m and m[1] in PLUGIN_TYPES and m[2] != "local_constraint_map":
-        return f"{_BLOCK_CHILD}.{m[2]}"
-    return None
-
-
 _BOX, _MASK, _RPN = "roi_heads.box_", "roi_heads.mask_head.", "proposal_generator.rpn_head."
 _STATS = "(running_mean|running_var|weight|bias)"
+_LAYER, _RES = r"backbone\.layer([1-4])\.(\d+)\.", "backbone.bottom_up.res{n}.{1}."
+_PLUGIN = rf"({'|'.join(PLUGIN_TYPES)})\.(?!local_constraint_map$)(.+)"
 _RULES = [  # (mmdetection name pattern, Detectron2 name template, offset added to {n} = group 0)
+    (_LAYER + r"conv([123])\.weight", _RES + "conv{2}.weight", 1),
+    (_LAYER + rf"bn([123])\.{_STATS}", _RES + "conv{2}.norm.{3}", 1),
+    (_LAYER + r"downsample\.0\.weight", _RES + "shortcut.weight", 1),
+    (_LAYER + rf"downsample\.1\.{_STATS}", _RES + "shortcut.norm.{2}", 1),
+    (_LAYER + _PLUGIN, _RES + "nonlocal_block.{3}", 1),  # ResidualWithBlock's block
     (r"backbone\.conv1\.weight", "backbone.bottom_up.stem.conv1.weight", 0),
     (rf"backbone\.bn1\.{_STATS}", "backbone.bottom_up.stem.conv1.norm.{0}", 0),
     (r"neck\.lateral_convs\.(\d)\.conv\.(weight|bias)", "backbone.fpn_lateral{n}.{1}", 2),
@@ -87,17 +68,10 @@ def _with_roi_head(key: str) -> str:
 
 def detectron2_name(key: str) -> Optional[str]:
     """The Detectron2 name of an mmdetection parameter or buffer name, or None."""
-    key = _with_roi_head(key)
-    m = re.fullmatch(r"backbone\.layer([1-4])\.(\d+)\.(.+)", key)
-    if m:
-        part = _residual_part(m[3])
-        return f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.{part}" if part else None
     for pattern, template, offset in _RULES:
-        m = re.fullmatch(pattern, key)
+        m = re.fullmatch(pattern, _with_roi_head(key))
         if m:
-            groups = m.groups()
-            n = int(groups[0]) + offset if offset else None
-            return template.format(*groups, n=n)
+            return template.format(*m.groups(), n=int(m[1]) + offset if offset else None)
     return None
 
 
@@ -118,9 +92,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[s
         else:
             out[name] = value
     if unmapped:
-        shown = ", ".join(unmapped[:6]) + (
-            f" and {len(unmapped) - 6} more" if len(unmapped) > 6 else ""
-        )
+        shown = ", ".join(unmapped[:6]) + (f" and {len(unmapped) - 6} more" * (len(unmapped) > 6))
         raise UnsupportedCheckpoint(
             f"{len(unmapped)} tensor(s) of the checkpoint have no counterpart in this project's "
             f"Detectron2 R-CNN: {shown}"
@@ -150,19 +122,10 @@ def model_mismatches(cfg, state: Mapping[str, torch.Tensor]) -> List[str]:
 
 @dataclass
 class Layout:
-    """What a checkpoint's names and shapes say.
-
-    Attributes:
-        depth, num_groups, width_per_group, stem_channels, res2_channels: the ResNet(-Xt).
-        stage_lengths: stage name ("res2".."res5") -> its number of residual blocks.
-        plugins: stage name -> {residual block index: mmcv plugin name}; plugin_kind: that name.
-        plugin_tensors: the shapes of the first plugin's tensors (name inside it -> shape).
-        plugin_channels: the channels the first plugin sees; plugin_on_width: whether that is
-            its bottleneck's width (after conv1 / conv2) rather than its output (after conv3).
-        fpn_channels, anchors_per_location, num_fc, fc_dim, num_classes, cls_agnostic_bbox_reg,
-        mask_on, mask_num_conv, mask_conv_dim, cls_agnostic_mask, legacy_classes: the rest
-        (``legacy_classes``: box regression with a background row, mmdetection v1's layout).
-    """
+    """What a checkpoint's names and shapes say: the ResNet(-Xt), ``stage_lengths`` (stage ->
+    residual blocks), ``plugins`` (stage -> {block index: mmcv plugin name}), the first plugin's
+    tensor shapes and input channels (``plugin_on_width``: its bottleneck's width, after conv1 /
+    conv2, rather than its output), the heads (``legacy_classes``: mmdetection 1's layout)."""
 
     depth: int = 0
     num_groups: int = 1

@@ -1,12 +1,7 @@
-"""The Detectron2 config values that make Detectron2 compute what mmdetection computed, read from
-a checkpoint's :class:`~nonlocal_det.from_mmdet.keys.Layout` and the training config embedded
-in it (``meta['config']`` in mmdetection 2, ``meta['cfg']`` in 3), and their comparison with a
-config.
-
-mmdetection's own defaults (its classes', mmcv's) stand for what a config leaves out. What
-Detectron2 cannot compute the same is refused with
-:class:`~nonlocal_det.from_mmdet.keys.UnsupportedCheckpoint`, naming the config entry.
-"""
+"""The Detectron2 config values that compute what mmdetection computed, read from a checkpoint's
+:class:`~nonlocal_det.from_mmdet.keys.Layout` and its embedded training config (mmdetection's
+defaults for what it leaves out), and their comparison with a config. What Detectron2 cannot
+compute the same is refused, naming the config entry."""
 
 import math
 from collections import OrderedDict
@@ -144,15 +139,10 @@ def _roi_settings(roi_head: dict, lay: Layout) -> "OrderedDict[str, Any]":
                 extractor["finest_scale"],
                 "Detectron2 maps boxes to levels as finest_scale 56 does (224 at level 4)",
             )
-        out[f"MODEL.{node}.POOLER_TYPE"] = (
-            "ROIAlignV2" if layer.get("aligned", True) else "ROIAlign"
-        )
-        out[f"MODEL.{node}.POOLER_SAMPLING_RATIO"] = layer.get(
-            "sampling_ratio", layer.get("sample_num", 0)
-        )
-        out[f"MODEL.{node}.POOLER_RESOLUTION"] = layer.get(
-            "output_size", layer.get("out_size", resolution)
-        )
+        get = layer.get
+        out[f"MODEL.{node}.POOLER_TYPE"] = "ROIAlignV2" if get("aligned", True) else "ROIAlign"
+        out[f"MODEL.{node}.POOLER_SAMPLING_RATIO"] = get("sampling_ratio", get("sample_num", 0))
+        out[f"MODEL.{node}.POOLER_RESOLUTION"] = get("output_size", get("out_size", resolution))
     box = roi_head.get("bbox_head") or {}
     stds = _coder(box, "target_stds", [0.1, 0.1, 0.2, 0.2])
     if any(_coder(box, "target_means", [0.0] * 4)):
@@ -316,13 +306,6 @@ def _head_settings(lay: Layout, model: dict) -> "OrderedDict[str, Any]":
     return out
 
 
-def _major(version: Optional[str]) -> Optional[int]:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return None
-
-
 def mmdet_settings(
     layout: Layout,
     config: Optional[Dict[str, Any]] = None,
@@ -330,21 +313,15 @@ def mmdet_settings(
     version: Optional[str] = None,
     assume_defaults: bool = False,
 ) -> Tuple["OrderedDict[str, Any]", List[str]]:
-    """The Detectron2 config values for a checkpoint: the full model (every key an FPN R-CNN
-    needs, over Detectron2's defaults + :func:`nonlocal_det.add_nonlocal_config`), its input and
-    test settings.
+    """The Detectron2 config values for a checkpoint (every key an FPN R-CNN needs over
+    Detectron2's defaults, its input and test settings) in config order, and notes on what was
+    assumed.
 
     Args:
         layout: :func:`~nonlocal_det.from_mmdet.read_layout` of the weights.
-        config: the embedded training config (:func:`nonlocal_det.utils.read_config_text`), or
-            None when the checkpoint has none.
-        version: ``meta['mmdet_version']`` when present.
-        assume_defaults: without a config (or for what the weights leave open), take
-            mmdetection's R-CNN defaults instead of refusing.
-
-    Returns:
-        (settings, notes): ``"MODEL.RESNETS.DEPTH" -> 50``, ... in config order, and what was
-        assumed or is worth knowing.
+        config: the embedded training config (:func:`nonlocal_det.utils.read_config_text`).
+        version: ``meta['mmdet_version']``.
+        assume_defaults: mmdetection's R-CNN defaults for what the config and weights leave open.
 
     Raises:
         UnsupportedCheckpoint: naming what cannot be mapped and why.
@@ -360,8 +337,8 @@ def mmdet_settings(
                 "RoIAlign with sampling ratio 0, its test thresholds)"
             )
         notes.append("no config in the checkpoint: mmdetection's R-CNN defaults assumed")
-    major = _major(version)
-    if major is not None and major < 2 and not layout.legacy_classes:
+    major = str(version).split(".")[0]
+    if major.isdigit() and int(major) < 2 and not layout.legacy_classes:
         notes.append(
             f"trained with mmdetection {version} (legacy +1 box geometry) and upgraded to the 2.x "
             "layout: the converted model computes 2.x geometry, as mmdetection 2 does with it "
@@ -369,15 +346,11 @@ def mmdet_settings(
         )
     cfg = config or {}
     model = cfg.get("model") or {}
-    out = OrderedDict()
-    out.update(_head_settings(layout, model))
-    out.update(_backbone_settings(layout, model.get("backbone") or {}, config is not None))
+    backbone = model.get("backbone") or {}
+    out = _head_settings(layout, model)
+    out.update(_backbone_settings(layout, backbone, config is not None))
     out.update(_neck_settings(layout, model.get("neck") or {}))
-    out.update(
-        block_settings(
-            layout, model.get("backbone") or {}, config is not None, assume_defaults, notes
-        )
-    )
+    out.update(block_settings(layout, backbone, config is not None, assume_defaults, notes))
     out.update(_test_settings(cfg, model, layout.mask_on))
     out.update(_input_settings(cfg, model))
     return out, notes
