@@ -1,7 +1,5 @@
-"""COCO-format files as Detectron2 datasets: :func:`register_coco_dataset`, one registration path
-for the generated demo data and your own files (``DATASETS.{TRAIN,TEST}_{JSON,IMAGES}``, taken into
-the config by :func:`configure_coco_json_datasets`, registered by
-:func:`register_coco_json_datasets`)."""
+"""COCO-format files as Detectron2 datasets (:func:`register_coco_dataset`), and your own files
+named by ``DATASETS.{TRAIN,TEST}_{JSON,IMAGES}`` taken into the config and registered."""
 
 import functools
 import hashlib
@@ -88,13 +86,9 @@ def _evaluation_json(summary: CocoSummary) -> str:
 
 
 def register_coco_dataset(name: str, summary: CocoSummary, image_root: str, **metadata) -> None:
-    """Register ``name`` with Detectron2 for a checked COCO file (:func:`check_coco_json`).
-
-    Metadata: the classes and their id mapping; with keypoints their names, flip map and the
-    classes that have them; ``json_file`` (what the evaluator reads), ``source_json``,
-    ``image_root``, ``evaluator_type="coco"``; ``metadata``. The same files again: nothing
-    happens; other files replace the registration.
-    """
+    """Register ``name`` with Detectron2 for a checked COCO file (:func:`check_coco_json`), with
+    its classes, keypoints (names, flip map, classes), files and ``metadata``. The same files
+    again: nothing happens; other files replace the registration."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     json_file = summary.json_file
@@ -151,14 +145,14 @@ def _json_splits(cfg, keys=("TRAIN", "TEST")) -> List[Tuple[str, str, str, str]]
 
 
 @functools.lru_cache(maxsize=None)
-def _check_json_version(json_file: str, label: str, mtime: float, size: int) -> CocoSummary:
+def _check_version(json_file: str, label: str, version: tuple) -> CocoSummary:
     return check_coco_json(json_file, label)
 
 
 def _check_json(json_file: str, label: str) -> CocoSummary:
     """:func:`check_coco_json`, once per file version in a process."""
     st = os.stat(json_file) if os.path.isfile(json_file) else None
-    return _check_json_version(json_file, label, st.st_mtime if st else 0, st.st_size if st else -1)
+    return _check_version(json_file, label, (st.st_mtime, st.st_size) if st else ())
 
 
 def configure_coco_json_datasets(cfg, keys=("TRAIN", "TEST")) -> None:
@@ -220,8 +214,7 @@ def configure_coco_json_datasets(cfg, keys=("TRAIN", "TEST")) -> None:
 
 def register_coco_json_datasets(cfg, keys=("TRAIN", "TEST")) -> List[str]:
     """Check the images of the ``DATASETS.*_JSON`` files of the splits ``keys`` (first process of
-    each machine; every process stops on a problem) and register them as :data:`TRAIN_NAME` /
-    :data:`TEST_NAME`.
+    each machine; every process stops on a problem) and register them.
 
     Returns:
         The registered names (empty when no key is set).

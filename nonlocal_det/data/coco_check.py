@@ -1,7 +1,6 @@
-"""Checks of a COCO-format dataset before training; every problem names the file, the entry and
-the field, the bad value and what is allowed. :func:`check_coco_json` checks an instances file and
-summarises it (:class:`CocoSummary`); :func:`check_coco_images` checks the image files' headers.
-"""
+"""Checks of a COCO-format dataset before training: the instances file (:func:`check_coco_json`)
+and the image files' headers (:func:`check_coco_images`). Every problem names the file, the entry
+and the field, the bad value and what is allowed."""
 
 import json
 import math
@@ -27,23 +26,11 @@ class DatasetError(ValueError):
 
 @dataclass
 class CocoSummary:
-    """What a checked COCO file holds.
-
-    Attributes:
-        json_file: the file.
-        categories: ``{"id", "name"}`` of every category, sorted by id (Detectron2's contiguous
-            class ``i`` is ``categories[i]``).
-        keypoint_names: the keypoint names of the keypoint categories (one shared list), or [].
-        keypoint_classes: the names of the categories that list keypoints.
-        num_images: images in the file.
-        num_annotations: annotations in the file.
-        num_empty_images: images without any annotation.
-        has_rle: some annotation has an RLE (dict) mask.
-        has_polygons: some annotation has polygon masks.
-        missing_segmentation: number of non-crowd annotations without a usable mask.
-        missing_keypoints: number of annotations without keypoints, in a file with keypoint names.
-        images: the ``images`` entries (``id``, ``file_name``, ``height``, ``width``).
-    """
+    """What a checked COCO file holds: ``categories`` (``{"id", "name"}`` sorted by id:
+    Detectron2's contiguous class ``i`` is ``categories[i]``), the keypoint names shared by the
+    ``keypoint_classes``, counts (``missing_segmentation``: non-crowd annotations without a usable
+    mask; ``missing_keypoints``: annotations without keypoints in a file with keypoint names) and
+    the ``images`` entries."""
 
     json_file: str
     categories: List[Dict[str, Any]]
@@ -124,20 +111,22 @@ def read_checked_coco_json(json_file: str, label: str = "") -> Dict[str, Any]:
         ) from None
 
 
-def _entries(items: List[Any], kind: str, noun: str, p: _Problems, allowed: str):
-    """(where, entry) of the objects of ``items`` with an integer id; the others, and reused ids,
-    are problems."""
+def _entries(items: List[Any], kind: str, noun: str, p: _Problems, allowed: str, any_id=False):
+    """(where, entry) of the objects of ``items`` with an integer id (``any_id``: with any id);
+    the others, and reused ids, are problems."""
     seen = set()
     for i, e in enumerate(items):
         where = _where(kind, i, e)
         if not isinstance(e, dict):
             p.add(f"{where} is a {type(e).__name__}; allowed: {allowed}")
-        elif not _is_int(e.get("id")):
+            continue
+        ok = _is_int(e.get("id"))
+        if not ok:
             p.add(f"{where}: 'id' is {e.get('id')!r}; allowed: an integer")
-        else:
-            if e["id"] in seen:
-                p.add(f"{where}: id {e['id']} is used by another {noun}; allowed: unique ids")
-            seen.add(e["id"])
+        elif e["id"] in seen:
+            p.add(f"{where}: id {e['id']} is used by another {noun}; allowed: unique ids")
+        seen.add(e["id"] if ok else None)
+        if ok or any_id:
             yield where, e
 
 
@@ -203,15 +192,9 @@ def _check_segmentation(segm: Any, image: Optional[Dict[str, Any]], where: str, 
 
 
 def check_coco_json(json_file: str, label: str = "", data: Optional[Dict] = None) -> CocoSummary:
-    """Check that ``json_file`` is a usable COCO instances file, and summarise it.
-
-    Checked: it exists and is JSON; the top level is an object with lists ``images``,
-    ``annotations`` and ``categories``; ids are integers and unique; images have ``file_name``
-    and positive ``height``/``width``; annotations point at existing images and categories, have
-    ``bbox`` = 4 finite numbers with width, height >= 0, ``iscrowd`` 0/1, polygons of >= 3 points
-    or an RLE of the image's size, and ``3K`` keypoint values with visibility 0/1/2 (K: the
-    keypoint names of the categories, which must all share one list); ``ignore`` is refused (not
-    supported by Detectron2).
+    """Check that ``json_file`` is a usable COCO instances file (the structure, unique integer
+    ids, images' sizes, each annotation's image, category, box, crowd flag, mask and keypoints;
+    one keypoint list shared by the categories), and summarise it.
 
     Args:
         json_file: the annotation file.
@@ -256,21 +239,11 @@ def check_coco_json(json_file: str, label: str = "", data: Optional[Dict] = None
     keypoint_names = list(next(iter(kp_lists))) if kp_lists else []
     num_kp = len(keypoint_names)
 
-    ann_ids = set()
     annotated = set()
     has_rle = has_polygons = False
     missing_segm = missing_kp = 0
-    for i, a in enumerate(data["annotations"]):
-        where = _where("annotations", i, a)
-        if not isinstance(a, dict):
-            p.add(f"{where} is a {type(a).__name__}; allowed: an object")
-            continue
-        if not _is_int(a.get("id")):
-            p.add(f"{where}: 'id' is {a.get('id')!r}; allowed: an integer")
-        elif a["id"] in ann_ids:
-            p.add(f"{where}: id {a['id']} is used by another annotation; allowed: unique ids")
-        else:
-            ann_ids.add(a["id"])
+    anns = _entries(data["annotations"], "annotations", "annotation", p, "an object", any_id=True)
+    for where, a in anns:
         image = images.get(a.get("image_id")) if _is_int(a.get("image_id")) else None
         if image is None:
             p.add(f"{where}: 'image_id' {a.get('image_id')!r} is not the id of any image")
@@ -350,10 +323,8 @@ def _oriented_size(img) -> tuple:
 def check_coco_images(
     images: Sequence[Dict[str, Any]], image_root: str, json_file: str = "", label: str = ""
 ) -> None:
-    """Check that every image file exists, its header is readable and its size is the JSON's.
-
-    Only headers are read (PIL opens files lazily): a file whose pixel data is truncated passes
-    here and is reported, with its name, when the data loader reads it.
+    """Check that every image file exists, its header is readable and its size (after EXIF
+    rotation) is the JSON's. Only headers are read: truncated pixel data is found by the loader.
 
     Args:
         images: ``images`` entries (``id``, ``file_name``, ``height``, ``width``).
