@@ -300,7 +300,7 @@ def check_lazy_config_values(cfg, world_size: int = 1) -> None:
     """:func:`check_config_values` for a LazyConfig of Detectron2's layout (``train``,
     ``optimizer``, ``dataloader.train``): the keys present among ``train.max_iter``,
     ``train.checkpointer.period``, ``train.eval_period``, ``train.log_period``, ``optimizer.lr``,
-    ``dataloader.train.total_batch_size`` and ``num_workers``.
+    ``dataloader.train.total_batch_size`` and ``num_workers``, ``train.stop_signals``.
 
     Raises:
         ValueError: naming the key, its value and what is allowed.
@@ -333,3 +333,5 @@ def check_lazy_config_values(cfg, world_size: int = 1) -> None:
         )  # fmt: skip
     if get("optimizer.lr") is not None:
         check_positive("", "optimizer.lr", get("optimizer.lr"), inclusive=True)
+    if get("train.stop_signals") is not None:  # not in Detectron2's train: DEFAULT_STOP_SIGNALS
+        parse_stop_signals(get("train.stop_signals"), "train.stop_signals")

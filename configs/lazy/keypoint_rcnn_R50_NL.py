@@ -6,7 +6,7 @@ Detectron2's own ``COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.py``, its backbone w
 head with a block after convs 2, 4, 6 and 8). Importing ``nonlocal_det`` here is what lets
 Detectron2's generic LazyConfig tooling use this file unchanged:
 
-    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/keypoint_rcnn_R50_NL.py --num-gpus 8
+    python train_net.py --config-file configs/lazy/keypoint_rcnn_R50_NL.py --num-gpus 8
 """
 
 from detectron2 import model_zoo

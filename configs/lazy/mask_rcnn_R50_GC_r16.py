@@ -4,7 +4,7 @@ after conv3, 1x: the LazyConfig twin of mask_rcnn_R50_GC_r16.yaml.
 Detectron2's own ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py``, its backbone wrapped by
 :func:`add_blocks`; the block type, its options and its place are explicit arguments:
 
-    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_GC_r16.py --num-gpus 8
+    python train_net.py --config-file configs/lazy/mask_rcnn_R50_GC_r16.py --num-gpus 8
 """
 
 from detectron2 import model_zoo

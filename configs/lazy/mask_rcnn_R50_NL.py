@@ -5,8 +5,8 @@ Detectron2's own ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py`` (model, 
 plus the paper's block right before the last residual block of res4). Importing ``nonlocal_det``
 here is what lets Detectron2's generic LazyConfig tooling use this file unchanged:
 
-    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py --num-gpus 8
-    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL.py \\
+    python train_net.py --config-file configs/lazy/mask_rcnn_R50_NL.py --num-gpus 8
+    python train_net.py --config-file configs/lazy/mask_rcnn_R50_NL.py \\
         --eval-only train.init_checkpoint=output/model_final.pth
 """
 

@@ -5,7 +5,7 @@ wrapped by :func:`add_blocks`.
 The recipe trains every norm (SyncBN), so the block gets a norm after W_z whose gamma starts at
 zero, as in the authors' code. Not trained by this project (it needs 64 images per batch).
 
-    python -m nonlocal_det.tools.lazy_train --config-file configs/lazy/mask_rcnn_R50_NL_100ep_LSJ.py \\
+    python train_net.py --config-file configs/lazy/mask_rcnn_R50_NL_100ep_LSJ.py \\
         --num-gpus 8 --num-machines 8 ...
 """
 

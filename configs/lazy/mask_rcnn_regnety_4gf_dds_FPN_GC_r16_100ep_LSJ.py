@@ -5,7 +5,7 @@ scratch): ``new_baselines/mask_rcnn_regnety_4gf_dds_FPN_100ep_LSJ.py``, its back
 :func:`add_blocks`. Its baseline is that file itself (tests/test_configs.py checks that they
 differ only in the blocks). Not trained by this project (it needs 64 images per batch).
 
-    python -m nonlocal_det.tools.lazy_train \\
+    python train_net.py \\
         --config-file configs/lazy/mask_rcnn_regnety_4gf_dds_FPN_GC_r16_100ep_LSJ.py --num-gpus 8 ...
 """
 

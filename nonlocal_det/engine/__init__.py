@@ -17,7 +17,6 @@ from .trainer import (
     NamedErrorsMapper,
     NonLocalTrainer,
     fall_back_to_cpu,
-    share_cpu_threads,
 )
 
 __all__ = [
@@ -38,6 +37,5 @@ __all__ = [
     "forward_stop_signals",
     "optimizer_with_gradient_clipping",
     "preserved_rng",
-    "share_cpu_threads",
     "trim_metrics_after",
 ]

@@ -12,7 +12,7 @@ Each change says which Detectron2 behaviour it works around:
   (Detectron2 appends after the records of iterations it will redo, :func:`trim_metrics_after`);
 * several CPU processes (``--num-gpus N`` without CUDA): Detectron2's ``create_ddp_model`` passes
   ``device_ids=[local_rank]``, which ``DistributedDataParallel`` refuses for a CPU model, and
-  every process would use all cores (:func:`share_cpu_threads` splits them);
+  every process would use all cores (:func:`~nonlocal_det.engine.train.setup` shares them);
 * ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA; here the training forward
   runs under bfloat16 autocast (fp32's range: no grad scaler needed), evaluation in fp32;
 * ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: "norm"``: Detectron2 clips each parameter's
@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 from unittest import mock
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
@@ -58,8 +59,8 @@ __all__ = [
     "ImageLoadError",
     "NamedErrorsMapper",
     "NonLocalTrainer",
+    "check_resumed",
     "fall_back_to_cpu",
-    "share_cpu_threads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,23 +93,23 @@ class CPUAutocast(nn.Module):
 
 
 def fall_back_to_cpu(cfg) -> bool:
-    """``MODEL.DEVICE cpu`` when the (unfrozen) config asks for CUDA and there is none; returns
-    whether it changed."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    """Set the device of an unfrozen config (``MODEL.DEVICE``, a LazyConfig's ``train.device``)
+    to ``cpu`` when it asks for CUDA and there is none; returns whether it changed it."""
+    node, key = (cfg.MODEL, "DEVICE") if isinstance(cfg, CfgNode) else (cfg.train, "device")
+    if node.get(key, "cuda").startswith("cuda") and not torch.cuda.is_available():
+        node[key] = "cpu"
         return True
     return False
 
 
-def share_cpu_threads(cfg) -> int:
-    """With several CPU processes (``--num-gpus N`` without CUDA), each process gets its share of
-    the cores as torch threads (the default // N, at least 1): by default every process takes
-    them all, N times more threads than cores. Nothing changes with one process, on CUDA, or
-    when ``OMP_NUM_THREADS`` is set. Returns the number of threads."""
-    world = comm.get_world_size()
-    if cfg.MODEL.DEVICE == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    return torch.get_num_threads()
+def check_resumed(checkpointer, start_iter: int, max_iter: int, key="SOLVER.MAX_ITER") -> None:
+    """After ``checkpointer`` resumed its last checkpoint: ``max_iter`` (config key ``key``)
+    checked against it, the data order's resume logged (its ``resume_state``), and
+    ``metrics.json`` in its folder trimmed back to it (main process)."""
+    check_resume_iteration(max_iter, start_iter, checkpointer.get_checkpoint_file(), key)
+    checkpointer.checkpointables["resume_state"].log_resume()  # continues, or why it restarts
+    if comm.is_main_process():
+        trim_metrics_after(os.path.join(checkpointer.save_dir, "metrics.json"), start_iter - 1)
 
 
 class ImageLoadError(RuntimeError):
@@ -192,16 +193,10 @@ class NonLocalTrainer(DefaultTrainer):
         return ret
 
     def resume_or_load(self, resume: bool = True):
-        """As ``DefaultTrainer.resume_or_load``; when resuming a checkpoint, ``metrics.json`` is
-        trimmed back to the checkpoint's iteration first (main process)."""
+        """As ``DefaultTrainer.resume_or_load``, then :func:`check_resumed` if it resumed."""
         super().resume_or_load(resume=resume)
-        if not (resume and self.checkpointer.has_checkpoint()):
-            return
-        last = self.checkpointer.get_checkpoint_file()  # MAX_ITER below it: an error
-        check_resume_iteration(self.cfg.SOLVER.MAX_ITER, self.start_iter, last)
-        self.resume_state.log_resume()  # the data order continues, or why it restarts
-        if comm.is_main_process():
-            trim_metrics_after(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.iter)
+        if resume and self.checkpointer.has_checkpoint():
+            check_resumed(self.checkpointer, self.start_iter, self.cfg.SOLVER.MAX_ITER)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
