@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "check_weights_file",
     "describe_unreadable",
+    "last_checkpoint_file",
     "resume_candidates",
     "skip_final_evaluation",
 ]
@@ -104,14 +105,9 @@ def _looks_like(path: str, size: int) -> str:
 
 
 def describe_unreadable(path: str, error: Optional[BaseException] = None) -> str:
-    """What is wrong with a checkpoint file: "it is empty (0 bytes)", "it is truncated: ...
-    (where it ends)", "it is not a PyTorch or pickle checkpoint: a JSON file", ...
-
-    Args:
-        path: a local file.
-        error: what loading it raised; None to check the file before loading it (then "" for a
-            file that looks whole: a complete zip archive, a pickle, or any ``.pkl``).
-    """
+    """What is wrong with a local checkpoint file ("it is empty (0 bytes)", "it is truncated:
+    ... (where it ends)", ...), given what loading it raised (``error``), or before loading it
+    (``error`` None: "" for a file that looks whole)."""
     size = os.path.getsize(path)
     if size == 0:
         return "it is empty (0 bytes)"
@@ -166,18 +162,9 @@ def _unloadable(key: str, path: str, reason: str, advice: str = "") -> Checkpoin
 
 
 def check_weights_file(path: str, key: str = "MODEL.WEIGHTS", *, resume_from: str = "") -> None:
-    """Check a local weights file before any training work: it exists, is not empty or
-    truncated, and is a PyTorch / pickle file; remote paths (``scheme://``) and "" pass.
-
-    Args:
-        path: the weights file.
-        key: its config key, for the message.
-        resume_from: with ``--resume``, the output folder: when it holds checkpoints, ``path``
-            is not loaded, and not checked.
-
-    Raises:
-        CheckpointError: naming ``key``, the file, what it is and what to do.
-    """
+    """Check a local weights file (config key ``key``) before any work: it exists, is whole and
+    is a Detectron2 checkpoint; remote paths, "" and, with ``resume_from`` (``--resume``'s output
+    folder) holding checkpoints, any path pass. Raises :class:`CheckpointError`."""
     if resume_from and (
         os.path.exists(os.path.join(resume_from, "last_checkpoint"))
         or glob.glob(os.path.join(glob.escape(resume_from), "model_*.pth"))
@@ -395,6 +382,14 @@ def skip_final_evaluation(trainer: Any) -> None:
     trainer._hooks = [h for h in trainer._hooks if not isinstance(h, stop)]
 
 
+def last_checkpoint_file(checkpointer) -> str:
+    """The file ``checkpointer``'s ``last_checkpoint`` names, or "" (none, or an unreadable tag)."""
+    try:
+        return checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else ""
+    except Exception:  # a garbled tag (UnicodeDecodeError): none known
+        return ""
+
+
 def resume_candidates(save_dir: str) -> Tuple[List[str], List[Tuple[str, str]]]:
     """The checkpoints of ``save_dir`` a ``--resume`` tries, best first (the one
     ``last_checkpoint`` names, then every ``model_*.pth``, newest first), and what is wrong with
@@ -552,11 +547,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         were)."""
         if not self.save_dir or not self.save_to_disk:
             return
-        try:  # the last good checkpoint, for the message if this save fails
-            previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
-        except (OSError, ValueError):  # a garbled tag (UnicodeDecodeError): none known
-            previous = ""
-        previous = previous if previous and os.path.isfile(previous) else ""
+        previous = last_checkpoint_file(self)  # the last good one, for the message of a failure
+        previous = previous if os.path.isfile(previous) else ""
         size = os.path.getsize(previous) if previous else 0
         self.path_manager.last_write = None
         try:

@@ -26,15 +26,8 @@ def _iteration(line: bytes):
 def trim_metrics_after(path: str, iteration: int) -> Tuple[int, int]:
     """Move the lines after the last complete record of an iteration ``<= iteration`` to
     ``path + INTERRUPTED_SUFFIX`` (appended and fsynced first), then truncate ``path`` in place
-    (a writer holding it open in append mode writes after the kept part).
-
-    Args:
-        path: a JSON-lines metrics file (missing: nothing to do).
-        iteration: the iteration stored in the checkpoint being resumed.
-
-    Returns:
-        (kept, moved): numbers of lines.
-    """
+    (a writer holding it open in append mode writes after the kept part). Returns the numbers
+    of lines (kept, moved); a missing file: (0, 0)."""
     if not os.path.isfile(path):
         return 0, 0
     with open(path, "rb") as f:

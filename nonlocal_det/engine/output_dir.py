@@ -80,13 +80,8 @@ def _pid_alive(pid: Any) -> bool:
 
 
 class OutputDirLock:
-    """The lock of one output folder, held by this process (see :func:`lock_output_dir`).
-
-    Attributes:
-        path: the lock file.
-        notes: ``(logging level, message)`` pairs to log once logging is set up (a lock taken
-            over, a filesystem without locks).
-    """
+    """The lock of one output folder held by this process: ``path``, the lock file; ``notes``,
+    ``(logging level, message)`` pairs to log once logging is set up."""
 
     def __init__(self, path: str, fd: int, notes: List[Tuple[int, str]], flocked: bool):
         self.path, self._fd, self.notes, self.pid = path, fd, notes, os.getpid()
@@ -128,17 +123,8 @@ def _read_owner(fd: int) -> Dict[str, Any]:
 
 def lock_output_dir(output_dir: str) -> OutputDirLock:
     """Create ``output_dir`` and lock it for this process's life (``fcntl.flock`` of
-    ``output_dir/.lock``, which then names this process: pid, host, command line, start time).
-    Re-entrant within a process; released at exit (or by ``release()``).
-
-    Returns:
-        OutputDirLock: with ``notes``, e.g. that a lock file left by a process that no longer
-        runs was taken over.
-
-    Raises:
-        OutputDirInUseError: another process holds the lock; the message names the folder and
-            that process.
-    """
+    ``output_dir/.lock``, which names this process); re-entrant, released at exit. Raises
+    :class:`OutputDirInUseError` naming the process that holds it."""
     real = os.path.realpath(output_dir)
     held = _HELD.get(real)
     if held is not None and held.pid == os.getpid():
@@ -255,24 +241,14 @@ def _parse(text: Optional[str]) -> Optional[Dict[str, Any]]:
     return _flat(tree) if isinstance(tree, dict) else None
 
 
-def _read_checkpoint(path: str) -> Optional[Dict[str, Any]]:
-    """The checkpoint's dict (tensors memory-mapped, not read), or None if it cannot be read
-    (the checkpointer's own load reports why)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        return None
-    return ckpt if isinstance(ckpt, dict) else None
-
-
 def _resumed_checkpoint(output_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
-    """The checkpoint ``--resume`` continues (the checkpointer's choice: the one
-    ``last_checkpoint`` names, else the newest readable ``model_*.pth``) and its dict; (None,
-    None) without a readable one."""
+    """The checkpoint ``--resume`` continues (the checkpointer's choice: the first readable one of
+    :func:`resume_candidates`) and its dict (tensors memory-mapped); (None, None) without one."""
     for path in resume_candidates(output_dir)[0]:
-        ckpt = _read_checkpoint(path)
-        if ckpt is not None:
-            return path, ckpt
+        with contextlib.suppress(Exception):  # the checkpointer's own load says why
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            if isinstance(ckpt, dict):
+                return path, ckpt
     return None, None
 
 
@@ -299,17 +275,8 @@ def _why_ignored(key: str) -> str:
 def check_resume_iteration(
     max_iter: int, start_iter: int, checkpoint: str, key: str = "SOLVER.MAX_ITER"
 ) -> Optional[str]:
-    """A resumed run starts at ``start_iter`` (the checkpoint's iteration + 1) and trains up to
-    ``max_iter``.
-
-    Returns:
-        a warning when nothing is left to train (``max_iter == start_iter``: only the final
-        evaluation runs again), else None.
-
-    Raises:
-        ResumeConfigError: ``max_iter`` below ``start_iter`` (Detectron2 would train nothing,
-            silently), naming both numbers.
-    """
+    """:class:`ResumeConfigError` when a run resumed at ``start_iter`` would train nothing
+    (``max_iter`` below it: Detectron2 is silent); a warning when ``max_iter == start_iter``."""
     if max_iter < start_iter:
         raise ResumeConfigError(
             f"{key}={max_iter}: the checkpoint --resume continues, {checkpoint}, has trained "

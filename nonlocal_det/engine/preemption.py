@@ -17,7 +17,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
 from ..config import ALLOWED_STOP_SIGNALS, DEFAULT_STOP_SIGNALS, parse_stop_signals
-from .checkpoint import resume_candidates, skip_final_evaluation
+from .checkpoint import last_checkpoint_file, resume_candidates, skip_final_evaluation
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
@@ -36,14 +36,9 @@ _GO, _STOP, _DIVERGED = 0, 1, 2  # what the processes tell each other after each
 
 
 class TrainingPreempted(SystemExit):
-    """The run stopped on a signal after saving the checkpoint of its last iteration; a
-    ``SystemExit`` with status :data:`PREEMPTED_EXIT_CODE`.
-
-    Attributes:
-        iteration: the last iteration trained (the checkpoint's).
-        checkpoint: the file ``last_checkpoint`` names (main process; "" elsewhere).
-        signal_name: e.g. ``"SIGTERM"``.
-    """
+    """A ``SystemExit`` with status :data:`PREEMPTED_EXIT_CODE`: the run stopped on
+    ``signal_name`` after saving the checkpoint of ``iteration`` (``checkpoint``, "" off the
+    main process)."""
 
     def __init__(self, iteration: int, checkpoint: str, signal_name: str):
         super().__init__(PREEMPTED_EXIT_CODE)
@@ -53,14 +48,6 @@ class TrainingPreempted(SystemExit):
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite: the message names the iteration, each loss's value and the
     last good checkpoint."""
-
-
-def _last_checkpoint(checkpointer) -> str:
-    """The file ``last_checkpoint`` names, or ""."""
-    try:
-        return checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else ""
-    except Exception:  # an unreadable tag: say there is none rather than fail while failing
-        return ""
 
 
 def _non_finite_tensors(path: str) -> Optional[List[str]]:
@@ -78,7 +65,7 @@ def _last_good_checkpoint(checkpointer, tries: int = 5) -> str:
     weights are finite, else the newest such ``model_*.pth`` (one saved right before the loss
     turned NaN often holds NaN weights already)."""
     folder = getattr(checkpointer, "save_dir", "") or ""
-    last = _last_checkpoint(checkpointer)
+    last = last_checkpoint_file(checkpointer)
     if not last:
         return f"No checkpoint was written in {folder or 'the output folder'}."
     said = f"last_checkpoint names {last} (nothing was saved after it)"
@@ -232,10 +219,10 @@ class SafeStop(HookBase):
             if comm.is_main_process():
                 final = it >= self.trainer.max_iter - 1
                 want = "model_final.pth" if final else f"model_{it:07d}.pth"
-                path = _last_checkpoint(self.checkpointer)
+                path = last_checkpoint_file(self.checkpointer)
                 if os.path.basename(path) != want:  # the PeriodicCheckpointer has not saved it
                     self.checkpointer.save(want[: -len(".pth")], iteration=it)
-                    path = _last_checkpoint(self.checkpointer)
+                    path = last_checkpoint_file(self.checkpointer)
             if self._group is not None:
                 dist.barrier(group=self._group)  # no process exits before the checkpoint exists
         finally:

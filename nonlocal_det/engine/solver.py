@@ -63,9 +63,6 @@ def optimizer_with_gradient_clipping(
         clip_value: the maximum absolute value or norm.
         norm_type: p of the p-norm with ``"norm"``.
         **kwargs: the optimizer's arguments (``params``, ``lr``, ...).
-
-    Returns:
-        torch.optim.Optimizer: the optimizer.
     """
     cls = locate(optimizer) if isinstance(optimizer, str) else optimizer
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
