@@ -1,34 +1,9 @@
-"""``NonLocalTrainer``: Detectron2's ``DefaultTrainer`` made safe to interrupt and runnable on CPU.
-
-Safe to interrupt: ``kill -9`` or a power cut loses the iterations since the last checkpoint and
-nothing else; SIGTERM, SIGUSR1 and Ctrl-C lose nothing (a checkpoint of the last iteration, exit
-status 75); ``--resume`` continues.
-
-Each change says which Detectron2 behaviour it works around:
-
-* checkpoints and the ``last_checkpoint`` tag are written atomically (fvcore writes them in place:
-  a kill mid-write leaves a truncated file, :class:`AtomicCheckpointer`);
-* ``resume_or_load(resume=True)`` trims ``metrics.json`` back to the checkpoint's iteration
-  (Detectron2 appends after the records of iterations it will redo, :func:`trim_metrics_after`);
-* several CPU processes (``--num-gpus N`` without CUDA): Detectron2's ``create_ddp_model`` passes
-  ``device_ids=[local_rank]``, which ``DistributedDataParallel`` refuses for a CPU model, and
-  every process would use all cores (:func:`~nonlocal_det.engine.train.setup` shares them);
-* ``SOLVER.AMP.ENABLED`` on CPU: Detectron2's ``AMPTrainer`` needs CUDA; here the training forward
-  runs under bfloat16 autocast (fp32's range: no grad scaler needed), evaluation in fp32;
-* ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: "norm"``: Detectron2 clips each parameter's
-  gradient with its own ``clip_grad_norm_`` call, one Python call per parameter and step; the
-  same clipping in batched ops (:func:`clip_each_parameter_norm`);
-* ``--resume`` continues the data order and the random states where the checkpoint was saved
-  (Detectron2 starts the sampler's sequence again and seeds again from ``SEED``,
-  :class:`TrainingResumeState`); an evaluation during training leaves the random states as they
-  were;
-* a stop signal (``SOLVER.STOP_SIGNALS``, SIGTERM and SIGUSR1 by default) or Ctrl-C: the current
-  iteration finishes, its checkpoint is saved and the process exits with status 75 (Detectron2
-  dies at once, losing everything since the last periodic checkpoint); a non-finite loss stops
-  with the iteration, each loss and the last good checkpoint, without saving or evaluating the
-  diverged model (:class:`SafeStop`);
-* data loader errors name the image being loaded (Detectron2's often do not, and come from a
-  worker process), and the training datasets are checked again once loaded (class count).
+"""``NonLocalTrainer``: Detectron2's ``DefaultTrainer`` made safe to interrupt and runnable on CPU:
+atomic checkpoints that resume past unreadable ones (:class:`AtomicCheckpointer`), ``metrics.json``
+trimmed back on resume, the data order and random states resumed (:class:`TrainingResumeState`),
+a checkpoint and exit status 75 on a stop signal, a clean stop on a non-finite loss
+(:class:`SafeStop`), several CPU processes, bfloat16 autocast for ``SOLVER.AMP.ENABLED`` on CPU,
+batched per-parameter norm clipping, and loader errors that name the image (docs/reliability.md).
 """
 
 import contextlib
@@ -67,20 +42,13 @@ logger = logging.getLogger(__name__)
 
 
 class CPUAutocast(nn.Module):
-    """Runs the wrapped model's training forward under CPU autocast (eval forward unchanged).
-
-    The losses are returned in float32. Only the trainer sees this wrapper: checkpoints hold the
-    wrapped model's own parameter names.
-
-    Args:
-        model: the detector (or its ``DistributedDataParallel``).
-        dtype: the autocast dtype (default ``torch.bfloat16``).
-    """
+    """Runs ``model``'s training forward under CPU autocast to ``dtype`` and returns its losses in
+    float32 (eval forward unchanged). Only the trainer sees it: checkpoints hold the model's
+    own parameter names."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        self.model = model
-        self.dtype = dtype
+        self.model, self.dtype = model, dtype
 
     def forward(self, *args, **kwargs):
         if not self.training:
@@ -121,8 +89,7 @@ class NamedErrorsMapper:
     dataset, the image id and the file, the original error chained."""
 
     def __init__(self, mapper: Callable[[Dict[str, Any]], Any], dataset_name: Optional[str] = None):
-        self.mapper = mapper
-        self.dataset_name = dataset_name
+        self.mapper, self.dataset_name = mapper, dataset_name
 
     def __call__(self, dataset_dict: Dict[str, Any]):
         try:
@@ -138,11 +105,8 @@ class NamedErrorsMapper:
 
 @contextlib.contextmanager
 def _cpu_ddp(cfg) -> Iterator[None]:
-    """Inside: Detectron2's ``create_ddp_model`` wraps CPU models with ``device_ids=None``.
-
-    The one patch of the project: ``DefaultTrainer.__init__`` calls the module-level
-    ``detectron2.engine.defaults.create_ddp_model`` with no way to pass ``device_ids``
-    (``tests/test_distributed.py`` fails if Detectron2 stops calling it that way)."""
+    """Inside: Detectron2's ``create_ddp_model`` wraps CPU models with ``device_ids=None`` (the
+    one patch of the project: ``DefaultTrainer.__init__`` has no way to pass ``device_ids``)."""
     if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
         yield
         return
@@ -213,9 +177,8 @@ class NonLocalTrainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """``DefaultTrainer.test`` that leaves the random states as they were: an evaluation
-        during training does not change the random choices of the iterations after it (and a
-        resumed run makes the same ones as an uninterrupted run)."""
+        """``DefaultTrainer.test`` that leaves the random states as they were (an evaluation during
+        training does not change the random choices of the iterations after it)."""
         with preserved_rng():
             return super().test(cfg, model, evaluators)
 
