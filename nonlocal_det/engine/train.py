@@ -1,25 +1,13 @@
-"""The trainer: train or evaluate a YAML config or a LazyConfig ``.py`` file, as ``train_net.py``.
-
-A ``.py`` config file is a LazyConfig of Detectron2's layout (``model``,
-``dataloader.{train,test,evaluator}``, ``optimizer``, ``lr_multiplier`` and ``train`` as in
-Detectron2's ``configs/common/train.py``), any other file a YAML config of
-:func:`~nonlocal_det.config.get_nonlocal_cfg` (``LazyConfig.load`` tells them apart the same way).
-A YAML config trains with :class:`Trainer` (Detectron2's ``DefaultTrainer`` way), a LazyConfig with
-:func:`do_train` (the way of Detectron2's ``tools/lazyconfig_train_net.py``, which is not in its
-installed package). Both get the same guarantees:
-
-* the config, the weights file and the output folder are checked before any training work (an
-  error names the key and the value); ``--eval-only`` builds the model and the test data only;
-* without CUDA the device falls back to the CPU (logged), ``--num-gpus N`` starting N CPU
-  processes that share the cores;
-* :class:`~nonlocal_det.engine.trainer.NonLocalTrainer`'s: atomic checkpoints, an exact
-  ``--resume`` (data order, random states, ``metrics.json``), checked against the checkpoint's
-  config; a stop signal (``SOLVER.STOP_SIGNALS`` / ``train.stop_signals``) or Ctrl-C saves and
-  exits with status 75, a non-finite loss stops with status 1; one run per output folder;
-* :func:`~nonlocal_det.engine.launch.launch`: several machines, ``--dist-timeout``.
-
-A Detectron2 project runs it from its own script: ``from nonlocal_det.engine.train import cli;
-cli()``, or ``launch(main, args)`` with its own arguments.
+"""The trainer of ``train_net.py``: train or evaluate a YAML config, or a LazyConfig ``.py`` file
+(as ``LazyConfig.load``, by the extension) of Detectron2's layout (``model``, ``dataloader``,
+``optimizer``, ``lr_multiplier``, ``train``). A YAML config trains with :class:`Trainer`
+(Detectron2's ``DefaultTrainer``), a LazyConfig with :func:`do_train` (the way of Detectron2's
+``tools/lazyconfig_train_net.py``), both with the guarantees of
+:class:`~nonlocal_det.engine.trainer.NonLocalTrainer`: checks before any work (config, weights,
+output folder), atomic checkpoints, an exact and checked ``--resume``, a stop signal saves and
+exits with status 75, a non-finite loss stops with status 1, CPU fallback, and the processes and
+machines of :func:`~nonlocal_det.engine.launch.launch`.
+A project's own script calls :func:`cli`, or ``launch(main, args)``.
 """
 
 import logging
@@ -78,8 +66,7 @@ class Trainer(NonLocalTrainer):
 
 
 def _run_keys(cfg):
-    """The device, the weights' key and file, and the output folder of a YAML config or a
-    LazyConfig."""
+    """The device, the weights' key and file, and the output folder of a YAML or LazyConfig."""
     if isinstance(cfg, CfgNode):
         return cfg.MODEL.DEVICE, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR
     t = cfg.train
@@ -91,7 +78,7 @@ def setup(args):
     for a ``.py`` file), logging, the output folder (:func:`setup_output_dir`), and the registered
     datasets of a YAML config: a bad key, value, dataset file or a busy output folder stops here,
     before any training work. ``--eval-only`` needs only the test datasets."""
-    keys = EVAL_ONLY_KEYS if args.eval_only else ("TRAIN", "TEST")
+    keys, world = EVAL_ONLY_KEYS if args.eval_only else ("TRAIN", "TEST"), comm.get_world_size()
     lazy = args.config_file.endswith(".py")
     if lazy:
         cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
@@ -99,23 +86,21 @@ def setup(args):
         cfg = get_nonlocal_cfg(args.config_file, args.opts)
     on_cpu = fall_back_to_cpu(cfg)  # the device cpu when CUDA is absent
     if lazy:  # train.*, optimizer.lr, dataloader.train.*
-        check_lazy_config_values(cfg, comm.get_world_size())
+        check_lazy_config_values(cfg, world)
     else:
         configure_coco_json_datasets(cfg, keys)  # DATASETS.*_JSON: files checked, classes
         check_model_config(cfg)
-        check_config_values(cfg, comm.get_world_size())  # solver, input sizes, test, data loader
+        check_config_values(cfg, world)  # solver, input sizes, test, data loader
         cfg.freeze()
     setup_output_dir(cfg, args)  # one run per output folder; --resume checked; then default_setup
     device, _, _, output_dir = _run_keys(cfg)
     rank = comm.get_rank()
     setup_logger(output_dir, distributed_rank=rank, name="nonlocal_det", abbrev_name="nl")
-    world = comm.get_world_size()
     if device == "cpu":  # --num-gpus N: each process its share of the cores
         if world > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
         why = ": CUDA is not available" if on_cpu or not torch.cuda.is_available() else ""
-        threads = torch.get_num_threads()
-        logger.info(f"Running on the CPU{why}; {threads} torch thread(s) per process")
+        logger.info(f"Running on the CPU{why}; {torch.get_num_threads()} torch thread(s)/process")
     if not lazy:
         register_datasets_for_config(cfg, keys)  # DATASETS.*_JSON and the projects' registrars
         check_datasets(cfg, keys)
@@ -140,50 +125,41 @@ def do_train(cfg, resume: bool = False) -> None:
     """Train a LazyConfig's ``model`` for ``train.max_iter`` iterations with Detectron2's trainer
     and hooks (checkpoints, LR schedule, evaluation every ``train.eval_period`` and at the end,
     metrics), with the guarantees of :class:`NonLocalTrainer` (module docstring)."""
-    run_config = RunConfig(cfg)  # stored in each checkpoint, before the model goes into cfg
-    t = cfg.train
+    run, t = RunConfig(cfg), cfg.train  # the run's config: in each checkpoint, before the model
     model = instantiate(cfg.model).to(t.device)
     logger.info(f"Model:\n{model}")
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     data = instantiate(cfg.dataloader.train)
-    resume_state = TrainingResumeState(data)  # checkpoints store the data position and RNGs
+    state = TrainingResumeState(data)  # checkpoints store the data position and RNGs
     cpu = t.device == "cpu"  # several CPU processes: DistributedDataParallel without device_ids
     model = create_ddp_model(model, **({"device_ids": None} if cpu else {}), **t.ddp)
     if t.amp.enabled and cpu:  # AMPTrainer needs CUDA: bfloat16 autocast instead
         trainer = SimpleTrainer(CPUAutocast(model), data, optimizer)
     else:
         trainer = (AMPTrainer if t.amp.enabled else SimpleTrainer)(model, data, optimizer)
-    checkpointer = AtomicCheckpointer(
-        model,
-        t.output_dir,
-        weights_key="train.init_checkpoint",
-        trainer=trainer,
-        run_config=run_config,
-        resume_state=resume_state,
+    key = "train.init_checkpoint"
+    ckpt = AtomicCheckpointer(
+        model, t.output_dir, weights_key=key, trainer=trainer, run_config=run, resume_state=state
     )
-    # train.stop_signals / Ctrl-C / a non-finite loss: a checkpoint first, then stop
-    stop = SafeStop(checkpointer, t.get("stop_signals", DEFAULT_STOP_SIGNALS), "train.stop_signals")
-    main_process = comm.is_main_process()
+    main_process = comm.is_main_process()  # the one that writes files
+    writers = default_writers(t.output_dir, t.max_iter) if main_process else []
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **t.checkpointer) if main_process else None,
-            stop,
+            hooks.PeriodicCheckpointer(ckpt, **t.checkpointer) if main_process else None,
+            # train.stop_signals / Ctrl-C / a non-finite loss: a checkpoint first, then stop
+            SafeStop(ckpt, t.get("stop_signals", DEFAULT_STOP_SIGNALS), "train.stop_signals"),
             hooks.EvalHook(t.eval_period, lambda: do_test(cfg, model)),
-            (
-                hooks.PeriodicWriter(default_writers(t.output_dir, t.max_iter), t.log_period)
-                if main_process
-                else None
-            ),
+            hooks.PeriodicWriter(writers, t.log_period),
         ]
     )
-    checkpointer.resume_or_load(t.init_checkpoint, resume=resume)
+    ckpt.resume_or_load(t.init_checkpoint, resume=resume)
     start_iter = 0
-    if resume and checkpointer.has_checkpoint():
+    if resume and ckpt.has_checkpoint():
         start_iter = trainer.iter + 1  # a checkpoint stores the iteration that just finished
-        check_resumed(checkpointer, start_iter, t.max_iter, "train.max_iter")
+        check_resumed(ckpt, start_iter, t.max_iter, "train.max_iter")
     trainer.train(start_iter, t.max_iter)
 
 
