@@ -459,15 +459,15 @@ def test_disk_full_on_a_small_filesystem(tmp_path):
 # ----- the commands -----------------------------------------------------------------------------
 
 
-def test_lazy_train_names_a_bad_init_checkpoint_before_any_work(tmp_path):
-    """``lazy_train`` (training and ``--eval-only``): a truncated ``train.init_checkpoint`` stops
+def test_lazy_config_names_a_bad_init_checkpoint_before_any_work(tmp_path):
+    """A LazyConfig (training and ``--eval-only``): a truncated ``train.init_checkpoint`` stops
     right after the config is read, naming the key and the file."""
-    from nonlocal_det.tools import lazy_train
+    from nonlocal_det.engine import train
 
     weights = _saved(tmp_path, "model_final")
     size = _cut(weights, 0.5)
     for mode in (["--eval-only"], []):
-        args = lazy_train.parser().parse_args(
+        args = train.default_argument_parser().parse_args(
             [
                 "--config-file",
                 os.path.join(REPO, "configs", "lazy", "mask_rcnn_R18_NL_demo.py"),
@@ -477,7 +477,7 @@ def test_lazy_train_names_a_bad_init_checkpoint_before_any_work(tmp_path):
             ]
         )
         with pytest.raises(CheckpointError) as e:
-            lazy_train.main(args)
+            train.main(args)
         assert str(e.value).startswith(
             f"train.init_checkpoint={weights}: cannot be loaded: it is truncated: {size} bytes"
         )

@@ -12,8 +12,10 @@ import time
 import pytest
 import torch
 from coco_files import write_split
-from subproc import DEMO, TINY, command, env_for, load_train_net, run_train_net
+from subproc import DEMO, TINY, command, env_for, run_train_net
 from utils import REPO, shared_datasets_dir
+
+from nonlocal_det.engine import train as train_net
 
 
 def _last_record_iteration(path):
@@ -82,7 +84,6 @@ def test_sigkill_then_resume(tmp_path, tmp_path_factory):
     copy.mkdir()
     for f in ("last_checkpoint", name, "metrics.json"):
         shutil.copy(out / f, copy / f)
-    train_net = load_train_net()
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", DEMO, "--resume", *opts[:-1], str(copy), "SOLVER.MAX_ITER", "1000"]
     )

@@ -1,6 +1,6 @@
 """Detectron2's generic tools on the project's configs: LazyConfig files with Detectron2's own
 scripts, YAML configs through ``python -m nonlocal_det.tools.d2_tool``, and the project's
-``python -m nonlocal_det.tools.lazy_train`` (real subprocesses, as a user runs them).
+``train_net.py`` on a LazyConfig file (real subprocesses, as a user runs them).
 
 Detectron2's ``tools/`` scripts are not part of the upstream pip package; the PyPI redistribution
 that ``make setup`` falls back to installs them as the module ``tools``. Tests that run them are
@@ -53,12 +53,11 @@ def run(args, env, cwd=REPO, ok=True):
 
 @pytest.fixture(scope="module")
 def lazy_trained(env, tmp_path_factory):
-    """Two iterations of the LazyConfig demo with the project's lazy training entry point."""
+    """Two iterations of the LazyConfig demo with the project's ``train_net.py``."""
     out = tmp_path_factory.mktemp("lazy_train")
     log = run(
         [
-            "-m",
-            "nonlocal_det.tools.lazy_train",
+            "train_net.py",
             "--config-file",
             LAZY_DEMO,
             "train.max_iter=2",
@@ -72,7 +71,7 @@ def lazy_trained(env, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_lazy_train_trains_checkpoints_and_evaluates(lazy_trained):
+def test_train_net_trains_a_lazy_config_checkpoints_and_evaluates(lazy_trained):
     out, log = lazy_trained
     assert "iter: 1" in log
     assert "build_with_blocks" in (out / "config.yaml").read_text()  # add_blocks' target

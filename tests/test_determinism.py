@@ -3,7 +3,9 @@ sampling of proposals and ROIs all seeded by train_net.py's setup); another seed
 
 import pytest
 from coco_files import write_split
-from subproc import DEMO, TINY, load_train_net
+from subproc import DEMO, TINY
+
+from nonlocal_det.engine import train as train_net
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +14,6 @@ def data(tmp_path_factory):
 
 
 def _first_iteration_losses(data, out, seed):
-    train_net = load_train_net()
     opts = ["DATASETS.TRAIN_JSON", data["json"], "DATASETS.TRAIN_IMAGES", data["images"], *TINY]
     opts += ["SOLVER.MAX_ITER", "1", "SEED", str(seed), "OUTPUT_DIR", str(out)]
     args = train_net.default_argument_parser().parse_args(["--config-file", DEMO, *opts])

@@ -1,7 +1,7 @@
 """``--eval-only`` needs only what evaluation reads, the test datasets and the weights: a user who
 downloaded COCO's validation set only (``coco/val2017/``, ``coco/annotations/instances_val2017
-.json``) evaluates with ``train_net.py`` (every "evaluate" command of the docs) and with the
-LazyConfig trainer; the training annotations are absent."""
+.json``) evaluates with ``train_net.py`` (every "evaluate" command of the docs), from a YAML
+config or a LazyConfig; the training annotations are absent."""
 
 import glob
 import json
@@ -12,7 +12,7 @@ import shlex
 
 import pytest
 from coco_files import VAL_IMAGES, write_split
-from subproc import DEMO, TINY, env_for, load_train_net, run_train_net
+from subproc import DEMO, TINY, env_for, run_train_net
 from utils import REPO, shared_datasets_dir
 
 from nonlocal_det.config import get_nonlocal_cfg
@@ -22,6 +22,7 @@ from nonlocal_det.data import (
     configure_coco_json_datasets,
     register_datasets_for_config,
 )
+from nonlocal_det.engine import train as train_net
 
 # The demo model on Detectron2's COCO splits: 80 classes, no keypoints (instances_*.json).
 ON_COCO = [
@@ -99,15 +100,16 @@ def test_eval_only_with_the_validation_set_only(tmp_path):
 
 
 def _evaluate_commands():
-    """Every ``train_net.py ... --eval-only`` command of README.md and docs/*.md on a project
-    config (bash blocks and table cells), and the brief's Faster R-CNN one."""
+    """Every ``train_net.py ... --eval-only`` command of README.md and docs/*.md on a project YAML
+    config (bash blocks and table cells), and the brief's Faster R-CNN one (LazyConfig files:
+    ``test_lazy_eval_only_never_builds_the_training_data``)."""
     found = {
         "train_net.py --config-file configs/faster_rcnn_R50_NL.yaml --eval-only MODEL.WEIGHTS W"
     }
     for page in ["README.md"] + glob.glob(os.path.join(REPO, "docs", "*.md")):
         text = open(os.path.join(REPO, page)).read().replace("\\\n", " ")
         for line in re.findall(r"(train_net\.py [^`\n]*--eval-only[^`\n]*)", text):
-            if "--config-file configs/" in line:
+            if re.search(r"--config-file configs/\S+\.yaml", line):
                 found.add(line.split(" #", 1)[0].strip())
     return sorted(found)
 
@@ -134,7 +136,6 @@ def test_every_evaluate_command_of_the_docs_needs_only_the_validation_set(tmp_pa
     monkeypatch.chdir(tmp_path)  # Detectron2's relative root: ./datasets
     write_val_only_coco(os.path.join(tmp_path, root))
     assert sum("configs/mmdet/" in c for c in EVALUATE_COMMANDS) >= 18  # published_models.md
-    train_net = load_train_net()
     parser = train_net.default_argument_parser()
     for command in EVALUATE_COMMANDS:
         words = shlex.split(command)[1:]
@@ -181,12 +182,10 @@ def test_eval_only_with_own_files_reads_no_training_files(tmp_path):
 
 @pytest.mark.slow
 def test_lazy_eval_only_never_builds_the_training_data(tmp_path, tmp_path_factory):
-    """The LazyConfig trainer's ``--eval-only`` instantiates the model and the test loader only:
-    a training dataset that does not exist is never looked at."""
-    from nonlocal_det.tools import lazy_train
-
+    """``--eval-only`` of a LazyConfig instantiates the model and the test loader only: a
+    training dataset that does not exist is never looked at."""
     shared_datasets_dir(tmp_path_factory)  # the demo's val split (conftest points here)
-    args = lazy_train.parser().parse_args(
+    args = train_net.default_argument_parser().parse_args(
         [
             "--config-file",
             os.path.join(REPO, "configs", "lazy", "mask_rcnn_R18_NL_demo.py"),
@@ -196,6 +195,6 @@ def test_lazy_eval_only_never_builds_the_training_data(tmp_path, tmp_path_factor
             "model.roi_heads.box_predictor.test_topk_per_image=5",
         ]
     )
-    results = lazy_train.main(args)
+    results = train_net.main(args)
     assert set(results) == {"bbox", "segm", "keypoints"}
     assert all(math.isfinite(r["AP"]) for r in results.values())

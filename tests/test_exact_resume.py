@@ -2,8 +2,9 @@
 DATALOADER.NUM_WORKERS 0, the losses after resuming from a checkpoint equal, bit for bit, those
 of the same iterations of an uninterrupted run (the checkpoint stores the random states and the
 position in the training data, images waiting in an aspect-ratio bucket included): from a
-periodic checkpoint, after a stop signal, with train_net.py's trainer and the LazyConfig one."""
+periodic checkpoint, after a stop signal, with a YAML config and with a LazyConfig."""
 
+import json
 import logging
 import os
 import random
@@ -15,8 +16,9 @@ import pytest
 import torch
 from coco_files import write_split
 from detectron2.engine import HookBase
-from subproc import DEMO, TINY, load_train_net
+from subproc import DEMO, TINY
 
+from nonlocal_det.engine import train as train_net
 from nonlocal_det.engine.resume_state import (
     TrainingResumeState,
     get_rng_state,
@@ -46,7 +48,6 @@ def data(tmp_path_factory):
 
 
 def _trainer(data, out, extra=()):
-    train_net = load_train_net()
     opts = ["DATASETS.TRAIN_JSON", data["json"], "DATASETS.TRAIN_IMAGES", data["images"], *TINY]
     opts += ["DATASETS.TEST", "()", "SEED", "2", "SOLVER.MAX_ITER", str(MAX_ITER)]
     opts += ["SOLVER.CHECKPOINT_PERIOD", str(PERIOD), "OUTPUT_DIR", str(out), *extra]
@@ -156,8 +157,6 @@ def _lazy_losses(out, resume, monkeypatch):
     every PERIOD; returns each iteration's losses as the trainer put them in its storage."""
     from detectron2.engine import SimpleTrainer
 
-    from nonlocal_det.tools import lazy_train
-
     losses, run_step = {}, SimpleTrainer.run_step
 
     def recorded_run_step(self):
@@ -169,11 +168,12 @@ def _lazy_losses(out, resume, monkeypatch):
     argv = ["--config-file", demo, *(["--resume"] if resume else [])]
     argv += [f"train.max_iter={MAX_ITER}", f"train.checkpointer.period={PERIOD}"]
     argv += ["train.eval_period=0", "train.seed=2", "dataloader.train.total_batch_size=2"]
-    cfg = lazy_train.setup(lazy_train.parser().parse_args([*argv, f"train.output_dir={out}"]))
+    argv += [f"train.output_dir={out}"]
+    cfg = train_net.setup(train_net.default_argument_parser().parse_args(argv))
     del cfg.dataloader["evaluator"]  # no evaluation after training
     with monkeypatch.context() as patch:
         patch.setattr(SimpleTrainer, "run_step", recorded_run_step)
-        lazy_train.train(cfg, resume=resume)
+        train_net.do_train(cfg, resume=resume)
     return losses
 
 
@@ -183,10 +183,14 @@ def test_lazy_trainer_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatc
     expected = _lazy_losses(tmp_path / "a", False, monkeypatch)
     name = f"model_{PERIOD - 1:07d}.pth"
     os.makedirs(tmp_path / "b")
-    shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
+    for f in (name, "metrics.json"):  # metrics.json: the record of the last iteration, 7
+        shutil.copy(tmp_path / "a" / f, tmp_path / "b" / f)
     (tmp_path / "b" / "last_checkpoint").write_text(name)
     resumed = _lazy_losses(tmp_path / "b", True, monkeypatch)
     assert sorted(resumed) == list(range(PERIOD, MAX_ITER))
+    # trimmed back to the checkpoint before the resumed run wrote its own: no record twice
+    records = (tmp_path / "b" / "metrics.json").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in records] == [MAX_ITER - 1]
     assert "loss_keypoint" in resumed[PERIOD]
     assert all(resumed[it] == expected[it] for it in resumed), (resumed, expected)
 

@@ -1,5 +1,5 @@
 """Every block type trains on the demo data and is evaluated, by command-line overrides of the demo
-config only (``train_net.py``'s parser and ``main``, as its command runs them; a few iterations of
+config only (the trainer's ``cli``, as ``train_net.py`` runs it; a few iterations of
 a smaller model; the five trainings one after the other in one process)."""
 
 import json
@@ -30,17 +30,17 @@ OVERRIDES = {
 }
 
 
-# One process trains them all (train_net's own parser and main(), as its __main__ runs them with
-# one process): one start-up instead of five. Each run's output is framed by marker lines.
+# One process trains them all (the trainer's cli, as train_net.py runs it with one process): one
+# start-up instead of five. Each run's output is framed by marker lines.
 DRIVER = """
 import json, sys, traceback
 sys.path.insert(0, sys.argv[1])
-from subproc import load_train_net
-train_net = load_train_net()
+import utils  # the demo project's config keys and datasets, as its scripts set them up
+from nonlocal_det.engine.train import cli
 for name, args in json.loads(sys.argv[2]).items():
     print(f"@@@ begin {name}", flush=True)
     try:
-        train_net.main(train_net.default_argument_parser().parse_args(args))
+        cli(args)
         print(f"@@@ end {name} ok", flush=True)
     except BaseException:
         traceback.print_exc(file=sys.stdout)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from subproc import DEMO, TINY, command, env_for, load_train_net
+from subproc import DEMO, TINY, command, env_for
 from utils import REPO, shared_datasets_dir
 
 from nonlocal_det.engine.launch import (
@@ -175,14 +175,13 @@ def test_launch_arguments_are_checked():
             check_launch_args(_args(*argv))
     two = ("--num-machines", "2", "--machine-rank", "1", "--dist-url", "tcp://10.0.0.1:29500")
     check_launch_args(_args(*two))
-    # both trainers parse and check them, and launch the same way
-    train_net = load_train_net()
-    assert train_net.default_argument_parser is default_argument_parser
-    from nonlocal_det.tools import lazy_train
+    # the trainer's command line (YAML or LazyConfig) parses and checks them before any start
+    from nonlocal_det.engine.train import cli
 
-    assert lazy_train.parser().parse_args(["--dist-timeout", "7"]).dist_timeout == 7
+    with pytest.raises(SystemExit):  # argparse: --dist-timeout 0 is refused
+        cli(["--config-file", "x.yaml", "--dist-timeout", "0"])
     with pytest.raises(ValueError, match="--machine-rank 3 with --num-machines 2"):
-        lazy_train.cli(["--config-file", "x.py", "--num-machines", "2", "--machine-rank", "3"])
+        cli(["--config-file", "x.py", "--num-machines", "2", "--machine-rank", "3"])
 
 
 def _fake_slurm(tmp_path, status: int) -> dict:
@@ -248,7 +247,7 @@ def test_slurm_script_runs_one_task_per_node_and_requeues_after_a_preemption(tmp
     )
     assert proc.returncode == status, proc.stdout + proc.stderr
     record = tmp_path / "record"
-    parser = load_train_net().default_argument_parser()
+    parser = default_argument_parser()  # train_net.py's
     for node in (0, 1):
         words = (record / f"task{node}").read_text().splitlines()
         assert words[0] == "train_net.py"

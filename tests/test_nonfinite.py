@@ -1,6 +1,6 @@
 """A non-finite loss stops training with a message naming the iteration, each loss's value and the
 last good checkpoint (kept, still named by ``last_checkpoint``); the diverged model is neither
-saved nor evaluated. Both trainers: ``train_net.py``'s and ``lazy_train``'s."""
+saved nor evaluated. With a YAML config and with a LazyConfig."""
 
 import os
 
@@ -12,6 +12,7 @@ from test_preemption import _checkpoints, _yaml_trainer
 from utils import lazy_demo_cfg
 
 from nonlocal_det.engine import NonFiniteLossError
+from nonlocal_det.engine import train as train_net
 
 
 def _nan_mask_loss_at(monkeypatch, iteration):
@@ -62,13 +63,11 @@ def test_nan_loss_stops_train_net_trainer(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_nan_loss_stops_lazy_trainer(tmp_path, monkeypatch):
-    from nonlocal_det.tools import lazy_train
-
     cfg = lazy_demo_cfg(tmp_path, "train.max_iter=5", "train.checkpointer.period=2")
     _nan_mask_loss_at(monkeypatch, 4)
-    monkeypatch.setattr(lazy_train, "evaluate", lambda *a: pytest.fail("evaluated"))
+    monkeypatch.setattr(train_net, "do_test", lambda *a: pytest.fail("evaluated"))
     with pytest.raises(NonFiniteLossError) as error:
-        lazy_train.train(cfg)
+        train_net.do_train(cfg)
     _check_stop(error, tmp_path, "model_0000003.pth")
 
 

@@ -2,7 +2,7 @@
 stops at once, naming the first; a dead run's lock is taken over), ``--resume`` compared with the
 config the checkpoint was trained with before anything is written, config values checked before
 work, and commands that never write over their own input. In-process wherever possible:
-``train_net.setup`` and ``lazy_train.setup`` as the scripts call them."""
+``nonlocal_det.engine.train.setup`` as ``train_net.py`` calls it, for YAML and LazyConfig."""
 
 import multiprocessing
 import os
@@ -15,11 +15,12 @@ import pytest
 import torch
 from coco_files import write_dataset
 from detectron2.config import LazyConfig
-from subproc import DEMO, TINY, env_for, load_train_net, run_train_net
+from subproc import DEMO, TINY, env_for, run_train_net
 from test_bad_inputs import assert_documented
 from utils import CONFIGS
 
 from nonlocal_det.config import check_config_values, check_lazy_config_values, get_nonlocal_cfg
+from nonlocal_det.engine import train as train_net
 from nonlocal_det.engine.output_dir import (
     LOCK_NAME,
     OutputDirInUseError,
@@ -46,7 +47,6 @@ def _argv(files, out, *extra, flags=()):
 
 def setup(files, out, *extra, flags=()):
     """``train_net.py``'s setup, in this process."""
-    train_net = load_train_net()
     args = train_net.default_argument_parser().parse_args(_argv(files, out, *extra, flags=flags))
     return train_net.setup(args)
 
@@ -138,7 +138,7 @@ def checkpointed(files, tmp_path_factory):
     iteration 9 (``last_checkpoint``), with the run's config stored in it."""
     out = tmp_path_factory.mktemp("checkpointed") / "out"
     cfg = setup(files, out, "SOLVER.MAX_ITER", "20")
-    trainer = load_train_net().Trainer(cfg)
+    trainer = train_net.Trainer(cfg)
     trainer.iter = 9
     trainer.checkpointer.save("model_0000009", iteration=9)  # as the PeriodicCheckpointer
     lrs = list(trainer.scheduler.base_lrs)
@@ -202,7 +202,7 @@ def test_resume_names_the_keys_it_ignores_and_keeps_the_earlier_config(files, co
     assert len(kept) == 1 and (copy / kept[0]).read_bytes() == old_config
     assert b"BASE_LR: 0.005" in (copy / "config.yaml").read_bytes()
     # the warning is true: the learning rate in use after the resume is the checkpoint's
-    trainer = load_train_net().Trainer(cfg)
+    trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 10
     assert trainer.scheduler.base_lrs == checkpointed[1] and max(checkpointed[1]) == 0.03
@@ -224,10 +224,8 @@ def test_max_iter_below_the_checkpoint_is_an_error(files, copy, tmp_path):
 
 
 def test_lazy_config_resume_is_checked_the_same_way(tmp_path):
-    """``lazy_train``: the same lock and comparison, in LazyConfig keys (a checkpoint that holds
+    """A LazyConfig: the same lock and comparison, in LazyConfig keys (a checkpoint that holds
     only the iteration and the run's config stands in for a trained one)."""
-    from nonlocal_det.tools import lazy_train
-
     out = tmp_path / "lazy"
     out.mkdir()
     cfg = LazyConfig.apply_overrides(LazyConfig.load(LAZY_DEMO), [f"train.output_dir={out}"])
@@ -237,7 +235,7 @@ def test_lazy_config_resume_is_checked_the_same_way(tmp_path):
 
     def lazy_setup(*opts):
         argv = ["--config-file", LAZY_DEMO, "--resume", f"train.output_dir={out}", *opts]
-        return lazy_train.setup(lazy_train.parser().parse_args(argv))
+        return train_net.setup(train_net.default_argument_parser().parse_args(argv))
 
     classes = cfg.model.roi_heads.num_classes
     with pytest.raises(ResumeConfigError, match=f"model.roi_heads.num_classes: {classes} -> 9"):
@@ -279,6 +277,9 @@ def test_lazy_config_values():
     check_lazy_config_values(cfg)
     with pytest.raises(ValueError, match="total_batch_size=.* multiple of the number of processes"):
         check_lazy_config_values(cfg, world_size=cfg.dataloader.train.total_batch_size + 1)
+    cfg = LazyConfig.apply_overrides(cfg, ["train.stop_signals=[SIGTERM,SIGKILL]"])
+    with pytest.raises(ValueError, match=r"^train.stop_signals=\(.*supported; allowed: signal"):
+        check_lazy_config_values(cfg)
 
 
 def test_commands_refuse_to_write_over_their_input(files, tmp_path):

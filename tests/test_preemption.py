@@ -17,11 +17,12 @@ from coco_files import write_split
 from detectron2.engine import HookBase
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
-from subproc import DEMO, TINY, command, env_for, load_train_net, run_train_net
+from subproc import DEMO, TINY, command, env_for, run_train_net
 from utils import REPO, lazy_demo_cfg, shared_datasets_dir
 
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.engine import PREEMPTED_EXIT_CODE, TrainingPreempted
+from nonlocal_det.engine import train as train_net
 from nonlocal_det.config import parse_stop_signals
 
 STOP_RE = re.compile(r"Stopped on (\S+) after iteration (\d+)")
@@ -155,7 +156,6 @@ def preemption_log():
 
 
 def _yaml_trainer(tmp_path, max_iter, *opts):
-    train_net = load_train_net()
     out = tmp_path / "out"
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", DEMO, *_train_opts(tmp_path, out), "SOLVER.MAX_ITER", str(max_iter)]
@@ -224,10 +224,8 @@ def test_signal_in_process_second_signal_ignored(
 
 @pytest.mark.slow
 def test_lazy_trainer_stops_on_its_signal(tmp_path, monkeypatch, preemption_log):
-    """``lazy_train.train``: ``train.stop_signals``, an atomic checkpoint of the stop iteration,
-    exit status 75, no evaluation."""
-    from nonlocal_det.tools import lazy_train
-
+    """A LazyConfig's training: ``train.stop_signals``, an atomic checkpoint of the stop
+    iteration, exit status 75, no evaluation."""
     cfg = lazy_demo_cfg(
         tmp_path,
         "train.max_iter=6",
@@ -243,9 +241,9 @@ def test_lazy_trainer_stops_on_its_signal(tmp_path, monkeypatch, preemption_log)
         return forward(self, batched_inputs)
 
     monkeypatch.setattr(GeneralizedRCNN, "forward", forward_with_a_signal)
-    monkeypatch.setattr(lazy_train, "evaluate", lambda *a: pytest.fail("evaluated"))
+    monkeypatch.setattr(train_net, "do_test", lambda *a: pytest.fail("evaluated"))
     with pytest.raises(TrainingPreempted) as stop:
-        lazy_train.train(cfg)
+        train_net.do_train(cfg)
     assert stop.value.code == PREEMPTED_EXIT_CODE and stop.value.iteration == 1
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert torch.load(tmp_path / "model_0000001.pth", weights_only=False)["iteration"] == 1
