@@ -172,7 +172,7 @@ def test_linear_memory():
         (dict(in_channels=-1), ["in_channels", "-1", "int >= 1"]),
         (dict(ratio=0), ["ratio", "0", "int(in_channels * ratio) >= 1"]),
         (dict(ratio=1 / 16), ["ratio", "0.0625", "in_channels=8", ">= 1/8"]),
-        (dict(ratio="1/4"), ["ratio", "'1/4'", "a number > 0"]),
+        (dict(ratio="1/4"), ["ratio", "'1/4'", "a number >= 1/8"]),
         (dict(fusion_types=()), ["fusion_types", "()", "'add'", "'mul'"]),
         (dict(fusion_types="add"), ["fusion_types", "'add'", "non-empty tuple"]),
         (dict(fusion_types=("add", "sum")), ["fusion_types", "'sum'", "'channel_add'"]),

@@ -24,7 +24,7 @@ from nonlocal_det import NonLocalBlock
 from nonlocal_det.data import register_datasets_for_config
 from nonlocal_det.engine import NonLocalTrainer, optimizer_with_gradient_clipping
 from nonlocal_det.layers import BLOCK_TYPES
-from nonlocal_det.modeling import NonLocalResNet, add_blocks, remove_blocks
+from nonlocal_det.modeling import add_blocks, remove_blocks
 
 LAZY = sorted(glob.glob(os.path.join(CONFIGS, "lazy", "*.py")))
 TWINS = [
@@ -171,9 +171,7 @@ def model_description(model):
             # from_config sets {"loss_box_reg": w}; the constructor's default is a weight of 1.0
             # for every loss; the losses read missing keys as 1.0: the same weights.
             attrs["loss_weight"] = {"loss_cls": 1.0, "loss_box_reg": 1.0, **m.loss_weight}
-        # NonLocalResNet is ResNet plus the inserted blocks (described as modules).
-        kind = "ResNet" if isinstance(m, NonLocalResNet) else type(m).__name__
-        out[name] = (kind, m.extra_repr(), _plain(attrs))
+        out[name] = (type(m).__name__, m.extra_repr(), _plain(attrs))
     for name, t in model.named_parameters():
         out[name] = ("parameter", tuple(t.shape), t.requires_grad)  # frozen stages included
     for name, t in model.named_buffers():
@@ -311,7 +309,7 @@ def test_optimizer_with_gradient_clipping_clips_each_parameter():
 
 
 # ------------------------------------------------------------------------------------------------
-# add_blocks on a ResNet node, and NonLocalResNet (the old LazyConfig face of the backbone)
+# add_blocks on a ResNet node, and remove_blocks
 # ------------------------------------------------------------------------------------------------
 
 
@@ -344,31 +342,24 @@ def test_add_blocks_to_a_resnet_node_custom_placement_and_options():
     assert out["res5"].shape == (1, 512, 2, 2)
     cfg.update(nonlocal_placement="none", nonlocal_blocks={})  # the node's keys stay overridable
     assert not any(isinstance(m, NonLocalBlock) for m in instantiate(cfg).modules())
-    # The old face: NonLocalResNet with one argument per option builds the same blocks.
-    cfg = load("mask_rcnn_R50_NL.py").model.backbone.bottom_up
-    cfg.stages.depth = 18
-    cfg.stages.pop("stride_in_1x1")
-    cfg._target_ = NonLocalResNet
-    cfg.update(
-        nonlocal_placement="custom",
-        nonlocal_blocks={"res3": [-1], "res4": [0, 1]},
-        nonlocal_pairwise="dot_product",
-        nonlocal_inner_ratio=0.25,
-        nonlocal_norm="GN",
-    )
-    old = instantiate(cfg)
-    assert old.state_dict().keys() == resnet.state_dict().keys()
-    cfg.nonlocal_placment = "paper_5"  # a typo is named, with what is allowed
-    with pytest.raises(
-        TypeError, match=r"\['nonlocal_placment'\]; allowed: .*'nonlocal_placement'"
-    ):
-        instantiate(cfg)
-    assert repr(old).replace("NonLocalResNet", "ResNet", 1) == repr(resnet)
-    # remove_blocks of a custom-placement NonLocalResNet node: the plain ResNet's parameters.
-    del cfg.nonlocal_placment
-    plain = instantiate(remove_blocks(cfg))
+    # remove_blocks of a custom-placement node: the plain ResNet (no nonlocal_* key left).
+    cfg.update(nonlocal_placement="custom", nonlocal_blocks={"res3": [-1], "res4": [0, 1]})
+    plain_cfg = remove_blocks(cfg)
+    assert not [k for k in plain_cfg if k.startswith("nonlocal_")]
+    assert cfg.nonlocal_blocks == {"res3": [-1], "res4": [0, 1]}  # a copy: cfg is unchanged
+    plain = instantiate(plain_cfg)
     assert not any(isinstance(m, NonLocalBlock) for m in plain.modules())
-    assert plain.state_dict().keys() == instantiate(remove_blocks(_resnet_cfg())).state_dict().keys()
+    assert plain.state_dict().keys() == {k for k in resnet.state_dict() if ".nonlocal" not in k}
+
+
+def test_remove_blocks_of_the_keypoint_config():
+    model = load("keypoint_rcnn_R50_NL.py").model
+    plain = remove_blocks(model)
+    assert plain.roi_heads.keypoint_head.nonlocal_after == []
+    assert list(model.roi_heads.keypoint_head.nonlocal_after) == [2, 4, 6, 8]  # a copy
+    assert "nonlocal_base" not in plain.backbone
+    head = instantiate(plain.roi_heads.keypoint_head)
+    assert not [n for n, _ in head.named_children() if n.startswith("nonlocal")]
 
 
 def test_add_blocks_blocks_in_frozen_stages_are_frozen():

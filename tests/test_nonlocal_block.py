@@ -605,10 +605,10 @@ def test_naive_fp16_order_overflows(pairwise):
         (dict(norm="LN"), ["norm", "'LN'", "'BN'"]),
         (dict(dim=4), ["dim", "4", "[1, 2, 3]"]),
         (dict(dim=0), ["dim", "0", "[1, 2, 3]"]),
-        (dict(in_channels=0), ["in_channels", "0", "int > 0"]),
-        (dict(in_channels=-3), ["in_channels", "-3", "int > 0"]),
-        (dict(inner_channels=0), ["inner_channels", "0", "int > 0"]),
-        (dict(inner_channels=-1), ["inner_channels", "-1", "int > 0"]),
+        (dict(in_channels=0), ["in_channels", "0", "int >= 1"]),
+        (dict(in_channels=-3), ["in_channels", "-3", "int >= 1"]),
+        (dict(inner_channels=0), ["inner_channels", "0", "int >= 1"]),
+        (dict(inner_channels=-1), ["inner_channels", "-1", "int >= 1"]),
     ],
 )
 def test_constructor_errors(kwargs, substrings):

@@ -40,7 +40,7 @@ def test_config_keys_reach_the_block():
     with pytest.raises(ValueError, match=r"MODEL\.NONLOCAL\.THETA_PHI_INIT='xavier'.*'lecun'"):
         check_model_config(bad)
     bad = load_cfg(PROBE, SMALL + OPTIONS["out_init_std"] + ["MODEL.NONLOCAL.NORM", "GN"])
-    with pytest.raises(ValueError, match=r"MODEL\.NONLOCAL\.OUT_INIT_STD=0\.01.*norm='GN'"):
+    with pytest.raises(ValueError, match=r"OUT_INIT_STD=0\.01.*MODEL\.NONLOCAL\.NORM='GN'"):
         check_model_config(bad)
 
 

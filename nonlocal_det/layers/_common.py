@@ -1,9 +1,10 @@
 """Helpers shared by the blocks of the non-local family: argument and input checks, query
-indices for the attention pictures, and products kept in float32 under autocast."""
+indices for the attention maps, and products kept in float32 under autocast."""
 
+import inspect
 import math
 from numbers import Real
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,9 @@ from torch import nn
 
 __all__ = [
     "AttentionPooling",
+    "check_block_args",
+    "is_int",
+    "is_number",
     "check_choice",
     "check_int",
     "check_value",
@@ -27,6 +31,16 @@ __all__ = [
 ]
 
 
+def is_int(value) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite real number, not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_value(owner: str, name: str, value, ok: bool, allowed: str) -> None:
     """The value check the others go through: unless ``ok``, a ValueError
     ``"{owner}: {name}={value!r} is not supported; allowed: {allowed}"``; an empty ``owner``
@@ -37,15 +51,14 @@ def check_value(owner: str, name: str, value, ok: bool, allowed: str) -> None:
 
 
 def check_choice(owner: str, name: str, value, allowed) -> None:
-    """ValueError ``"{owner}: {name}={value!r} is not supported; allowed: [...]"`` unless
-    ``value`` is one of ``allowed``."""
+    """Unless ``value`` is one of ``allowed``: the ValueError of :func:`check_value`."""
     check_value(owner, name, value, value in allowed, str(list(allowed)))
 
 
 def check_int(owner: str, name: str, value, minimum: int) -> None:
-    """Raises a ValueError naming ``owner``, the argument and its value unless it is an
-    int >= ``minimum`` (bools refused)."""
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+    """Unless ``value`` is an int >= ``minimum`` (bools refused): the ValueError of
+    :func:`check_value`."""
+    ok = is_int(value) and value >= minimum
     check_value(owner, name, value, ok, f"an int >= {minimum}")
 
 
@@ -54,10 +67,9 @@ def check_bool(owner: str, name: str, value) -> None:
 
 
 def check_positive(owner: str, name: str, value, minimum: float = 0.0, *, inclusive=False):
-    """A ValueError naming ``owner``, the argument and its value unless it is a finite number
-    > 0 (bools refused); > ``minimum``, or >= it with ``inclusive``."""
-    real = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
-    ok = real and (value >= minimum if inclusive else value > minimum)
+    """Unless ``value`` is a finite number (bools refused) > ``minimum`` (>= it with
+    ``inclusive``): the ValueError of :func:`check_value`."""
+    ok = is_number(value) and (value >= minimum if inclusive else value > minimum)
     bound = f"{'>=' if inclusive else '>'} {minimum:g}"
     check_value(owner, name, value, ok, f"a number {bound}")
 
@@ -65,25 +77,41 @@ def check_positive(owner: str, name: str, value, minimum: float = 0.0, *, inclus
 def check_ratio(owner: str, name: str, value, in_channels: int) -> int:
     """Checks a channel ratio r and returns the bottleneck width int(in_channels * r) (the
     authors' rounding), which must be at least 1."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{owner}: {name}={value!r} is not supported; allowed: a number > 0")
-    planes = int(in_channels * value)
-    if value <= 0 or planes < 1:
-        raise ValueError(
-            f"{owner}: {name}={value!r} is not supported with in_channels={in_channels} "
-            f"(int(in_channels * {name}) = {planes}); allowed: a number with "
-            f"int(in_channels * {name}) >= 1, i.e. >= 1/{in_channels}"
-        )
+    planes = int(in_channels * value) if is_number(value) else 0
+    at = f"int(in_channels * ratio) >= 1 at in_channels={in_channels}"
+    check_value(owner, name, value, planes >= 1, f"a number >= 1/{in_channels} ({at})")
     return planes
 
 
-def check_input(owner: str, x: torch.Tensor, channels: int) -> None:
-    """(N, C, H, W) with C == ``channels``, else a ValueError naming the shape and what is
-    allowed (TorchScript-compatible)."""
-    if x.dim() != 4:
+def check_block_args(
+    cls: type, args: Mapping, owner: Optional[str] = None, keys: Optional[Mapping] = None
+) -> None:
+    """Check the constructor arguments of a block class: ``in_channels``, a bool for each argument
+    whose default is one, then the class's own ``check_args(args, owner, key)``.
+
+    Args:
+        cls (type): the block class.
+        args (dict): every argument by name, defaults included (extra names ignored).
+        owner (str): starts the errors, default the class name; "" with config keys.
+        keys (dict): argument -> the name errors give it (a config key); default the argument.
+    """
+    owner = cls.__name__ if owner is None else owner
+    key = (lambda arg: keys.get(arg, arg)) if keys else str
+    check_int(owner, "in_channels", args["in_channels"], 1)
+    for p in inspect.signature(cls).parameters.values():
+        if isinstance(p.default, bool):
+            check_bool(owner, key(p.name), args[p.name])
+    if hasattr(cls, "check_args"):
+        cls.check_args(args, owner, key)
+
+
+def check_input(owner: str, x: torch.Tensor, channels: int, dim: int = 2) -> None:
+    """A ValueError naming the shape and what is allowed unless ``x`` is (N, C, *spatial) with
+    ``dim`` spatial axes and C == ``channels`` (TorchScript-compatible)."""
+    if x.dim() != dim + 2:
         raise ValueError(
-            f"{owner}: input x has shape {list(x.shape)}; allowed: a tensor of rank 4 "
-            f"(N, C, H, W)"
+            f"{owner}: input x has shape {list(x.shape)}; allowed: a tensor of rank {dim + 2} "
+            f"(N, C, {dim} spatial axes)"
         )
     if x.shape[1] != channels:
         raise ValueError(
@@ -122,11 +150,8 @@ def flat_query_indices(owner: str, queries, spatial: List[int], device) -> torch
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in float32 at least (float64 stays float64), autocast off.
-
-    Dot products of un-scaled embeddings overflow float16 (max 65504) with large activations;
-    autocast would run a plain matmul in float16 again, hence the disabled regions.
-    """
+    """``a @ b`` in float32 at least (float64 stays float64), autocast off: dot products of
+    un-scaled embeddings overflow float16 (max 65504) with large activations."""
     dt = torch.promote_types(a.dtype, torch.float32)
     with torch.autocast(device_type="cpu", enabled=False):
         with torch.autocast(device_type="cuda", enabled=False):
@@ -143,16 +168,12 @@ def conv1x1_fp32(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """A 1x1 convolution (stride 1, no padding) of a (N, C, *spatial) input, computed and
-    returned in float32 at least (float64 stays float64), autocast off.
+    returned in float32 at least (float64 stays float64), autocast off: for the embeddings whose
+    products are attention logits, which float16 rounding would reorder.
 
-    For the embeddings whose products are attention logits (queries, keys, attention masks):
-    float16 keeps 11 significant bits, so an embedding rounded to it moves a logit q . k by up to
-    about |q| |k| 2^-11 -- 5 to 50 at logits of 1e4 to 1e5, enough to reorder the keys of a
-    softmax. In float32 the same rounding moves it by about 0.01. On the CPU it is the module's
-    own convolution (a float32 block computes what ``nn.Conv2d`` computes, bit for bit); on CUDA a
-    matrix product: cuDNN runs float32 convolutions in TF32 (float16's 11 bits) by default, CUDA
-    matrix products only where ``torch.backends.cuda.matmul.allow_tf32`` (or
-    ``torch.set_float32_matmul_precision``) asks for it.
+    On the CPU the convolution itself (what ``nn.Conv2d`` computes, bit for bit); on CUDA a matrix
+    product, which runs in TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` asks for it
+    (cuDNN's float32 convolutions do by default).
     """
     dt = torch.promote_types(x.dtype, torch.float32)
     shape = [x.shape[0], weight.shape[0]]
@@ -180,12 +201,9 @@ def conv1x1_fp32(
 
 def sdpa_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``scaled_dot_product_attention(q, k, v, scale=scale)`` computed in float32 at least
-    (float64 stays float64), autocast off, returned in v's dtype.
-
-    The fused kernels (flash on CPU, memory-efficient on CUDA: linear memory) take float32
-    too. In float16 the logits can overflow (the math path multiplies q and k in float16), and
-    where the softmax is saturated the float16 backward leaves rounding errors on q and k as
-    large as their gradient (its ``dP - rowsum(dO O)`` cancels down to the rounding of O).
+    (float64 stays float64), autocast off, returned in v's dtype: in float16 the logits can
+    overflow and a saturated softmax's backward is rounding noise. The fused kernels (linear
+    memory) take float32 too.
     """
     dt = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     with torch.autocast(device_type="cpu", enabled=False):

@@ -18,11 +18,17 @@ import torch
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import check_input, check_int, conv1x1_fp32, flat_query_indices, matmul_fp32
+from ._common import (
+    check_block_args,
+    check_input,
+    check_int,
+    check_value,
+    conv1x1_fp32,
+    flat_query_indices,
+    matmul_fp32,
+)
 
 __all__ = ["CrissCrossAttention"]
-
-_NAME = "CrissCrossAttention"
 
 
 class CrissCrossAttention(CNNBlockBase):
@@ -50,17 +56,8 @@ class CrissCrossAttention(CNNBlockBase):
     """
 
     def __init__(self, in_channels: int, inner_channels: Optional[int] = None, recurrence: int = 2):
-        check_int(_NAME, "in_channels", in_channels, 1)
-        if inner_channels is None:
-            if in_channels < 8:
-                raise ValueError(
-                    f"{_NAME}: inner_channels=None means in_channels // 8 = {in_channels // 8} "
-                    f"with in_channels={in_channels}; allowed: in_channels >= 8 or an explicit "
-                    f"inner_channels >= 1"
-                )
-            inner_channels = in_channels // 8
-        check_int(_NAME, "inner_channels", inner_channels, 1)
-        check_int(_NAME, "recurrence", recurrence, 1)
+        check_block_args(CrissCrossAttention, locals())
+        inner_channels = in_channels // 8 if inner_channels is None else inner_channels
         super().__init__(in_channels, in_channels, stride=1)
         self.inner_channels = inner_channels
         self.recurrence = recurrence
@@ -68,6 +65,17 @@ class CrissCrossAttention(CNNBlockBase):
         self.key_conv = nn.Conv2d(in_channels, inner_channels, kernel_size=1)
         self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.gamma = nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def check_args(args, owner: str, key) -> None:
+        """The checks of :func:`check_block_args` particular to this block."""
+        c, inner = args["in_channels"], args["inner_channels"]
+        if inner is None:
+            allowed = f"an int >= 1; None (in_channels // 8) if in_channels >= 8 (in_channels={c})"
+            check_value(owner, key("inner_channels"), inner, c >= 8, allowed)
+        else:
+            check_int(owner, key("inner_channels"), inner, 1)
+        check_int(owner, key("recurrence"), args["recurrence"], 1)
 
     def extra_repr(self) -> str:
         return f"inner_channels={self.inner_channels}, recurrence={self.recurrence}"
@@ -133,7 +141,7 @@ class CrissCrossAttention(CNNBlockBase):
         """
         check_input("CrissCrossAttention", x, self.in_channels)
         n, _, h, w = x.shape
-        flat = flat_query_indices(_NAME, queries, [h, w], x.device)
+        flat = flat_query_indices("CrissCrossAttention", queries, [h, w], x.device)
         ys, xs = flat // w, flat % w
         q, k = self._query_key(x)
         q = q[:, :, ys, xs]  # (N, C', Q)

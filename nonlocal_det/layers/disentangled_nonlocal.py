@@ -25,9 +25,8 @@ from detectron2.layers import CNNBlockBase
 from torch import nn
 
 from ._common import (
-    check_bool,
+    check_block_args,
     check_input,
-    check_int,
     check_positive,
     check_ratio,
     conv1x1_fp32,
@@ -39,38 +38,23 @@ from ._common import (
 
 __all__ = ["DisentangledNonLocalBlock"]
 
-_NAME = "DisentangledNonLocalBlock"
-
 
 class DisentangledNonLocalBlock(CNNBlockBase):
-    """Disentangled non-local block: whitened pairwise term plus unary term, residual.
+    """Disentangled non-local block: whitened pairwise term plus unary term, residual; a
+    Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``). It follows the
+    authors' code and detection configs (ratio 1/4, temperature 0.05, channel whitening, no
+    output conv or norm).
 
-    Sub-modules and parameters are named as in the authors' code: ``conv_query``, ``conv_key``
-    (1x1 convs C -> C' = int(C * ratio), with bias), ``conv_value`` (1x1 conv C -> C, no bias; no
-    output conv: their ``use_out=False``), ``conv_mask`` (1x1 conv C -> 1, with bias: the unary
-    term) and ``gamma`` (a scalar on the pairwise term only, not on the unary term). Their
-    detection configs use ratio 1/4, temperature 0.05, 'channel' whitening (the query and key
-    minus their mean over positions; this also cancels the biases of ``conv_query`` and
-    ``conv_key``, kept for checkpoint compatibility), no ``downsample``, no output norm.
+    Sub-modules and parameters as in the authors' code: ``conv_query``, ``conv_key`` (1x1 convs
+    C -> C' = int(C * ratio), with bias), ``conv_value`` (1x1 conv C -> C, no bias),
+    ``conv_mask`` (1x1 conv C -> 1, with bias: the unary term) and ``gamma`` (a scalar on the
+    pairwise term only).
 
-    Code versus paper: the temperature T, the 1/sqrt(C') scale, gamma on the pairwise term
-    only and the absence of an output transform W_z (their ``use_out=False``, ``out_bn=False``)
-    are read from the authors' code and configs; the paper's equations were not re-checked
-    against them. This block follows the code.
+    Initialisation as the authors: convs normal(0, 0.01), biases 0, gamma 0; the unary term is
+    then not zero (W_v is random), so the block is not the identity unless ``zero_init``.
 
-    Initialisation as the authors: every conv normal(0, 0.01), biases 0, gamma 0. The pairwise
-    term therefore starts at zero but the unary term does not (W_v is random): **the authors'
-    block is not the identity at initialisation.** With ``zero_init=True`` ``conv_value.weight``
-    starts at zero, which zeroes both terms (identity at initialisation); W_v then gets its
-    gradient through the unary term and gamma after the first step.
-
-    The defaults are their detection configs' values (their class ``NonLocal2dGc`` itself
-    defaults to ``downsample=True``, ``temp=1.0``, ``with_gc=False``). Placement in their configs
-    (``configs/dnlnet``): inside the second-to-last bottleneck of res4 (``[-2]``), after the
-    residual add and before the block's final ReLU; the "c4+c5" variant adds one in each of the
-    three res5 bottlenecks, at the same place.
-
-    A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
+    Placement in the authors' configs: inside the second-to-last bottleneck of res4, after the
+    residual add (``after_add``); "c4+c5" adds one in each res5 bottleneck.
 
     Args:
         in_channels (int): C, channels of the input and of the output.
@@ -90,14 +74,10 @@ class DisentangledNonLocalBlock(CNNBlockBase):
         downsample: bool = False,
         zero_init: bool = False,
     ):
-        check_int(_NAME, "in_channels", in_channels, 1)
-        planes = check_ratio(_NAME, "ratio", ratio, in_channels)
-        check_positive(_NAME, "temperature", temperature)
-        check_bool(_NAME, "downsample", downsample)
-        check_bool(_NAME, "zero_init", zero_init)
+        check_block_args(DisentangledNonLocalBlock, locals())
         super().__init__(in_channels, in_channels, stride=1)
         self.ratio = float(ratio)
-        self.planes = planes
+        self.planes = planes = int(in_channels * ratio)
         self.temperature = float(temperature)
         self.downsample = downsample
         self.zero_init = zero_init
@@ -109,6 +89,12 @@ class DisentangledNonLocalBlock(CNNBlockBase):
         self.conv_mask = nn.Conv2d(in_channels, 1, kernel_size=1)
         self.gamma = nn.Parameter(torch.zeros(1))
         self.reset_parameters()
+
+    @staticmethod
+    def check_args(args, owner: str, key) -> None:
+        """The checks of :func:`check_block_args` particular to this block."""
+        check_ratio(owner, key("ratio"), args["ratio"], args["in_channels"])
+        check_positive(owner, key("temperature"), args["temperature"])
 
     def reset_parameters(self) -> None:
         """The authors' initialisation: convs normal(0, 0.01), biases 0, gamma 0; W_v zero with
@@ -152,18 +138,11 @@ class DisentangledNonLocalBlock(CNNBlockBase):
 
     def _pairwise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """sum_j softmax_j(q_i . k_j * scale) v_j for q (N, C', L), k (N, C', M), v (N, C, M);
-        returns (N, C, L) in v's dtype, computed in float32 at least (``sdpa_fp32``; on CUDA
-        the memory-efficient kernel then runs it, flash takes only 16-bit inputs).
+        returns (N, C, L) in v's dtype, computed in float32 at least (``sdpa_fp32``).
 
-        SDPA's fused kernels need equal query and value widths (else it falls back to the math
-        path, which builds the N x M matrix). The value is split into ceil(C / C') heads of width
-        C' (zero-padded when C' does not divide C), each attending with the same query and key
-        (expanded views). QK^T is thus computed once per head: L M C multiply-adds instead of
-        L M C', the same as zero-padding q and k to width C. The explicit N x M product would
-        take fewer multiply-adds but N x M memory (67 MiB per image and per copy at res4 of an
-        800 x 1333 image, 1.04 GiB at res3). The heads' width C' (128 / 256 / 512 at res3 /
-        res4 / res5) stays within the CUDA flash kernel's limit of 256 at res3 and res4, the
-        padded width C does not. CPU timings of the three ways: docs/family.md.
+        SDPA's fused kernels need equal query and value widths (else its math path builds the
+        N x M matrix): the value is split into ceil(C / C') heads of width C' (zero-padded), each
+        attending with the same query and key (expanded views).
         """
         n, cq, length = q.shape
         cv = v.shape[1]
@@ -211,7 +190,7 @@ class DisentangledNonLocalBlock(CNNBlockBase):
             summing to 1 over the keys.
         """
         check_input("DisentangledNonLocalBlock", x, self.in_channels)
-        flat = flat_query_indices(_NAME, queries, [x.shape[2], x.shape[3]], x.device)
+        flat = flat_query_indices("DisentangledNonLocalBlock", queries, list(x.shape[2:]), x.device)
         q, k, _ = self._embed(x)
         logits = matmul_fp32(q[:, :, flat].transpose(1, 2), k) * self.scale  # (N, Q, M)
         w = softmax_fp32(logits, 2)

@@ -32,9 +32,11 @@ from detectron2.layers import CNNBlockBase
 from torch import nn
 
 from ._common import (
+    check_block_args,
     check_input,
     check_int,
     check_positive,
+    check_value,
     conv1x1_fp32,
     flat_query_indices,
     matmul_fp32,
@@ -44,7 +46,12 @@ from ._common import (
 
 __all__ = ["GeneralizedAttention"]
 
-_NAME = "GeneralizedAttention"
+
+def _flags(attention_type):
+    """Four 0/1 numbers (a YAML config's list) as the string of four '0'/'1' characters."""
+    if isinstance(attention_type, (list, tuple)) and all(v in (0, 1) for v in attention_type):
+        return "".join(str(int(v)) for v in attention_type)
+    return attention_type
 
 
 def _kaiming_uniform_(weight: torch.Tensor) -> None:
@@ -71,15 +78,9 @@ class GeneralizedAttention(CNNBlockBase):
     and ReLU) of every block of res4 and res5, ``attention_type`` '1111' or '0010', 8 heads,
     ``kv_stride`` 2, ``spatial_range`` -1. mmcv's own default for ``num_heads`` is 9; here 8.
 
-    Cost of the position terms ([2], [4], and any combination with them, or a
-    ``spatial_range`` >= 0): the energy (N x M per head and image) is built, in float32 (the
-    un-scaled q . k overflows float16), as one matrix product of augmented vectors
-    [q_i + u | ex_i | ey_i] . [k_j | onehot(x_j) | onehot(y_j)] (width d + W_kv + H_kv, see
-    ``_attention``), then soft-maxed: two tensors of that size in the forward (training keeps
-    the softmax), one or two more in the backward. After conv2 of an 800 x 1333 image with
-    ``kv_stride`` 2: res4 (C = 256, 50 x 84 queries, 25 x 42 keys) 4.41 M entries per head,
-    135 MiB per tensor for 8 heads; res5 (C = 512, 25 x 42 queries, 13 x 21 keys) 0.29 M per
-    head, 8.7 MiB for 8 heads. The content terms alone take linear memory.
+    With the position terms ([2], [4]) or a ``spatial_range`` >= 0, the energy (N x M per head
+    and image) is one float32 matrix product of augmented vectors (``_attention``); the content
+    terms alone take linear memory.
 
     Differences from mmcv (identical results where mmcv works): ``spatial_range`` is applied
     for any input size and channel count (mmcv only for C = 256 / 512 and sides <= 84), measures
@@ -115,47 +116,11 @@ class GeneralizedAttention(CNNBlockBase):
         q_stride: int = 1,
         attention_type: Union[str, Sequence[int]] = "1111",
     ):
-        if isinstance(attention_type, (list, tuple)) and all(v in (0, 1) for v in attention_type):
-            attention_type = "".join(str(int(v)) for v in attention_type)
-        check_int(_NAME, "in_channels", in_channels, 1)
-        check_int(_NAME, "spatial_range", spatial_range, -1)
-        check_int(_NAME, "num_heads", num_heads, 1)
-        if num_heads > in_channels:
-            raise ValueError(
-                f"{_NAME}: num_heads={num_heads} is not supported with in_channels="
-                f"{in_channels}; allowed: 1 <= num_heads <= in_channels"
-            )
-        check_int(_NAME, "kv_stride", kv_stride, 1)
-        check_int(_NAME, "q_stride", q_stride, 1)
-        if (
-            not isinstance(attention_type, str)
-            or len(attention_type) != 4
-            or any(c not in "01" for c in attention_type)
-            or "1" not in attention_type
-        ):
-            raise ValueError(
-                f"{_NAME}: attention_type={attention_type!r} is not supported; allowed: four "
-                f"'0'/'1' characters with at least one '1', e.g. '1111', '0010', '1000'"
-            )
+        check_block_args(GeneralizedAttention, locals())
+        attention_type = _flags(attention_type)
         terms = [c == "1" for c in attention_type]
         uses_position = terms[1] or terms[3]
-        if (
-            isinstance(position_embedding_dim, bool)
-            or not isinstance(position_embedding_dim, int)
-            or (position_embedding_dim != -1 and position_embedding_dim <= 0)
-        ):
-            raise ValueError(
-                f"{_NAME}: position_embedding_dim={position_embedding_dim!r} is not supported; "
-                f"allowed: -1 (= in_channels) or a positive multiple of 4"
-            )
         dim = position_embedding_dim if position_embedding_dim > 0 else in_channels
-        if uses_position and dim % 4 != 0:
-            raise ValueError(
-                f"{_NAME}: position_embedding_dim={position_embedding_dim!r} (D = {dim}) is not "
-                f"supported with attention_type={attention_type!r}; allowed: D a positive "
-                f"multiple of 4 (D = in_channels when -1)"
-            )
-        check_positive(_NAME, "position_magnitude", position_magnitude)
         super().__init__(in_channels, in_channels, stride=1)
         self.spatial_range = spatial_range
         self.num_heads = num_heads
@@ -195,6 +160,26 @@ class GeneralizedAttention(CNNBlockBase):
         self.proj_conv = nn.Conv2d(self.v_dim * num_heads, in_channels, kernel_size=1, bias=True)
         self.gamma = nn.Parameter(torch.zeros(1))
         self.reset_parameters()
+
+    @staticmethod
+    def check_args(args, owner: str, key) -> None:
+        """The checks of :func:`check_block_args` particular to this block."""
+        c, heads = args["in_channels"], args["num_heads"]
+        for name in ("spatial_range", "num_heads", "kv_stride", "q_stride"):
+            check_int(owner, key(name), args[name], -1 if name == "spatial_range" else 1)
+        allowed = f"1 <= num_heads <= in_channels={c}"
+        check_value(owner, key("num_heads"), heads, heads <= c, allowed)
+        t = _flags(args["attention_type"])
+        ok = isinstance(t, str) and len(t) == 4 and set(t) <= set("01") and "1" in t
+        allowed = "four '0'/'1' characters with at least one '1', e.g. '1111', '0010', '1000'"
+        check_value(owner, key("attention_type"), t, ok, allowed)
+        d = args["position_embedding_dim"]
+        check_int(owner, key("position_embedding_dim"), d, -1)
+        dim = d if d > 0 else c
+        ok = d != 0 and (dim % 4 == 0 or (t[1], t[3]) == ("0", "0"))
+        allowed = f"-1 (D = in_channels) or D > 0, a multiple of 4 with position terms (D = {dim})"
+        check_value(owner, key("position_embedding_dim"), d, ok, allowed)
+        check_positive(owner, key("position_magnitude"), args["position_magnitude"])
 
     def reset_parameters(self) -> None:
         """mmcv's initialisation (see the class docstring); gamma 0."""
@@ -443,7 +428,7 @@ class GeneralizedAttention(CNNBlockBase):
         x_q, x_kv = self._grids(x)
         hq, wq = x_q.shape[2], x_q.shape[3]
         hk, wk = x_kv.shape[2], x_kv.shape[3]
-        flat = flat_query_indices(_NAME, queries, [hq, wq], x.device)
+        flat = flat_query_indices("GeneralizedAttention", queries, [hq, wq], x.device)
         ys, xs = flat // wq, flat % wq
         n = x.shape[0]
         q, k = self._query_key(x_q, x_kv)

@@ -7,16 +7,14 @@ Squeeze-Excitation Networks and Beyond" (ICCVW 2019, arXiv:1904.11492), as mmcv 
     z_i = x_i * sigmoid(T_mul(c)) + T_add(c)                       (per the chosen fusions)
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ._common import AttentionPooling, check_input, check_int, check_ratio
+from ._common import AttentionPooling, check_block_args, check_input, check_ratio, check_value
 
 __all__ = ["GlobalContextBlock", "FUSION_TYPES"]
-
-_NAME = "GlobalContextBlock"
 FUSION_TYPES = ("add", "mul")
 # mmcv's spellings, accepted so that its configs can be copied.
 _ALIASES = {"add": "add", "mul": "mul", "channel_add": "add", "channel_mul": "mul"}
@@ -30,20 +28,6 @@ def _transform(in_channels: int, planes: int) -> nn.Sequential:
         nn.ReLU(inplace=True),
         nn.Conv2d(planes, in_channels, kernel_size=1),
     )
-
-
-def _check_fusions(fusion_types) -> Tuple[str, ...]:
-    allowed = f"a non-empty tuple of {list(FUSION_TYPES)} (or mmcv's 'channel_add', 'channel_mul')"
-    if isinstance(fusion_types, str) or not isinstance(fusion_types, Sequence):
-        raise ValueError(
-            f"{_NAME}: fusion_types={fusion_types!r} is not supported; allowed: {allowed}"
-        )
-    if len(fusion_types) == 0 or any(f not in _ALIASES for f in fusion_types):
-        raise ValueError(
-            f"{_NAME}: fusion_types={fusion_types!r} is not supported; allowed: {allowed}"
-        )
-    chosen = {_ALIASES[f] for f in fusion_types}
-    return tuple(f for f in FUSION_TYPES if f in chosen)
 
 
 class GlobalContextBlock(AttentionPooling):
@@ -61,12 +45,9 @@ class GlobalContextBlock(AttentionPooling):
     ``("add",)`` starts as the identity, while ``("mul",)`` starts as ``x * sigmoid(0) = x / 2``
     (and both fusions as ``x / 2``): the mul fusion halves its input at initialisation.
 
-    Published settings (mmdetection ``configs/gcnet``, as xvjiarui/GCNet's default
-    ``insert_pos='after_1x1'``): ratio 1/16 or 1/4, ``("add",)``, after conv3 (after its norm,
-    before the residual add) of every block of res3-res5. The DNL authors' GC baseline instead
-    puts one (ratio 1/4) in the second-to-last bottleneck of res4, after the residual add.
-
-    A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
+    Published settings (mmdetection ``configs/gcnet``): ratio 1/16 or 1/4, ``("add",)``, after
+    conv3 of every block of res3-res5. A Detectron2 ``CNNBlockBase`` (stride 1,
+    ``out_channels == in_channels``).
 
     Args:
         in_channels (int): C, channels of the input and of the output.
@@ -82,12 +63,12 @@ class GlobalContextBlock(AttentionPooling):
         ratio: float = 1.0 / 16,
         fusion_types: Sequence[str] = ("add",),
     ):
-        check_int(_NAME, "in_channels", in_channels, 1)
-        planes = check_ratio(_NAME, "ratio", ratio, in_channels)
-        fusions = _check_fusions(fusion_types)
+        check_block_args(GlobalContextBlock, locals())
         super().__init__(in_channels)
         self.ratio = float(ratio)
-        self.planes = planes
+        self.planes = planes = int(in_channels * ratio)
+        chosen = {_ALIASES[f] for f in fusion_types}
+        fusions = tuple(f for f in FUSION_TYPES if f in chosen)
         self.fusion_types = fusions
         self.channel_add_conv: Optional[nn.Module] = None
         self.channel_mul_conv: Optional[nn.Module] = None
@@ -96,6 +77,15 @@ class GlobalContextBlock(AttentionPooling):
         if "mul" in fusions:
             self.channel_mul_conv = _transform(in_channels, planes)
         self.reset_parameters()
+
+    @staticmethod
+    def check_args(args, owner: str, key) -> None:
+        """The checks of :func:`check_block_args` particular to this block."""
+        check_ratio(owner, key("ratio"), args["ratio"], args["in_channels"])
+        f = args["fusion_types"]
+        ok = not isinstance(f, str) and isinstance(f, Sequence) and len(f) > 0
+        allowed = f"a non-empty tuple of {list(FUSION_TYPES)} (mmcv's 'channel_add', ... too)"
+        check_value(owner, key("fusion_types"), f, ok and all(x in _ALIASES for x in f), allowed)
 
     def reset_parameters(self) -> None:
         """mmcv's initialisation: Kaiming ``conv_mask``, last conv of each transform zero."""

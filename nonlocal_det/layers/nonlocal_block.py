@@ -22,7 +22,6 @@ cast back; g, W_z and the residual stay in the input's precision.
 """
 
 import math
-from numbers import Real
 from typing import List, Optional, Tuple
 
 import torch
@@ -31,8 +30,12 @@ from detectron2.layers import CNNBlockBase
 from torch import nn
 
 from ._common import (
-    check_bool,
+    check_block_args,
     check_choice,
+    check_input,
+    check_int,
+    check_positive,
+    check_value,
     conv1x1_fp32,
     flat_query_indices,
     matmul_fp32,
@@ -62,16 +65,12 @@ def _make_norm(norm: str, channels: int, dim: int) -> Optional[nn.Module]:
 
 
 class NonLocalBlock(CNNBlockBase):
-    """A non-local block ``z = W_z y + x`` (residual), identity at initialisation.
+    """A non-local block ``z = W_z y + x`` (residual), identity at initialisation: a Detectron2
+    ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``), frozen with its stage.
 
-    It is a Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``) so that it can sit
-    inside a ResNet stage and be frozen with it.
-
-    Sub-module names are part of the checkpoint format: ``theta``, ``phi``, ``g`` (1x1 convs),
-    ``out`` (W_z; without a norm, its weight is applied as a matmul on y), ``norm`` (after W_z, when
-    used) and ``concat_project`` (w_f of the concatenation form, its first ``inner_channels``
-    weights act on theta, the rest on phi). ``gaussian`` has no
-    ``theta``/``phi``: it compares the raw features x_i, x_j.
+    Sub-modules (the checkpoint format): ``theta``, ``phi``, ``g`` (1x1 convs), ``out`` (W_z),
+    ``norm`` (after W_z, when used) and ``concat_project`` (w_f of the concatenation form, its
+    first ``inner_channels`` weights act on theta). ``gaussian`` has no ``theta``/``phi``.
 
     Args:
         in_channels (int): C, channels of the input and of the output.
@@ -89,10 +88,8 @@ class NonLocalBlock(CNNBlockBase):
             gamma = 0 it would output zero forever.
         theta_phi_init (str): the initialisation of the theta and phi weights: ``"normal"``
             (normal(0, 0.01), the authors' and mmcv's; default), ``"he"`` (normal(0, 2 / C), the
-            fan-in scale GC's ``conv_mask`` uses) or ``"lecun"`` (normal(0, 1 / C)). With 0.01
-            the attention logits start near zero and their gradients, a product of the two small
-            matrices, stay small: the attention can stay near uniform (docs/context_probe.md).
-            Ignored by ``gaussian`` (no theta / phi).
+            fan-in scale GC's ``conv_mask`` uses) or ``"lecun"`` (normal(0, 1 / C)). Ignored by
+            ``gaussian``.
         out_init_std (float): W_z starts normal(0, out_init_std) instead of zero, so that theta,
             phi and g get a gradient at the first step; the block is then the identity only
             within about ``out_init_std`` times the size of y. Default 0 (the authors'). Only
@@ -116,38 +113,9 @@ class NonLocalBlock(CNNBlockBase):
         out_init_std: float = 0.0,
         whiten: bool = False,
     ):
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
-            raise ValueError(
-                f"NonLocalBlock: in_channels={in_channels!r} is not supported; allowed: an int > 0"
-            )
+        check_block_args(NonLocalBlock, locals())
         if inner_channels is None:
             inner_channels = max(in_channels // 2, 1)
-        if (
-            isinstance(inner_channels, bool)
-            or not isinstance(inner_channels, int)
-            or inner_channels <= 0
-        ):
-            raise ValueError(
-                f"NonLocalBlock: inner_channels={inner_channels!r} is not supported; "
-                "allowed: an int > 0, or None for in_channels // 2"
-            )
-        check_choice("NonLocalBlock", "pairwise", pairwise, PAIRWISE_FUNCTIONS)
-        check_choice("NonLocalBlock", "dim", dim, (1, 2, 3))
-        check_choice("NonLocalBlock", "norm", norm, NORMS)
-        check_choice("NonLocalBlock", "theta_phi_init", theta_phi_init, THETA_PHI_INITS)
-        check_bool("NonLocalBlock", "whiten", whiten)
-        if (
-            isinstance(out_init_std, bool)
-            or not isinstance(out_init_std, Real)
-            or not math.isfinite(out_init_std)
-            or out_init_std < 0
-            or (out_init_std > 0 and norm != "")
-        ):
-            raise ValueError(
-                f"NonLocalBlock: out_init_std={out_init_std!r} is not supported with "
-                f"norm={norm!r}; allowed: a number >= 0 without a norm, 0 with one (its gamma "
-                "starts at zero)"
-            )
         super().__init__(in_channels, in_channels, stride=1)
 
         self.inner_channels = inner_channels
@@ -178,6 +146,20 @@ class NonLocalBlock(CNNBlockBase):
             dotted = in_channels if pairwise == "gaussian" else inner_channels
             self.scale = 1.0 / math.sqrt(dotted)
         self.reset_parameters()
+
+    @staticmethod
+    def check_args(args, owner: str, key) -> None:
+        """The checks of :func:`check_block_args` particular to this block."""
+        if args["inner_channels"] is not None:
+            check_int(owner, key("inner_channels"), args["inner_channels"], 1)
+        check_choice(owner, key("pairwise"), args["pairwise"], PAIRWISE_FUNCTIONS)
+        check_choice(owner, key("dim"), args["dim"], (1, 2, 3))
+        check_choice(owner, key("norm"), args["norm"], NORMS)
+        check_choice(owner, key("theta_phi_init"), args["theta_phi_init"], THETA_PHI_INITS)
+        std, norm = args["out_init_std"], args["norm"]
+        check_positive(owner, key("out_init_std"), std, inclusive=True)
+        with_norm = f"0 with {key('norm')}={norm!r} (its gamma starts at zero)"
+        check_value(owner, key("out_init_std"), std, std == 0 or norm == "", with_norm)
 
     def reset_parameters(self) -> None:
         """Official initialisation: normal(0, 0.01) embeddings; W_z (or its norm's gamma) zero.
@@ -217,18 +199,6 @@ class NonLocalBlock(CNNBlockBase):
         return text
 
     # ----------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != self.dim + 2:
-            raise ValueError(
-                f"NonLocalBlock(dim={self.dim}): input x has shape {list(x.shape)}; allowed: a "
-                f"tensor of rank {self.dim + 2} (N, C, {self.dim} spatial axes)"
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"NonLocalBlock(in_channels={self.in_channels}): input x has {x.shape[1]} channels "
-                f"(shape {list(x.shape)}); allowed: {self.in_channels}"
-            )
-
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         """Max-pool the spatial axes by 2 (not time in 3D); axes of size 1 are left alone."""
         if not self.subsample:
@@ -320,7 +290,7 @@ class NonLocalBlock(CNNBlockBase):
         return y.squeeze(1)[:, :, :cv]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        check_input("NonLocalBlock", x, self.in_channels, self.dim)
         q, k, v = self._embed(x)[:3]
         y = self._aggregate(q, k, v)  # (N, L, C_inner)
         norm = self.norm
@@ -356,7 +326,7 @@ class NonLocalBlock(CNNBlockBase):
             Tensor (N, Q, *key_shape): the weights of every key position (the pooled grid when
             ``subsample``), summing to 1 over the keys for the Gaussian forms.
         """
-        self._check_input(x)
+        check_input("NonLocalBlock", x, self.in_channels, self.dim)
         queries = flat_query_indices("NonLocalBlock", queries, list(x.shape[2:]), x.device)
         q, k, _, key_shape = self._embed(x)
         # float32 at least: q . k overflows fp16 before the scale at C_inner = 512 (and autocast

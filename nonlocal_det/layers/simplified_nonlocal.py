@@ -11,35 +11,21 @@ One attention map over the positions, shared by every query.
 import torch
 from torch import nn
 
-from ._common import AttentionPooling, check_bool, check_input, check_int
+from ._common import AttentionPooling, check_block_args, check_input
 
 __all__ = ["SimplifiedNonLocalBlock"]
-
-_NAME = "SimplifiedNonLocalBlock"
 
 
 class SimplifiedNonLocalBlock(AttentionPooling):
     """Simplified non-local block: ``z = x + W_v sum_j softmax_j(conv_mask(x))_j x_j``.
 
-    The authors' block (DNL repository, ``ContextBlock(simple=True)``): ``conv_mask`` is a 1x1
-    conv C -> 1 (with bias) whose output is soft-maxed over the H*W positions; ``conv_value`` is
-    W_v, a 1x1 conv C -> C without bias. No bottleneck (their ``ratio`` argument is ignored in
-    this mode), no normalisation, no scale gamma. Both convs are initialised normal(0, 0.01),
-    the bias 0.
-
-    The authors apply W_v to every position and then pool (C^2 HW multiply-adds); W_v is linear,
-    so pooling first and applying W_v to the (N, C, 1, 1) context is the same function for C^2
-    multiply-adds. This block does the latter.
-
-    Not the identity at initialisation in the authors' code (W_v is random): with
-    ``zero_init=True`` ``conv_value.weight`` starts at zero, so the block starts as the identity
-    and still learns (the gradient of W_v is the context, not zero).
-
-    Placement in the DNL authors' config (``gcb=dict(ratio=1/4, simple=True)``,
-    ``stage_with_gcb=[[], [], [-2], []]``): inside the second-to-last bottleneck of res4, after
-    the residual add and before the block's final ReLU.
-
-    A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
+    The authors' block (DNL repository, ``ContextBlock(simple=True)``), a Detectron2
+    ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``): ``conv_mask`` a 1x1 conv C -> 1
+    (with bias), soft-maxed over the positions; ``conv_value`` W_v, a 1x1 conv C -> C without bias,
+    applied to the pooled (N, C, 1, 1) context (the same function as the authors' W_v before
+    pooling). Both convs start normal(0, 0.01), the bias 0: not the identity, unless
+    ``zero_init``. The DNL authors place it inside the second-to-last bottleneck of res4, after
+    the residual add.
 
     Args:
         in_channels (int): C, channels of the input and of the output.
@@ -48,8 +34,7 @@ class SimplifiedNonLocalBlock(AttentionPooling):
     """
 
     def __init__(self, in_channels: int, zero_init: bool = False):
-        check_int(_NAME, "in_channels", in_channels, 1)
-        check_bool(_NAME, "zero_init", zero_init)
+        check_block_args(SimplifiedNonLocalBlock, locals())
         super().__init__(in_channels)
         self.zero_init = zero_init
         self.conv_value = nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=False)

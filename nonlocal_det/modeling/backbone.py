@@ -165,4 +165,3 @@ def last_level_max_pool(in_feature: str = "p5") -> LastLevelMaxPool:
     block = LastLevelMaxPool()
     block.in_feature = in_feature
     return block
-

@@ -1,5 +1,5 @@
 """Blocks inserted into the residual stages of a network Detectron2 built: the one mechanism behind
-the YAML builders, :class:`NonLocalResNet` and the LazyConfig helper.
+the YAML builders and the LazyConfig helper.
 
 :func:`insert_blocks` takes a backbone (a ``ResNet``, a ``RegNet``/``AnyNet``, or anything with
 one of them as ``.bottom_up``, e.g. an ``FPN``, RetinaNet's and FCOS's included), finds its
@@ -26,7 +26,8 @@ from detectron2.modeling.backbone.regnet import AnyNet, ResBottleneckBlock
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNet
 from torch import nn
 
-from ..layers import BLOCK_TYPES, check_choice
+from ..layers import BLOCK_TYPES
+from ..layers._common import check_choice, is_int
 from .blocks import block_builder
 
 __all__ = [
@@ -41,16 +42,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 STAGES = ("res2", "res3", "res4", "res5")
-PLACEMENTS = (
-    "none",
-    "paper_1",
-    "paper_5",
-    "paper_10",
-    "all_res3_res5",
-    "all_res4_res5",
-    "paper_1_all_res5",
-    "custom",
-)
+PLACEMENTS = ("none", "paper_1", "paper_5", "paper_10", "all_res3_res5", "all_res4_res5")
+PLACEMENTS += ("paper_1_all_res5", "custom")
 POSITIONS = ("after_block", "after_add", "after_conv1", "after_conv2", "after_conv3")
 _INSIDE = "BottleneckBlock / BasicBlock (ResNet), ResBottleneckBlock (RegNet)"
 
@@ -76,7 +69,7 @@ def _stages(net: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
     return {f"res{i + 2}": (name, stage) for i, (stage, name) in enumerate(net.stages_and_names)}
 
 
-def _preset(placement: str, lengths: Mapping[str, int], owner: str) -> Dict[str, List[int]]:
+def _preset(placement: str, lengths: Mapping[str, int], owner: str, key) -> Dict[str, List[int]]:
     """Block indices of the named settings (paper_5: "every other block", evenly spaced)."""
     stages = {
         "paper_1": ("res4",),
@@ -87,8 +80,8 @@ def _preset(placement: str, lengths: Mapping[str, int], owner: str) -> Dict[str,
     missing = [s for s in stages if s not in lengths]
     if missing:
         raise ValueError(
-            f"{owner}: nonlocal_placement={placement!r} puts blocks in {missing}, but the "
-            f"bottom-up network builds only {list(lengths)} (it stops at its last output "
+            f"{_lead(owner)}{key('nonlocal_placement')}={placement!r} puts blocks in {missing}, "
+            f"but the bottom-up network builds only {list(lengths)} (it stops at its last output "
             "feature); allowed: 'none', 'custom'"
         )
     if placement in ("paper_1", "paper_1_all_res5"):
@@ -101,55 +94,58 @@ def _preset(placement: str, lengths: Mapping[str, int], owner: str) -> Dict[str,
         step = lengths[stage] // count
         if step == 0:
             raise ValueError(
-                f"{owner}: nonlocal_placement={placement!r} needs at least {count} residual "
-                f"blocks in {stage}, but this network's {stage} has {lengths[stage]}; allowed "
-                "for this depth: 'none', 'paper_1', 'paper_10', 'custom'"
+                f"{_lead(owner)}{key('nonlocal_placement')}={placement!r} needs at least {count} "
+                f"residual blocks in {stage}, but this network's {stage} has {lengths[stage]}; "
+                "allowed for this depth: 'none', 'paper_1', 'paper_10', 'custom'"
             )
         out[stage] = [step * (k + 1) - 1 for k in range(count)]
     return out
+
+
+def _lead(owner: str) -> str:
+    return f"{owner}: " if owner else ""
 
 
 def placement_indices(
     placement: str,
     blocks: Optional[Mapping[str, Sequence[int]]],
     lengths: Mapping[str, int],
-    owner: str = "NonLocalResNet",
+    owner: str = "insert_blocks",
     names: Optional[Mapping[str, str]] = None,
+    keys: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, List[int]]:
     """Sorted, non-negative indices of the residual blocks that get a block, by stage.
 
     Args:
-        placement: one of :data:`PLACEMENTS`.
-        blocks: with ``"custom"``, stage -> indices (negative from the end); else empty. Stages
-            are ``res2``-``res5`` or, where ``names`` differ, the network's own names.
-        lengths: ``res2``.. -> number of residual blocks, for the stages the network builds.
-        owner: named in errors.
-        names: ``res2``.. -> the network's name of that stage (RegNet: ``s1``..).
-
-    Raises:
-        ValueError: naming the argument, its value and what is allowed.
+        placement, blocks, owner, keys: ``nonlocal_placement``, ``nonlocal_blocks`` (its stages
+            ``res2``-``res5`` or the network's names), ``owner``, ``keys`` of :func:`insert_blocks`.
+        lengths (dict): ``res2``.. -> number of residual blocks, for the stages the network builds.
+        names (dict): ``res2``.. -> the network's name of that stage (RegNet: ``s1``..).
     """
-    check_choice(owner, "nonlocal_placement", placement, PLACEMENTS)
+    keys = keys or {}
+    key = lambda arg: keys.get(arg, arg)  # noqa: E731
+    check_choice(owner, key("nonlocal_placement"), placement, PLACEMENTS)
     alias = {v: k for k, v in (names or {}).items() if k != v}
     blocks = {alias.get(s, s): list(v) for s, v in (blocks or {}).items()}
     unknown = sorted(set(blocks) - set(STAGES))
     if unknown:
         raise ValueError(
-            f"{owner}: nonlocal_blocks={blocks}: unknown stage(s) {unknown}; allowed keys: "
+            f"{_lead(owner)}nonlocal_blocks={blocks}: unknown stage(s) {unknown}; allowed keys: "
             f"{list(STAGES) + list(alias)}"
         )
     given = {s: v for s, v in blocks.items() if v}
     if placement != "custom":
         if given:
-            named = ", ".join(f"nonlocal_blocks[{s!r}]={v}" for s, v in given.items())
+            p = key("nonlocal_placement")
+            named = ", ".join(f"{key(f'nonlocal_blocks[{s!r}]')}={v}" for s, v in given.items())
             raise ValueError(
-                f"{owner}: {named} is only used with nonlocal_placement='custom', but "
-                f"nonlocal_placement={placement!r}; set it to 'custom' or empty the list"
+                f"{_lead(owner)}{named} is only used with {p}='custom', but {p}={placement!r}; "
+                "set it to 'custom' or empty the list"
             )
-        return {} if placement == "none" else _preset(placement, lengths, owner)
+        return {} if placement == "none" else _preset(placement, lengths, owner, key)
     out = {}
     for stage, indices in given.items():
-        name = f"{owner}: nonlocal_blocks[{stage!r}]={indices}"
+        name = f"{_lead(owner)}{key(f'nonlocal_blocks[{stage!r}]')}={indices}"
         if stage not in lengths:
             raise ValueError(
                 f"{name} asks for a block in {stage}, but the bottom-up network builds only "
@@ -157,9 +153,7 @@ def placement_indices(
                 f"{list(lengths)}"
             )
         n = lengths[stage]
-        bad = [
-            i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n
-        ]
+        bad = [i for i in indices if not (is_int(i) and -n <= i < n)]
         if bad:
             raise ValueError(
                 f"{name}: index {bad[0]!r} is outside {stage}, which has {n} residual blocks in "
@@ -244,22 +238,22 @@ class RegNetResidualWithBlock(CNNBlockBase):
         return self.af(out)
 
 
-def _inside(residual: nn.Module, position: str, where: str, owner: str) -> Tuple[type, int]:
-    """The wrapper class for a block at ``position`` inside ``residual`` and the channels the
-    block sees there (errors name ``where``)."""
+def _inside(residual: nn.Module, position: str, where: str, name: str) -> Tuple[type, int]:
+    """The wrapper class for a block at ``position`` inside ``residual`` (``where``) and the
+    channels the block sees there; errors name the position ``name``."""
     if isinstance(residual, ResBottleneckBlock):
         conv = {1: "a", 2: "b", 3: "c"}.get(_AFTER[position])
         width = getattr(residual.f, conv).out_channels if conv else residual.out_channels
         return RegNetResidualWithBlock, width
     if not isinstance(residual, (BottleneckBlock, BasicBlock)):
         raise ValueError(
-            f"{owner}: nonlocal_position={position!r} puts a block inside {where}, a "
+            f"{name}={position!r} puts a block inside {where}, a "
             f"{type(residual).__name__}; allowed there: 'after_block' (inside positions: "
             f"{_INSIDE}, not deformable convs)"
         )
     if position == "after_conv3" and isinstance(residual, BasicBlock):
         raise ValueError(
-            f"{owner}: nonlocal_position={position!r}: the residual blocks of this ResNet "
+            f"{name}={position!r}: the residual blocks of this ResNet "
             "(BasicBlock, depth 18/34) have 2 convs; allowed: 'after_block', 'after_add', "
             "'after_conv1', 'after_conv2'"
         )
@@ -281,6 +275,7 @@ def insert_blocks(
     nonlocal_blocks: Optional[Mapping[str, Sequence[int]]] = None,
     nonlocal_position: str = "after_block",
     owner: str = "insert_blocks",
+    keys: Optional[Mapping[str, str]] = None,
 ) -> List[str]:
     """Insert blocks into the residual stages of ``backbone``, in place.
 
@@ -289,25 +284,29 @@ def insert_blocks(
     is frozen (``freeze_at``).
 
     Args:
-        backbone: a Detectron2 ``ResNet`` or ``RegNet``, or a backbone with one as ``bottom_up``.
-        nonlocal_spec: the block, ``{"type": ..., "options": {...}}`` (:mod:`.blocks`); default
-            the paper's non-local block (``MODEL.NONLOCAL.TYPE`` and its keys).
-        nonlocal_placement: which residual blocks, one of :data:`PLACEMENTS`
-            (``MODEL.NONLOCAL.PLACEMENT``).
-        nonlocal_blocks: with ``"custom"``, stage -> indices of the residual blocks, negative
-            from the end (``MODEL.NONLOCAL.RES{2..5}_BLOCKS``).
-        nonlocal_position: where in or after those residual blocks, one of :data:`POSITIONS`
-            (``MODEL.NONLOCAL.POSITION``).
-        owner: named in errors.
+        backbone (nn.Module): a Detectron2 ``ResNet`` or ``RegNet``, or a backbone with one as
+            ``bottom_up``.
+        nonlocal_spec (dict): the block, ``{"type": ..., "options": {...}}`` (:mod:`.blocks`);
+            default the paper's non-local block.
+        nonlocal_placement (str): which residual blocks, one of :data:`PLACEMENTS`.
+        nonlocal_blocks (dict): with ``"custom"``, stage -> indices of the residual blocks,
+            negative from the end.
+        nonlocal_position (str): where in or after those residual blocks, one of
+            :data:`POSITIONS`.
+        owner (str): named in errors; "" with ``keys``.
+        keys (dict): argument (``"nonlocal_placement"``, ``"nonlocal_blocks['res4']"``, a block
+            option, ...) -> the name errors give it instead (:func:`.config_keys`).
 
     Returns:
-        The names of the inserted blocks, relative to ``backbone``, in forward order.
+        list[str]: the names of the inserted blocks, relative to ``backbone``, in forward order.
 
     Raises:
         ValueError: naming the argument, its value and what is allowed, before any change.
     """
-    make_block = block_builder(owner, nonlocal_spec)
-    check_choice(owner, "nonlocal_position", nonlocal_position, POSITIONS)
+    keys = keys or {}
+    make_block = block_builder(owner, nonlocal_spec, keys)
+    position_key = keys.get("nonlocal_position", "nonlocal_position")
+    check_choice(owner, position_key, nonlocal_position, POSITIONS)
     net, prefix = residual_network(backbone, owner)
     if any(isinstance(m, tuple(BLOCK_TYPES.values())) for m in net.modules()):
         raise ValueError(f"{owner}: the {type(net).__name__} has blocks already; allowed: once")
@@ -319,39 +318,39 @@ def insert_blocks(
         {s: len(children) for s, children in residuals.items()},
         owner,
         {s: name for s, (name, _) in stages.items()},
+        keys,
     )
-    plan = {s: {} for s in placement}  # stage -> child -> (wrapper class or None, channels)
-    for s, indices in placement.items():
-        for i in indices:
-            child, residual = residuals[s][i]
-            where = f"{stages[s][0]}.{child}"
-            plan[s][child] = (
-                (None, residual.out_channels)
-                if nonlocal_position == "after_block"
-                else _inside(residual, nonlocal_position, where, owner)
-            )  # every error before the first change
+    plan = {s: {} for s in placement}  # stage -> child -> (wrapper class or None, block)
+    with torch.random.fork_rng(devices=[]):  # every error before the first change
+        for s, indices in placement.items():
+            for i in indices:
+                child, residual = residuals[s][i]
+                wrapper, channels = (None, residual.out_channels)
+                if nonlocal_position != "after_block":
+                    where = f"{stages[s][0]}.{child}"
+                    name = f"{_lead(owner)}{position_key}"
+                    wrapper, channels = _inside(residual, nonlocal_position, where, name)
+                plan[s][child] = (wrapper, make_block(channels))
     names = []
-    with torch.random.fork_rng(devices=[]):
-        for s, todo in plan.items():
-            name, stage = stages[s]
-            children = []
-            for child, residual in residuals[s]:
-                if child not in todo:
-                    children.append((child, residual))
-                    continue
-                wrapper, channels = todo[child]
-                block = make_block(channels)
-                if _frozen(residual):
-                    block.freeze()
-                if wrapper is None:
-                    extra = f"nonlocal{re.sub(r'[^0-9]', '', child)}"
-                    children += [(child, residual), (extra, block)]
-                    names.append(f"{prefix}{name}.{extra}")
-                else:
-                    children.append((child, wrapper(residual, nonlocal_position, block)))
-                    names.append(f"{prefix}{name}.{child}.nonlocal_block")
-            stage._modules.clear()
-            stage._modules.update(children)
+    for s, todo in plan.items():
+        name, stage = stages[s]
+        children = []
+        for child, residual in residuals[s]:
+            if child not in todo:
+                children.append((child, residual))
+                continue
+            wrapper, block = todo[child]
+            if _frozen(residual):
+                block.freeze()
+            if wrapper is None:
+                extra = f"nonlocal{re.sub(r'[^0-9]', '', child)}"
+                children += [(child, residual), (extra, block)]
+                names.append(f"{prefix}{name}.{extra}")
+            else:
+                children.append((child, wrapper(residual, nonlocal_position, block)))
+                names.append(f"{prefix}{name}.{child}.nonlocal_block")
+        stage._modules.clear()
+        stage._modules.update(children)
     kind = (nonlocal_spec or {}).get("type", "nonlocal")
     logger.info(f"Blocks ({kind}, {nonlocal_position}): {', '.join(names) or 'none'}")
     return names

@@ -10,7 +10,8 @@ from detectron2.modeling.roi_heads.keypoint_head import keypoint_rcnn_inference
 from detectron2.structures import Instances, heatmaps_to_keypoints
 from torch import nn
 
-from .blocks import block_builder, config_block_spec, config_wording, legacy_spec
+from ..layers._common import check_value, is_int
+from .blocks import block_builder, config_block_spec, config_keys
 
 __all__ = ["NonLocalKRCNNHead", "decode_heatmaps", "decodable_heatmaps", "DECODABLE_SPREAD"]
 
@@ -77,17 +78,6 @@ def decode_heatmaps(maps: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _checked_after(after: Sequence[int], conv_dims: Sequence[int]) -> List[int]:
-    n, after = len(conv_dims), list(after)
-    bad = [k for k in after if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n]
-    if bad or len(set(after)) != len(after):
-        raise ValueError(
-            f"NonLocalKRCNNHead: nonlocal_after={after}: the keypoint head has {n} convs "
-            f"(conv_dims, MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS); allowed: distinct integers in 1..{n}"
-        )
-    return after
-
-
 @ROI_KEYPOINT_HEAD_REGISTRY.register()
 class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
     """Detectron2's ``KRCNNConvDeconvUpsampleHead`` with a non-local block after chosen convs.
@@ -102,9 +92,9 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         nonlocal_after: 1-based indices of the convs followed by a block
             (``MODEL.NONLOCAL.KEYPOINT_HEAD_BLOCKS``).
         nonlocal_spec: the blocks, ``{"type": ..., "options": {...}}`` as for the backbone
-            (:mod:`nonlocal_det.modeling.blocks`); default the paper's non-local block. The old
-            ``nonlocal_type``, ``nonlocal_options`` and ``nonlocal_<option>`` arguments are still
-            read into it.
+            (:mod:`nonlocal_det.modeling.blocks`); default the paper's non-local block.
+        keys (dict): argument -> the name errors give it instead (from a config: its
+            ``MODEL.NONLOCAL`` key, :func:`.config_keys`).
     """
 
     @configurable
@@ -116,14 +106,18 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         conv_dims: Sequence[int],
         nonlocal_after: Sequence[int] = (2, 4, 6, 8),
         nonlocal_spec: Optional[Mapping] = None,
+        keys: Optional[Mapping[str, str]] = None,
         **kwargs,
     ):
-        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("nonlocal_")}
-        others = ["nonlocal_after", "nonlocal_spec"]
-        nonlocal_spec = legacy_spec("NonLocalKRCNNHead", nonlocal_spec, legacy, others)
+        owner = "" if keys else "NonLocalKRCNNHead"
+        make_block = block_builder(owner, nonlocal_spec, keys)
+        n, after = len(conv_dims), list(nonlocal_after)
+        ok = all(is_int(k) and 1 <= k <= n for k in after)
+        key = (keys or {}).get
+        allowed = f"distinct integers in 1..{n} (the head's convs, {key('conv_dims', 'conv_dims')})"
+        after_key = key("nonlocal_after", "nonlocal_after")
+        check_value(owner, after_key, after, ok and len(set(after)) == len(after), allowed)
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
-        make_block = block_builder("NonLocalKRCNNHead", nonlocal_spec)
-        after = _checked_after(nonlocal_after, conv_dims)
         children = list(self._modules.items())
         for name, _ in children:
             del self._modules[name]
@@ -138,12 +132,10 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["nonlocal_spec"] = config_block_spec(cfg)
         nl = cfg.MODEL.NONLOCAL
+        keys = dict(config_keys(cfg), conv_dims="MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS")
+        ret.update(nonlocal_spec=config_block_spec(cfg), keys=keys)
         ret["nonlocal_after"] = list(nl.KEYPOINT_HEAD_BLOCKS) if nl.ENABLED else []
-        with config_wording():
-            block_builder("NonLocalKRCNNHead", ret["nonlocal_spec"])
-            _checked_after(ret["nonlocal_after"], ret["conv_dims"])
         return ret
 
     def forward(self, x, instances: List[Instances]):

@@ -24,7 +24,6 @@ from typing import Any, Callable, Union
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig
 
-from .backbone import NonLocalResNet
 from .blocks import block_builder
 from .insertion import insert_blocks
 from .keypoint_head import NonLocalKRCNNHead
@@ -92,9 +91,8 @@ def add_blocks(node: DictConfig, **nonlocal_args) -> DictConfig:
 
 def remove_blocks(cfg: Any) -> Any:
     """A copy of a LazyConfig (or any part of one) without blocks: each :func:`add_blocks` node
-    back to its original target, ``NonLocalResNet`` nodes with ``nonlocal_placement="none"`` (and
-    no ``nonlocal_blocks``, which only ``"custom"`` takes) and ``NonLocalKRCNNHead`` nodes with
-    ``nonlocal_after=[]`` (the same parameter names, minus the blocks')."""
+    back to its original target, each ``NonLocalKRCNNHead`` node with ``nonlocal_after=[]`` (the
+    same parameter names, minus the blocks')."""
     cfg = copy.deepcopy(cfg)
     nodes = [cfg]
     while nodes:
@@ -110,9 +108,6 @@ def remove_blocks(cfg: Any) -> Any:
             node._target_ = locate(base) if isinstance(base, str) else base
             for k in _ARGS:
                 node.pop(k, None)
-        elif target is NonLocalResNet:
-            node.nonlocal_placement = "none"
-            node.pop("nonlocal_blocks", None)
         elif target is NonLocalKRCNNHead:
             node.nonlocal_after = []
         nodes.extend(v for k, v in node.items_ex(resolve=False) if k != "_target_")

@@ -8,28 +8,22 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.roi_heads import build_keypoint_head
 
 from .backbone import OURS as NONLOCAL_BACKBONES
-from .blocks import config_wording
+from .blocks import config_block_spec
 
 __all__ = ["NONLOCAL_BACKBONES", "baseline_config", "check_model_config"]
 
 
 def check_model_config(cfg) -> None:
-    """Check the backbone and keypoint head of ``cfg`` where they are this project's.
-
-    The non-local backbone and keypoint head are built on the ``meta`` device (no memory, no
-    arithmetic), so every check of their builders and arguments runs, worded in ``MODEL.*`` keys.
+    """Check the backbone and keypoint head of ``cfg`` where they are this project's, by building
+    them on the ``meta`` device (no memory, no arithmetic): every check of their builders runs.
 
     Raises:
         ValueError: naming the key, its value and what is allowed.
         KeyError: ``MODEL.NONLOCAL`` is missing (:func:`nonlocal_det.add_nonlocal_config`).
     """
-    if "NONLOCAL" not in cfg.MODEL:
-        raise KeyError(
-            "cfg.MODEL.NONLOCAL is missing: call nonlocal_det.add_nonlocal_config(cfg) before "
-            "merge_from_file"
-        )
+    config_block_spec(cfg)  # the KeyError naming add_nonlocal_config
     head = cfg.MODEL.ROI_KEYPOINT_HEAD
-    with torch.device("meta"), config_wording():
+    with torch.device("meta"):
         if cfg.MODEL.BACKBONE.NAME in NONLOCAL_BACKBONES:
             build_backbone(cfg)
         if cfg.MODEL.KEYPOINT_ON and head.NAME == "NonLocalKRCNNHead":
