@@ -2,7 +2,7 @@
 it: :func:`convert_checkpoint` (used by ``python -m nonlocal_det.tools.convert_mmdet`` and by the
 checkpointer's advice for an mmdetection file handed in as weights)."""
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -11,7 +11,17 @@ from ..utils import read_config_text
 from .keys import UnsupportedCheckpoint, convert_state_dict, model_mismatches, read_layout
 from .settings import config_mismatches, mmdet_settings
 
-__all__ = ["convert_checkpoint"]
+__all__ = ["convert_checkpoint", "embedded_config"]
+
+
+def embedded_config(meta: dict) -> Optional[Dict[str, Any]]:
+    """The training config in a checkpoint's ``meta`` (``config`` in mmdetection 2, ``cfg`` in 3),
+    read without running it (:func:`~nonlocal_det.utils.read_config_text`), or None."""
+    text = meta.get("config") or meta.get("cfg")
+    try:
+        return read_config_text(text) if isinstance(text, str) and text.strip() else None
+    except ValueError as e:
+        raise UnsupportedCheckpoint(f"meta's config: {e}") from None
 
 
 def _config_of(settings: Dict[str, Any], config_file: str, opts: List[str]):
@@ -34,11 +44,7 @@ def convert_checkpoint(
     Raises:
         UnsupportedCheckpoint: naming what cannot be mapped and why.
     """
-    text = meta.get("config") or meta.get("cfg")
-    try:
-        config = read_config_text(text) if isinstance(text, str) and text.strip() else None
-    except ValueError as e:
-        raise UnsupportedCheckpoint(f"meta's config: {e}") from None
+    config = embedded_config(meta)
     layout = read_layout(state)
     settings, notes = mmdet_settings(
         layout, config, version=meta.get("mmdet_version"), assume_defaults=assume_defaults
