@@ -1,6 +1,6 @@
 """Detectron2's generic tools on the project's configs: LazyConfig files with Detectron2's own
-scripts, YAML configs through ``python -m nonlocal_det.tools.d2_tool``, and the project's
-``train_net.py`` on a LazyConfig file (real subprocesses, as a user runs them).
+scripts, YAML configs through ``python -m nonlocal_det.tools.d2_tool``, and nonlocal_det's trainer
+on a LazyConfig file (the demo project's ``train_net.py``; real subprocesses, as a user runs them).
 
 Detectron2's ``tools/`` scripts are not part of the upstream pip package; the PyPI redistribution
 that ``make setup`` falls back to installs them as the module ``tools``. Tests that run them are
@@ -53,11 +53,11 @@ def run(args, env, cwd=REPO, ok=True):
 
 @pytest.fixture(scope="module")
 def lazy_trained(env, tmp_path_factory):
-    """Two iterations of the LazyConfig demo with the project's ``train_net.py``."""
+    """Two iterations of the LazyConfig demo with the demo project's ``train_net.py``."""
     out = tmp_path_factory.mktemp("lazy_train")
     log = run(
         [
-            "train_net.py",
+            os.path.join("projects", "demo", "train_net.py"),
             "--config-file",
             LAZY_DEMO,
             "train.max_iter=2",
