@@ -230,6 +230,38 @@ def _ints(value, minimum: int) -> bool:
     return all(not isinstance(v, bool) and isinstance(v, int) and v >= minimum for v in value)
 
 
+# (key, minimum) of the int keys of a YAML config and of a LazyConfig (``INPUT.MIN_SIZE_TEST`` 0:
+# no resizing).
+_YAML_INTS = (("SOLVER.MAX_ITER", 1), ("SOLVER.CHECKPOINT_PERIOD", 1), ("SOLVER.IMS_PER_BATCH", 1),
+              ("SOLVER.REFERENCE_WORLD_SIZE", 0), ("SOLVER.WARMUP_ITERS", 0),
+              ("INPUT.MAX_SIZE_TRAIN", 1), ("INPUT.MIN_SIZE_TEST", 0), ("INPUT.MAX_SIZE_TEST", 1),
+              ("TEST.EVAL_PERIOD", 0), ("TEST.DETECTIONS_PER_IMAGE", 1),
+              ("DATALOADER.NUM_WORKERS", 0), ("MODEL.ROI_HEADS.NUM_CLASSES", 1))  # fmt: skip
+_LAZY_INTS = (("train.max_iter", 1), ("train.checkpointer.period", 1), ("train.eval_period", 0),
+              ("train.log_period", 1), ("dataloader.train.total_batch_size", 1),
+              ("dataloader.train.num_workers", 0))  # fmt: skip
+
+
+def _get(cfg, path: str):
+    """The value at the dotted ``path`` of a CfgNode or LazyConfig, or None."""
+    for part in path.split("."):
+        if not hasattr(cfg, "get") or cfg.get(part) is None:
+            return None
+        cfg = cfg.get(part)
+    return cfg
+
+
+def _check_ints(cfg, ints, batch_key: str, world_size: int) -> None:
+    """The ``(key, minimum)`` ints present, and the batch size a multiple of ``world_size``."""
+    for key, minimum in ints:
+        if _get(cfg, key) is not None:
+            check_int("", key, _get(cfg, key), minimum)
+    batch = _get(cfg, batch_key)
+    allowed = f"a multiple of the number of processes, {world_size} (the images of a step are "
+    ok = batch is None or batch % world_size == 0
+    check_value("", batch_key, batch, ok, allowed + "split evenly among them)")
+
+
 def check_config_values(cfg: CN, world_size: int = 1) -> None:
     """Check the Detectron2 keys a user typically sets (solver, input sizes, test, data loader)
     before any work, where Detectron2 would fail later (``SOLVER.CHECKPOINT_PERIOD 0``: a
@@ -244,15 +276,7 @@ def check_config_values(cfg: CN, world_size: int = 1) -> None:
         ValueError: naming the key, its value and what is allowed.
     """
     s, inp = cfg.SOLVER, cfg.INPUT
-    check_int("", "SOLVER.MAX_ITER", s.MAX_ITER, 1)
-    check_int("", "SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, 1)
-    check_int("", "SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, 1)
-    check_value(
-        "", "SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, s.IMS_PER_BATCH % world_size == 0,
-        f"a multiple of the number of processes, {world_size} (the images of a step are split "
-        "evenly among them)",
-    )  # fmt: skip
-    check_int("", "SOLVER.REFERENCE_WORLD_SIZE", s.REFERENCE_WORLD_SIZE, 0)
+    _check_ints(cfg, _YAML_INTS, "SOLVER.IMS_PER_BATCH", world_size)
     for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY"):
         check_positive("", f"SOLVER.{key}", s[key], inclusive=True)
     for key in ("WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS", "BIAS_LR_FACTOR"):
@@ -266,7 +290,6 @@ def check_config_values(cfg: CN, world_size: int = 1) -> None:
     )  # fmt: skip
     check_choice("", "SOLVER.LR_SCHEDULER_NAME", s.LR_SCHEDULER_NAME,
                  ["WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR"])  # fmt: skip
-    check_int("", "SOLVER.WARMUP_ITERS", s.WARMUP_ITERS, 0)
     check_value("", "SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR,
                 isinstance(s.WARMUP_FACTOR, (int, float)) and 0 <= s.WARMUP_FACTOR <= 1,
                 "a number in [0, 1]")  # fmt: skip
@@ -286,14 +309,7 @@ def check_config_values(cfg: CN, world_size: int = 1) -> None:
         ok = len(sizes) >= 1 and _ints(sizes, 1)
         allowed = "ints >= 1, the short side of a training image (one drawn per image)"
         check_value("", "INPUT.MIN_SIZE_TRAIN", inp.MIN_SIZE_TRAIN, ok, allowed)
-    check_int("", "INPUT.MAX_SIZE_TRAIN", inp.MAX_SIZE_TRAIN, 1)
-    check_int("", "INPUT.MIN_SIZE_TEST", inp.MIN_SIZE_TEST, 0)  # 0: no resizing
-    check_int("", "INPUT.MAX_SIZE_TEST", inp.MAX_SIZE_TEST, 1)
     check_choice("", "INPUT.RANDOM_FLIP", inp.RANDOM_FLIP, ["none", "horizontal", "vertical"])
-    check_int("", "TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)
-    check_int("", "TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, 1)
-    check_int("", "DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, 0)
-    check_int("", "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, 1)
 
 
 def check_lazy_config_values(cfg, world_size: int = 1) -> None:
@@ -305,33 +321,8 @@ def check_lazy_config_values(cfg, world_size: int = 1) -> None:
     Raises:
         ValueError: naming the key, its value and what is allowed.
     """
-
-    def get(path: str):
-        node = cfg
-        for part in path.split("."):
-            if not hasattr(node, "get") or node.get(part) is None:
-                return None
-            node = node.get(part)
-        return node
-
-    for key, minimum in (
-        ("train.max_iter", 1),
-        ("train.checkpointer.period", 1),
-        ("train.eval_period", 0),
-        ("train.log_period", 1),
-        ("dataloader.train.total_batch_size", 1),
-        ("dataloader.train.num_workers", 0),
-    ):
-        if get(key) is not None:
-            check_int("", key, get(key), minimum)
-    batch = get("dataloader.train.total_batch_size")
-    if batch is not None:
-        check_value(
-            "", "dataloader.train.total_batch_size", batch, batch % world_size == 0,
-            f"a multiple of the number of processes, {world_size} (the images of a step are "
-            "split evenly among them)",
-        )  # fmt: skip
-    if get("optimizer.lr") is not None:
-        check_positive("", "optimizer.lr", get("optimizer.lr"), inclusive=True)
-    if get("train.stop_signals") is not None:  # not in Detectron2's train: DEFAULT_STOP_SIGNALS
-        parse_stop_signals(get("train.stop_signals"), "train.stop_signals")
+    _check_ints(cfg, _LAZY_INTS, "dataloader.train.total_batch_size", world_size)
+    if _get(cfg, "optimizer.lr") is not None:
+        check_positive("", "optimizer.lr", _get(cfg, "optimizer.lr"), inclusive=True)
+    if _get(cfg, "train.stop_signals") is not None:  # else DEFAULT_STOP_SIGNALS
+        parse_stop_signals(_get(cfg, "train.stop_signals"), "train.stop_signals")
