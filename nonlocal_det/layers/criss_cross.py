@@ -43,11 +43,8 @@ class CrissCrossAttention(CNNBlockBase):
     The query, key, energies and their softmax are computed in float32 (autocast off): the
     un-scaled q . k overflows float16 with large activations.
 
-    In CCNet the module sits in the segmentation head (``RCCAModule``): a 3x3 conv 2048 -> 512 +
-    BN on the dilated ResNet-101's output (stride 8), then criss-cross attention with R = 2, a
-    3x3 conv + BN, concatenation with the backbone output and the classifier.
-
-    A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
+    A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``); in CCNet it sits
+    in the segmentation head (``RCCAModule``), after a 3x3 conv 2048 -> 512.
 
     Args:
         in_channels (int): C, channels of the input and of the output.

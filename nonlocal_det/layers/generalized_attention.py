@@ -61,7 +61,8 @@ def _kaiming_uniform_(weight: torch.Tensor) -> None:
 
 
 class GeneralizedAttention(CNNBlockBase):
-    """Generalized attention block (mmcv ``GeneralizedAttention``), residual, identity at init.
+    """Generalized attention block (mmcv ``GeneralizedAttention``), residual, identity at init; a
+    Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
 
     Sub-modules and parameters are named as in mmcv: ``query_conv`` (terms 1, 2), ``key_conv``
     (terms 1, 3), ``value_conv``, ``appr_geom_fc_x`` / ``appr_geom_fc_y`` (linear D/2 -> heads *
@@ -78,16 +79,10 @@ class GeneralizedAttention(CNNBlockBase):
     and ReLU) of every block of res4 and res5, ``attention_type`` '1111' or '0010', 8 heads,
     ``kv_stride`` 2, ``spatial_range`` -1. mmcv's own default for ``num_heads`` is 9; here 8.
 
-    With the position terms ([2], [4]) or a ``spatial_range`` >= 0, the energy (N x M per head
-    and image) is one float32 matrix product of augmented vectors (``_attention``); the content
-    terms alone take linear memory.
-
     Differences from mmcv (identical results where mmcv works): ``spatial_range`` is applied
     for any input size and channel count (mmcv only for C = 256 / 512 and sides <= 84), measures
     offsets in input pixels (mmcv uses the query-grid index, the same for ``q_stride`` = 1), and
     with '0010' keeps a window per query (mmcv applies the first query's window to all).
-
-    A Detectron2 ``CNNBlockBase`` (stride 1, ``out_channels == in_channels``).
 
     Args:
         in_channels (int): C, channels of the input and of the output.

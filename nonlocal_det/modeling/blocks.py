@@ -70,15 +70,10 @@ def block_builder(
     check_choice(owner, type_key, kind, BLOCK_TYPES)
     check_value(owner, "nonlocal_spec['options']", options, isinstance(options, Mapping), allowed)
     cls = BLOCK_TYPES[kind]
-    unknown = sorted(set(options) - set(block_options(cls)))
-    check_value(
-        owner,
-        "nonlocal_spec['options']",
-        dict(options),
-        not unknown,
-        f"keys of type {kind!r} ({cls.__name__}) {block_options(cls)}, not {unknown}",
-    )
     options = dict(options)
+    unknown = sorted(set(options) - set(block_options(cls)))
+    allowed = f"keys of type {kind!r} ({cls.__name__}) {block_options(cls)}, not {unknown}"
+    check_value(owner, "nonlocal_spec['options']", options, not unknown, allowed)
     ratio = options.pop("inner_ratio", None)
     opt_owner = cls.__name__ if owner else ""
     if ratio is not None:
