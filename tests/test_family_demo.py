@@ -1,15 +1,14 @@
 """Every block type trains on the demo data and is evaluated, by command-line overrides of the demo
-config only (the trainer's ``cli``, as ``train_net.py`` runs it; a few iterations of
-a smaller model; the five trainings one after the other in one process)."""
+config only (the demo project's ``train_net.py``; a few iterations of a smaller model; the five
+trainings one after the other in one process)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 from subproc import DEMO, TINY, env_for
-from utils import REPO, shared_datasets_dir
+from utils import DEMO_DIR, REPO, shared_datasets_dir
 
 # The demo's ResNet-18 has BasicBlocks (2 convs): GC and generalized attention go after conv2 there,
 # in every block of its last stages (the demo has no res5: res3-res4 for GC, res4 for GA).
@@ -30,17 +29,17 @@ OVERRIDES = {
 }
 
 
-# One process trains them all (the trainer's cli, as train_net.py runs it with one process): one
-# start-up instead of five. Each run's output is framed by marker lines.
+# One process trains them all (the demo project's train_net.py: nonlocal_det's trainer with the
+# demo's keys and datasets, its cli as the script runs it with one process): one start-up instead
+# of five. Each run's output is framed by marker lines.
 DRIVER = """
 import json, sys, traceback
 sys.path.insert(0, sys.argv[1])
-import utils  # the demo project's config keys and datasets, as its scripts set them up
-from nonlocal_det.engine.train import cli
+import train_net
 for name, args in json.loads(sys.argv[2]).items():
     print(f"@@@ begin {name}", flush=True)
     try:
-        cli(args)
+        train_net.cli(args)
         print(f"@@@ end {name} ok", flush=True)
     except BaseException:
         traceback.print_exc(file=sys.stdout)
@@ -59,7 +58,7 @@ def trained(tmp_path_factory):
         runs[block_type] = args
     datasets = shared_datasets_dir(tmp_path_factory)
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, os.path.dirname(__file__), json.dumps(runs)],
+        [sys.executable, "-c", DRIVER, DEMO_DIR, json.dumps(runs)],
         cwd=REPO,
         env=env_for(datasets),
         capture_output=True,
