@@ -36,6 +36,7 @@ def test_dry_run_lists_the_offline_install_and_the_steps(tmp_path, capsys):
     assert "-m cuda" in steps[0] and "tests/test_cuda.py" in steps[0]
     assert "test_convert_mmdet" not in steps[0] and "test_zoo_models" not in steps[0]
     assert "MODEL.WEIGHTS ''" in steps[3] and "MODEL.DEVICE" not in steps[3]
+    assert "SOLVER.AMP.ENABLED True" in steps[3] and "SOLVER.MAX_ITER 20" in steps[3]
     # The CPU rehearsal: the same steps, small.
     assert gpu_check.main(["--dry-run", "--device", "cpu", "--output", str(out)]) == 0
     cpu = capsys.readouterr().out
