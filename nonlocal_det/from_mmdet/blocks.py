@@ -28,11 +28,8 @@ def _plugin_config(backbone: dict, kind: str) -> Tuple[Optional[dict], Optional[
     for plugin in backbone.get("plugins") or []:
         cfg = dict(plugin.get("cfg") or {})
         if cfg.get("type") != mmcv_type[kind]:
-            raise refused(
-                "model.backbone.plugins",
-                cfg.get("type"),
-                f"only one plugin type per model is mapped ({mmcv_type[kind]} here)",
-            )
+            why = f"only one plugin type per model is mapped ({mmcv_type[kind]} here)"
+            raise refused("model.backbone.plugins", cfg.get("type"), why)
         cfg.pop("type")
         found.append((cfg, plugin.get("position")))
     key, position = {"context_block": ("gcb", "after_conv3")}.get(
@@ -40,11 +37,8 @@ def _plugin_config(backbone: dict, kind: str) -> Tuple[Optional[dict], Optional[
     if backbone.get(key):
         found.append((dict(backbone[key]), position))  # stage_with_*: the weights say where
     if len({repr(f[0]) for f in found}) > 1 or len({f[1] for f in found}) > 1:
-        raise refused(
-            "model.backbone.plugins",
-            [f[0] for f in found],
-            "blocks of different settings in one model are not mapped (one MODEL.NONLOCAL node)",
-        )
+        why = "blocks of different settings in one model are not mapped (one MODEL.NONLOCAL node)"
+        raise refused("model.backbone.plugins", [f[0] for f in found], why)
     return found[0] if found else (None, None)
 
 
@@ -62,11 +56,8 @@ def _gc_options(lay: Layout, options: Optional[dict]) -> "OrderedDict[str, Any]"
         if options.get("pooling_type", "att") != "att":
             raise refused("ContextBlock.pooling_type", options["pooling_type"], "attention only")
         if int(lay.plugin_channels * options["ratio"]) != planes:
-            raise refused(
-                "ContextBlock.ratio",
-                options["ratio"],
-                f"the weights' width is {planes} of {lay.plugin_channels} channels",
-            )
+            why = f"the weights' width is {planes} of {lay.plugin_channels} channels"
+            raise refused("ContextBlock.ratio", options["ratio"], why)
         ratio = float(options["ratio"])
     return OrderedDict([("RATIO", ratio), ("FUSION_TYPES", fusions)])
 
@@ -112,11 +103,8 @@ def _ga_options(
         )
     heads, d = o["num_heads"], c // o["num_heads"]
     if t["value_conv.weight"][0] != heads * d:
-        raise refused(
-            "GeneralizedAttention.num_heads",
-            heads,
-            f"value_conv has {t['value_conv.weight'][0]} outputs, not {heads} x {c} // {heads}",
-        )
+        why = f"value_conv has {t['value_conv.weight'][0]} outputs, not {heads} x {c} // {heads}"
+        raise refused("GeneralizedAttention.num_heads", heads, why)
     out = OrderedDict(ATTENTION_TYPE=[int(v) for v in terms], NUM_HEADS=heads)
     for key in ("kv_stride", "q_stride", "spatial_range", "position_embedding_dim"):
         out[key.upper()] = o[key]

@@ -114,11 +114,8 @@ def _input_settings(config: dict, model: dict) -> "OrderedDict[str, Any]":
         scale = step.get("scale", step.get("img_scale"))
         if step.get("type") in ("Resize", "MultiScaleFlipAug") and scale is not None:
             if not step.get("keep_ratio", True) or len(scale) != 2 or isinstance(scale[0], list):
-                raise refused(
-                    f"test pipeline {step['type']}",
-                    scale,
-                    "only one scale, keeping the aspect ratio, is mapped (Detectron2's ResizeShortestEdge)",
-                )
+                why = "only one scale, keeping the aspect ratio (Detectron2's ResizeShortestEdge)"
+                raise refused(f"test pipeline {step['type']}", scale, why + ", is mapped")
             out["INPUT.MIN_SIZE_TEST"], out["INPUT.MAX_SIZE_TEST"] = min(scale), max(scale)
             break
     return out
@@ -134,11 +131,8 @@ def _roi_settings(roi_head: dict, lay: Layout) -> "OrderedDict[str, Any]":
         if layer.get("type", "RoIAlign") != "RoIAlign" or layer.get("pool_mode", "avg") != "avg":
             raise refused(f"{where}.roi_layer", layer, "only RoIAlign with average pooling")
         if extractor.get("finest_scale", 56) != 56:
-            raise refused(
-                f"{where}.finest_scale",
-                extractor["finest_scale"],
-                "Detectron2 maps boxes to levels as finest_scale 56 does (224 at level 4)",
-            )
+            why = "Detectron2 maps boxes to levels as finest_scale 56 does (224 at level 4)"
+            raise refused(f"{where}.finest_scale", extractor["finest_scale"], why)
         get = layer.get
         out[f"MODEL.{node}.POOLER_TYPE"] = "ROIAlignV2" if get("aligned", True) else "ROIAlign"
         out[f"MODEL.{node}.POOLER_SAMPLING_RATIO"] = get("sampling_ratio", get("sample_num", 0))
@@ -269,11 +263,8 @@ def _head_settings(lay: Layout, model: dict) -> "OrderedDict[str, Any]":
             "(docs/published_models.md)"
         )
     if num_classes != lay.num_classes:
-        raise refused(
-            "model.roi_head.bbox_head.num_classes",
-            num_classes,
-            f"fc_cls has {lay.num_classes + 1} outputs ({lay.num_classes} classes + background)",
-        )
+        why = f"fc_cls has {lay.num_classes + 1} outputs ({lay.num_classes} classes + background)"
+        raise refused("model.roi_head.bbox_head.num_classes", num_classes, why)
     out = OrderedDict()
     out["MODEL.META_ARCHITECTURE"] = "GeneralizedRCNN"
     out["MODEL.MASK_ON"] = lay.mask_on
@@ -298,11 +289,9 @@ def _head_settings(lay: Layout, model: dict) -> "OrderedDict[str, Any]":
         out["MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK"] = lay.cls_agnostic_mask
     out.update(_roi_settings(roi_head, lay))
     if out["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION"] != lay.pooler_resolution:
-        raise refused(
-            "model.roi_head.bbox_roi_extractor.roi_layer.output_size",
-            out["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION"],
-            f"the box head's fc1 reads {lay.pooler_resolution} x {lay.pooler_resolution} bins",
-        )
+        why = f"the box head's fc1 reads {lay.pooler_resolution} x {lay.pooler_resolution} bins"
+        where = "model.roi_head.bbox_roi_extractor.roi_layer.output_size"
+        raise refused(where, out["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION"], why)
     return out
 
 

@@ -9,15 +9,9 @@ from typing import Any, Dict
 
 __all__ = ["read_config_text"]
 
-_BINARY = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Pow: operator.pow,
-    ast.Mod: operator.mod,
-}
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow,
+           ast.Mod: operator.mod}  # fmt: skip
 _CONTAINERS = {"dict": dict, "list": list, "tuple": tuple}
 
 
@@ -32,24 +26,11 @@ def _value(node: ast.AST, names: Dict[str, Any]) -> Any:
         items = [_value(e, names) for e in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
     if isinstance(node, ast.Dict):
-        out = {}
-        for key, value in zip(node.keys, node.values):
-            if key is None:  # {**other}
-                out.update(_mapping(_value(value, names)))
-            else:
-                out[_value(key, names)] = _value(value, names)
-        return out
+        return _dict(zip(node.keys, node.values), names)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         kind = _CONTAINERS.get(node.func.id)
         if kind is dict and not node.args:
-            out = {}
-            for kw in node.keywords:
-                value = _value(kw.value, names)
-                if kw.arg is None:  # dict(**other)
-                    out.update(_mapping(value))
-                else:
-                    out[kw.arg] = value
-            return out
+            return _dict(((kw.arg, kw.value) for kw in node.keywords), names)
         if kind in (list, tuple) and len(node.args) <= 1 and not node.keywords:
             return kind(_value(node.args[0], names)) if node.args else kind()
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
@@ -67,25 +48,24 @@ def _value(node: ast.AST, names: Dict[str, Any]) -> Any:
     raise _NotALiteral(ast.dump(node)[:80])
 
 
-def _mapping(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise _NotALiteral(f"** of a {type(value).__name__}")
-    return value
+def _dict(items, names: Dict[str, Any]) -> dict:
+    """A dict of (key: a node, a keyword or None for ``**other``, value node) pairs."""
+    out = {}
+    for key, node in items:
+        value = _value(node, names)
+        if key is None and not isinstance(value, dict):
+            raise _NotALiteral(f"** of a {type(value).__name__}")
+        if key is None:
+            out.update(value)
+        else:
+            out[key if isinstance(key, str) else _value(key, names)] = value
+    return out
 
 
 def read_config_text(text: str) -> Dict[str, Any]:
-    """The top-level assignments of a config's text whose values are literals.
-
-    Args:
-        text: Python source of an mmcv / mmengine config (its ``pretty_text``, or a config file).
-
-    Returns:
-        dict: name -> value (``dict(...)`` calls become dicts); names assigned with anything but
-        literals are absent.
-
-    Raises:
-        ValueError: the text is not Python.
-    """
+    """name -> value of the top-level assignments of an mmcv / mmengine config's Python ``text``
+    whose values are literals (``dict(...)`` calls become dicts; other names are absent).
+    Raises ValueError when the text is not Python."""
     try:
         tree = ast.parse(text)
     except SyntaxError as e:
