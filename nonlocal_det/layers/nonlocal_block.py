@@ -81,23 +81,17 @@ class NonLocalBlock(CNNBlockBase):
         subsample (bool): max-pool phi and g (and the keys of ``gaussian``) after their convs with
             window 2 / 2x2 / 1x2x2 (floor for odd sizes; a size-1 axis is left unpooled).
         use_scale (bool): multiply the dot product inside the exponential forms by 1/sqrt(d), d the
-            length of the dotted vectors (C_inner for embedded Gaussian, C for Gaussian). Used by
-            the authors' code, not mentioned in the paper. Ignored by the other forms.
+            length of the dotted vectors (the authors' code, not the paper).
         norm (str): normalisation after W_z: ``""`` (none; then W_z starts at zero), ``"GN"``,
-            ``"BN"`` or ``"SyncBN"`` (then its gamma starts at zero). A frozen BN is refused: with
-            gamma = 0 it would output zero forever.
+            ``"BN"`` or ``"SyncBN"`` (then its gamma starts at zero).
         theta_phi_init (str): the initialisation of the theta and phi weights: ``"normal"``
             (normal(0, 0.01), the authors' and mmcv's; default), ``"he"`` (normal(0, 2 / C), the
             fan-in scale GC's ``conv_mask`` uses) or ``"lecun"`` (normal(0, 1 / C)). Ignored by
             ``gaussian``.
-        out_init_std (float): W_z starts normal(0, out_init_std) instead of zero, so that theta,
-            phi and g get a gradient at the first step; the block is then the identity only
-            within about ``out_init_std`` times the size of y. Default 0 (the authors'). Only
-            without a norm (with one, W_z is already random and the norm's gamma starts at 0).
-        whiten (bool): DNL's whitening (Yin et al. 2020): the query embedding minus its mean
-            over the query positions and the key embedding minus its mean over the (pooled) key
-            positions, before the pairwise function. In the softmax forms it removes the
-            query-independent term mean(theta)^T phi_j. Default False (the paper).
+        out_init_std (float): W_z starts normal(0, out_init_std) instead of zero (theta, phi and
+            g then get a gradient at the first step). Default 0 (the authors'); 0 with a norm.
+        whiten (bool): DNL's whitening (Yin et al. 2020): theta and phi minus their means over
+            the (query, key) positions. Default False (the paper).
     """
 
     def __init__(
