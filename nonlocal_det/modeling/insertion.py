@@ -123,7 +123,10 @@ def placement_indices(
         names (dict): ``res2``.. -> the network's name of that stage (RegNet: ``s1``..).
     """
     keys = keys or {}
-    key = lambda arg: keys.get(arg, arg)  # noqa: E731
+
+    def key(arg: str) -> str:
+        return keys.get(arg, arg)
+
     check_choice(owner, key("nonlocal_placement"), placement, PLACEMENTS)
     alias = {v: k for k, v in (names or {}).items() if k != v}
     blocks = {alias.get(s, s): list(v) for s, v in (blocks or {}).items()}
