@@ -90,6 +90,11 @@ def _last_good_checkpoint(checkpointer, tries: int = 5) -> str:
     )
 
 
+def _restore(handlers) -> None:
+    for s, handler in handlers.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
 def _losses(error: FloatingPointError) -> str:
     """Each loss of Detectron2's message (``loss_dict = {'loss_cls': np.float64(0.69), ...}``) as
     ``loss_cls=0.69, ...``; the message itself if it has another form."""
@@ -155,8 +160,7 @@ class SafeStop(HookBase):
 
     def uninstall(self) -> None:
         """Put back the signal handlers found by :meth:`install`."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        _restore(self._previous)
         self._previous = {}
 
     def before_train(self):
@@ -189,10 +193,8 @@ class SafeStop(HookBase):
             self._preempt()
 
     def after_train(self):
-        try:
+        with contextlib.suppress(AttributeError):
             del self.trainer.run_step  # the class's run_step again
-        except AttributeError:
-            pass
         # After a stop with several processes the handlers stay: the parent process terminates
         # the others once one has exited, and the main one may still be writing its logs.
         if not self._stopping or comm.get_world_size() == 1:
@@ -276,14 +278,11 @@ def forward_stop_signals(world_size: int) -> Iterator[None]:
     def forward(signum, frame):
         received.append(signum)
         for child in multiprocessing.active_children():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signum)
-            except ProcessLookupError:
-                pass
 
-    previous = {}
-    for s in parse_stop_signals(ALLOWED_STOP_SIGNALS, "ALLOWED_STOP_SIGNALS"):
-        previous[s] = signal.signal(s, forward)
+    signals = parse_stop_signals(ALLOWED_STOP_SIGNALS, "ALLOWED_STOP_SIGNALS")
+    previous = {s: signal.signal(s, forward) for s in signals}
     try:
         yield
     except ProcessExitedException as e:
@@ -296,5 +295,4 @@ def forward_stop_signals(world_size: int) -> Iterator[None]:
             sys.exit(PREEMPTED_EXIT_CODE)
         raise
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        _restore(previous)
