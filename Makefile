@@ -24,7 +24,7 @@ DEMO_OPTS ?=
 
 demo: setup
 	$(PY) projects/demo/train_net.py --config-file $(DEMO_CFG) OUTPUT_DIR $(DEMO_OUT) $(DEMO_OPTS)
-	$(PY) projects/demo/tools.py visualize --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
+	$(PY) projects/demo/command.py visualize --config-file $(DEMO_CFG) --dataset nl_synthetic_val \
 		--index 0 --output $(DEMO_OUT)/attention.png --predictions-output $(DEMO_OUT)/predictions.png \
 		MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
 	@echo "demo: COCO metrics above; pictures in $(DEMO_OUT)/predictions.png and $(DEMO_OUT)/attention.png"

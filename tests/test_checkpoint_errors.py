@@ -23,7 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer, hooks
 from torch import nn
-from utils import REPO
+from utils import DEMO_LAZY, REPO
 
 from nonlocal_det.engine import AtomicCheckpointer, CheckpointError, check_weights_file
 from nonlocal_det.engine import checkpoint as checkpoint_module
@@ -470,7 +470,7 @@ def test_lazy_config_names_a_bad_init_checkpoint_before_any_work(tmp_path):
         args = train.default_argument_parser().parse_args(
             [
                 "--config-file",
-                os.path.join(REPO, "configs", "lazy", "mask_rcnn_R18_NL_demo.py"),
+                DEMO_LAZY,
                 *mode,
                 f"train.init_checkpoint={weights}",
                 f"train.output_dir={tmp_path / ('eval' if mode else 'train')}",

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
 from omegaconf import DictConfig, ListConfig
-from utils import CONFIGS, load_cfg
+from utils import CONFIGS, DEMO_YAML, load_cfg
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.layers import BLOCK_TYPES
@@ -250,10 +250,10 @@ def test_config_builds_and_runs(leaf):
 
 
 def test_one_override_turns_every_block_off():
-    cfg = load_cfg("demo/mask_rcnn_R18_NL_demo.yaml", ["MODEL.NONLOCAL.ENABLED", False])
+    cfg = load_cfg(DEMO_YAML, ["MODEL.NONLOCAL.ENABLED", False])
     model = build_model(cfg)
     assert not any(isinstance(m, NonLocalBlock) for m in model.modules())
-    on = build_model(load_cfg("demo/mask_rcnn_R18_NL_demo.yaml"))
+    on = build_model(load_cfg(DEMO_YAML))
     names = [n for n, m in on.named_modules() if isinstance(m, NonLocalBlock)]
     assert names == [
         "backbone.bottom_up.res4.nonlocal0",

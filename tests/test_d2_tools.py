@@ -16,10 +16,10 @@ import sys
 
 import pytest
 from detectron2.config import get_cfg
-from utils import CONFIGS, REPO, SMALL_DEMO_DATA, shared_datasets_dir
+from utils import CONFIGS, DEMO_DIR, DEMO_LAZY, DEMO_YAML, REPO, SMALL_DEMO_DATA, shared_datasets_dir
 
-LAZY_DEMO = os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py")
-YAML_DEMO = os.path.join(CONFIGS, "demo", "mask_rcnn_R18_NL_demo.yaml")
+LAZY_DEMO = DEMO_LAZY
+YAML_DEMO = DEMO_YAML
 # Few detections per image: an untrained model's COCO evaluation is then quick.
 FAST_EVAL = ["model.roi_heads.box_predictor.test_topk_per_image=5"]
 
@@ -33,12 +33,13 @@ needs_d2_tools = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    # this checkout's package and the demo project (its LazyConfig imports nonlocal_demo)
+    path = os.pathsep.join(p for p in (REPO, DEMO_DIR, os.environ.get("PYTHONPATH")) if p)
     return dict(
         os.environ,
         NONLOCAL_DET_DATASETS=shared_datasets_dir(tmp_path_factory),
         OMP_NUM_THREADS="1",
-        PYTHONPATH=path,  # this checkout's package, whatever the working directory
+        PYTHONPATH=path,  # whatever the working directory
     )
 
 
@@ -132,13 +133,14 @@ def test_detectron2_tools_on_yaml_configs_through_the_entry_point(env, tmp_path)
         cwd=str(tmp_path),
     )
     assert "backbone.bottom_up.res4.nonlocal4 " in log and "| model " in log
-    # ... and given the script's path, with the project's generated dataset registered.
+    # ... and given the script's path, through the demo project's tools.py with its generated
+    # dataset registered.
     script = importlib.util.find_spec("tools.visualize_data").origin
     vis = tmp_path / "vis"
     run(
         [
-            "-m",
-            "nonlocal_det.tools.d2_tool",
+            os.path.join(DEMO_DIR, "command.py"),
+            "d2_tool",
             script,
             "--source",
             "annotation",

@@ -13,7 +13,7 @@ import shlex
 import pytest
 from coco_files import VAL_IMAGES, write_split
 from subproc import DEMO, TINY, env_for, run_train_net
-from utils import REPO, shared_datasets_dir
+from utils import DEMO_LAZY, REPO, shared_datasets_dir
 
 from nonlocal_det.config import get_nonlocal_cfg
 from nonlocal_det.data import (
@@ -188,7 +188,7 @@ def test_lazy_eval_only_never_builds_the_training_data(tmp_path, tmp_path_factor
     args = train_net.default_argument_parser().parse_args(
         [
             "--config-file",
-            os.path.join(REPO, "configs", "lazy", "mask_rcnn_R18_NL_demo.py"),
+            DEMO_LAZY,
             "--eval-only",
             "dataloader.train.dataset.names=no_such_dataset",
             f"train.output_dir={tmp_path}",

@@ -17,6 +17,7 @@ import torch
 from coco_files import write_split
 from detectron2.engine import HookBase
 from subproc import DEMO, TINY
+from utils import DEMO_LAZY
 
 from nonlocal_det.engine import train as train_net
 from nonlocal_det.engine.resume_state import (
@@ -164,7 +165,7 @@ def _lazy_losses(out, resume, monkeypatch):
         histories = self.storage.histories().items()
         losses[self.iter] = {k: h.latest() for k, h in histories if "loss" in k}
 
-    demo = os.path.join(os.path.dirname(DEMO), os.pardir, "lazy", "mask_rcnn_R18_NL_demo.py")
+    demo = DEMO_LAZY
     argv = ["--config-file", demo, *(["--resume"] if resume else [])]
     argv += [f"train.max_iter={MAX_ITER}", f"train.checkpointer.period={PERIOD}"]
     argv += ["train.eval_period=0", "train.seed=2", "dataloader.train.total_batch_size=2"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
-from utils import CONFIGS, REPO, load_cfg
+from utils import DEMO_DIR, DEMO_LAZY, DEMO_YAML, REPO, load_cfg
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.tools.export import (
@@ -29,7 +29,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # torch.jit is deprecated
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),  # Detectron2's, expected
 ]
-DEMO = "demo/mask_rcnn_R18_NL_demo.yaml"
+DEMO = DEMO_YAML
 ORT_REASON = "onnxruntime is not installed (`make setup` installs it)"
 
 
@@ -91,7 +91,7 @@ def test_model_built_from_a_lazy_config_scripts():
     """LazyConfig models keep list arguments as omegaconf lists, which TorchScript cannot type
     (Detectron2's own LazyConfig models fail the same way); script_model converts them."""
     torch.manual_seed(0)
-    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py"))
+    cfg = LazyConfig.load(DEMO_LAZY)
     model = _nontrivial(instantiate(cfg.model).eval())
     scripted = script_model(model)
     img = image()
@@ -175,8 +175,8 @@ def test_onnx_export_refuses_what_onnx_cannot_express(tmp_path):
 def test_export_command(tmp_path):
     out = tmp_path / "export"
     proc = subprocess.run(
-        [sys.executable, "-m", "nonlocal_det.tools.export", "--config-file"]
-        + [os.path.join(CONFIGS, DEMO), "--output", str(out), "MODEL.KEYPOINT_ON", "False"],
+        [sys.executable, os.path.join(DEMO_DIR, "command.py"), "export", "--config-file"]
+        + [DEMO_YAML, "--output", str(out), "MODEL.KEYPOINT_ON", "False"],
         cwd=REPO,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
         capture_output=True,

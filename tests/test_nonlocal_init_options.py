@@ -9,12 +9,12 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from utils import CONFIGS, load_cfg
+from utils import CONFIGS, PROBE_YAML, load_cfg
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.modeling import check_model_config
 
-PROBE = "probe/faster_rcnn_R18_NL_probe.yaml"
+PROBE = PROBE_YAML
 SMALL = ["MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64]
 SMALL += ["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128]
 OPTIONS = {

@@ -17,7 +17,7 @@ from coco_files import write_dataset
 from detectron2.config import LazyConfig
 from subproc import DEMO, TINY, env_for, run_train_net
 from test_bad_inputs import assert_documented
-from utils import CONFIGS
+from utils import CONFIGS, DEMO_LAZY
 
 from nonlocal_det.config import check_config_values, check_lazy_config_values, get_nonlocal_cfg
 from nonlocal_det.engine import train as train_net
@@ -30,7 +30,7 @@ from nonlocal_det.engine.output_dir import (
     run_config_text,
 )
 
-LAZY_DEMO = os.path.join(CONFIGS, "lazy", "mask_rcnn_R18_NL_demo.py")
+LAZY_DEMO = DEMO_LAZY
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ def test_predict_writes_a_png_per_image(tmp_path):
     image = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8)).save(image)
     out = tmp_path / "prediction.png"
-    # untrained (MODEL.WEIGHTS ""): every box scores above 0; no keypoint head (its decoding
-    # asserts on the near-flat heatmaps of an untrained head now and then)
-    opts = ["MODEL.WEIGHTS", "", "MODEL.KEYPOINT_ON", "False"]
+    # untrained (MODEL.WEIGHTS ""): every box scores above 0, keypoints included
+    opts = ["MODEL.WEIGHTS", ""]
     written = main(
         ["--config-file", DEMO, "--input", str(image), "--output", str(out)]
         + ["--confidence-threshold", "0", *opts]

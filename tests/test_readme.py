@@ -118,15 +118,15 @@ def test_commands_parse_and_their_configs_load(words, monkeypatch):
         assert demo == (args[0] != "train_net.py"), words
         _check_config(parsed)
     elif (args[0] == "-m" and args[1].startswith("nonlocal_det.tools.")) or (
-        args[0] == "projects/demo/tools.py"
+        args[0] == "projects/demo/command.py"
     ):
         name = args[1]
-        if args[0] == "projects/demo/tools.py":  # COMMAND: nonlocal_det's, or generate_data
+        if args[0] == "projects/demo/command.py":  # COMMAND: nonlocal_det's, or generate_data
             name = ("nonlocal_demo." if name == "generate_data" else "nonlocal_det.tools.") + name
         command = importlib.import_module(name)
         parsed = command.parser().parse_args(args[2:])
         config = getattr(parsed, "config_file", None) or ""
-        assert config.startswith("projects/demo/") <= (args[0] == "projects/demo/tools.py"), words
+        assert config.startswith("projects/demo/") <= (args[0] == "projects/demo/command.py"), words
         if hasattr(parsed, "config_file"):
             _check_config(parsed)
         if hasattr(parsed, "tool_args"):  # d2_tool: a Detectron2 script and its --config-file

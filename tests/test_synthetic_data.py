@@ -335,26 +335,7 @@ def _tiny_cfg(train_name, val_name):
 
 
 @pytest.mark.slow
-def _argmax_keypoints(maps, rois):
-    """Keypoints at each heatmap's argmax, in image coordinates (R, K, 4: x, y, logit, score).
-
-    Stands in for Detectron2's ``heatmaps_to_keypoints`` here: that function asserts that the argmax
-    of the upsampled heatmap is still the argmax after ``exp``, which an almost untrained head
-    (near-flat maps) fails now and then; this test is about the data, not that decoding.
-    """
-    n, k, hh, ww = maps.shape
-    out = maps.new_zeros(n, k, 4)
-    for i, (x0, y0, x1, y1) in enumerate(rois.tolist()):
-        flat = torch.nan_to_num(maps[i].flatten(1))
-        score, idx = flat.max(1)
-        out[i, :, 0] = x0 + (idx % ww + 0.5).to(maps.dtype) * max(x1 - x0, 1.0) / ww
-        out[i, :, 1] = y0 + (idx // ww + 0.5).to(maps.dtype) * max(y1 - y0, 1.0) / hh
-        out[i, :, 2] = score
-        out[i, :, 3] = score
-    return out
-
-
-def test_detectron2_trains_and_evaluates(dataset_root, tmp_path, request, monkeypatch):
+def test_detectron2_trains_and_evaluates(dataset_root, tmp_path, request):
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
     from detectron2.modeling import build_model
@@ -381,9 +362,6 @@ def test_detectron2_trains_and_evaluates(dataset_root, tmp_path, request, monkey
             optimizer.step()
 
     model.eval()
-    from detectron2.modeling.roi_heads import keypoint_head
-
-    monkeypatch.setattr(keypoint_head, "heatmaps_to_keypoints", _argmax_keypoints)
     evaluator = COCOEvaluator(
         val,
         tasks=("bbox", "segm", "keypoints"),

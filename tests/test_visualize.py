@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from utils import CONFIGS
+from utils import CONFIGS, DEMO_YAML
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.modeling.attention import compute_arrows
@@ -85,7 +85,7 @@ def frames(tmp_path_factory):
     return paths
 
 
-DEMO = f"{CONFIGS}/demo/mask_rcnn_R18_NL_demo.yaml"
+DEMO = DEMO_YAML
 SMALL = ["MODEL.KEYPOINT_ON", "False", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
 
 

@@ -9,14 +9,15 @@ the ``tools`` folder is importable). Examples, with a Detectron2 source checkout
     python -m nonlocal_det.tools.d2_tool ~/detectron2/tools/analyze_model.py --tasks parameter \\
         --config-file configs/mask_rcnn_R50_NL.yaml
     python -m nonlocal_det.tools.d2_tool ~/detectron2/tools/visualize_data.py --source annotation \\
-        --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml --output-dir vis
+        --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.yaml --output-dir vis
     python -m nonlocal_det.tools.d2_tool ~/detectron2/demo/demo.py \\
-        --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml --input image.png \\
+        --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.yaml --input image.png \\
         --output pred.png --opts MODEL.WEIGHTS output/demo/model_final.pth MODEL.DEVICE cpu
 
 Detectron2's tools read a YAML config with a bare ``get_cfg()``, which knows neither
 ``MODEL.NONLOCAL`` nor the project's datasets. While TOOL runs, in this process only,
-``detectron2.config.get_cfg`` returns Detectron2's defaults plus :func:`add_nonlocal_config`
+``detectron2.config.get_cfg`` returns Detectron2's defaults plus :func:`add_nonlocal_config`'s
+and :func:`add_config_keys`'s keys
 (``MODEL.DEVICE cpu`` without CUDA), and the datasets of its ``--config-file`` are registered; the
 tool itself runs unmodified. LazyConfig ``.py`` files (configs/lazy/) import the package themselves
 and need none of this.
@@ -33,7 +34,7 @@ from unittest import mock
 import detectron2.config
 import detectron2.config.config
 
-from ..config import add_nonlocal_config
+from ..config import get_nonlocal_cfg
 from ..data import register_datasets_for_config
 from ..engine import fall_back_to_cpu
 from ._common import load_config
@@ -50,11 +51,9 @@ def nonlocal_get_cfg() -> Iterator[None]:
     ``detectron2.config``, defined in ``detectron2.config.config``), which has no hook. Both names
     are patched, and restored afterwards; ``tests/test_d2_tools.py`` fails if Detectron2 moves it.
     """
-    original = detectron2.config.get_cfg
-
     def get_cfg():
-        cfg = add_nonlocal_config(original())
-        fall_back_to_cpu(cfg)
+        cfg = get_nonlocal_cfg()  # Detectron2's defaults, the keys of add_nonlocal_config and of
+        fall_back_to_cpu(cfg)  # add_config_keys (a project's, e.g. the demo's)
         return cfg
 
     with mock.patch.object(detectron2.config, "get_cfg", get_cfg):

@@ -1,6 +1,6 @@
 """Export a model with non-local blocks: TorchScript (scripting, tracing) and ONNX.
 
-    python -m nonlocal_det.tools.export --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
+    python -m nonlocal_det.tools.export --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.yaml \\
         --output output/export MODEL.WEIGHTS output/demo/model_final.pth
     python -m nonlocal_det.tools.export --config-file configs/mask_rcnn_R50_NL.yaml --image photo.jpg \\
         --method scripting,tracing --output output/export MODEL.WEIGHTS model_final.pth

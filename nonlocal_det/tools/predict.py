@@ -1,6 +1,6 @@
 """Draw a model's predictions on images: ``python -m nonlocal_det.tools.predict``.
 
-    python -m nonlocal_det.tools.predict --config-file configs/demo/mask_rcnn_R18_NL_demo.yaml \\
+    python -m nonlocal_det.tools.predict --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.yaml \\
         --dataset nl_synthetic_val --num-images 2 --output output/demo/predictions \\
         MODEL.WEIGHTS output/demo/model_final.pth
     python -m nonlocal_det.tools.predict --config-file configs/mask_rcnn_R50_NL.yaml \\

@@ -2,9 +2,9 @@
 """nonlocal_det's commands with the demo's datasets and config keys (``nonlocal_demo``), and the
 demo's data generator:
 
-    python projects/demo/tools.py visualize --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.yaml \\
+    python projects/demo/command.py visualize --config-file projects/demo/configs/mask_rcnn_R18_NL_demo.yaml \\
         --dataset nl_synthetic_val --index 0 --output att.png MODEL.WEIGHTS output/demo/model_final.pth
-    python projects/demo/tools.py generate_data --root datasets/shapes
+    python projects/demo/command.py generate_data --root datasets/shapes
 
 COMMAND: generate_data, or one of nonlocal_det.tools (analyze, d2_tool, export, predict, visualize,
 warm_start); the rest of the line is that command's.

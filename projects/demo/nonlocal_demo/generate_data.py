@@ -1,7 +1,7 @@
 """Generate the demo's or the probe's dataset as plain COCO files:
 
-    python projects/demo/tools.py generate_data --root datasets/shapes [--num-train N --num-val N]
-    python projects/demo/tools.py generate_data --task twin --root datasets/twin   # context probe
+    python projects/demo/command.py generate_data --root datasets/shapes [--num-train N --num-val N]
+    python projects/demo/command.py generate_data --task twin --root datasets/twin   # context probe
 
 ``--task demo`` (the default): the demo's shapes and keypointed stars (400 / 50 images).
 ``--task twin`` / ``--task match``: the context probe's relational data (4000 / 200 images;
