@@ -32,23 +32,12 @@ def _raw_rng_state() -> tuple:
 
 def _rng_state_dict(raw: tuple) -> Dict[str, Any]:
     cpu, (_, keys, pos, has_gauss, gauss), (version, internal, gauss_next), cuda = raw
-    state = {
-        "torch": cpu,
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(gauss),
-        },
-        "python": {
-            "version": int(version),
-            "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
-    }
-    if cuda is not None:
-        state["cuda"] = cuda
-    return state
+    numpy = dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                 has_gauss=int(has_gauss), cached_gaussian=float(gauss))  # fmt: skip
+    python = dict(version=int(version), internal=torch.tensor(internal, dtype=torch.int64),
+                  gauss_next=gauss_next)  # fmt: skip
+    state = {"torch": cpu, "numpy": numpy, "python": python}
+    return state if cuda is None else dict(state, cuda=cuda)
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -168,11 +157,9 @@ class _TrackedItems:
 def _stages(data_loader):
     """(batch_size, DataLoader, AspectRatioGroupedDataset or None) of a Detectron2 train loader,
     or a string saying why it cannot be resumed."""
-    grouped = None
-    if isinstance(data_loader, MapDataset) and isinstance(
-        data_loader.dataset, AspectRatioGroupedDataset
-    ):  # build_batch_data_loader with a collate_fn
-        data_loader = data_loader.dataset
+    grouped, inner = None, getattr(data_loader, "dataset", None)
+    if isinstance(data_loader, MapDataset) and isinstance(inner, AspectRatioGroupedDataset):
+        data_loader = inner  # build_batch_data_loader with a collate_fn
     if isinstance(data_loader, AspectRatioGroupedDataset):
         grouped, loader, batch_size = data_loader, data_loader.dataset, data_loader.batch_size
     else:
