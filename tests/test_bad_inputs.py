@@ -81,6 +81,10 @@ def prepare(opts):
 
 NO_TEST = ["DATASETS.TEST", "()"]
 NL_BACKBONE = ["MODEL.BACKBONE.NAME", "build_nonlocal_backbone"]
+# The demo's ResNet-18 is the demo project's builder (half width); these rows are about
+# Detectron2's own builder (64 wide), as a user's config has it.
+D2_R18 = ["MODEL.NONLOCAL.BASE_BACKBONE", "build_resnet_fpn_backbone"]
+D2_R18 += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.STEM_OUT_CHANNELS", "64"]
 # (the row's input in docs/reliability.md, opts(root, files), error); the row's result is the
 # message expected, word for word (paths shortened; "..." stands for any text).
 CASES = [
@@ -178,22 +182,22 @@ CASES = [
     ),
     (
         "RetinaNet with `BASE_BACKBONE build_resnet_fpn_backbone` (no P7)",
-        lambda r, f: NL_BACKBONE + ["MODEL.META_ARCHITECTURE", "RetinaNet"],
+        lambda r, f: NL_BACKBONE + D2_R18 + ["MODEL.META_ARCHITECTURE", "RetinaNet"],
         ValueError,
     ),
     (
         "`MODEL.RESNETS.DEPTH 42`",
-        lambda r, f: ["MODEL.RESNETS.DEPTH", "42"],
+        lambda r, f: D2_R18 + ["MODEL.RESNETS.DEPTH", "42"],
         ValueError,
     ),
     (
         "`RESNETS.OUT_FEATURES` without res4, FPN unchanged",
-        lambda r, f: ["MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3']"],
+        lambda r, f: D2_R18 + ["MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3']"],
         ValueError,
     ),
     (
         "R18 with `RES2_OUT_CHANNELS 256` (a Detectron2 `assert`; 256 is the key's default)",
-        lambda r, f: ["MODEL.RESNETS.RES2_OUT_CHANNELS", "256"],
+        lambda r, f: D2_R18 + ["MODEL.RESNETS.RES2_OUT_CHANNELS", "256"],
         ValueError,
     ),
     # ---- solver, input sizes, test, data loader (check_config_values) -------------------------

@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from test_configs import _gt_instances
 from torch import nn
-from utils import CONFIGS, DEMO_YAML, load_cfg, shared_datasets_dir
+from utils import CONFIGS, DEMO_LAZY, DEMO_YAML, load_cfg, shared_datasets_dir
 
 from nonlocal_det import NonLocalBlock
 from nonlocal_det.data import register_datasets_for_config
@@ -26,11 +26,11 @@ from nonlocal_det.engine import NonLocalTrainer, optimizer_with_gradient_clippin
 from nonlocal_det.layers import BLOCK_TYPES
 from nonlocal_det.modeling import add_blocks, remove_blocks
 
-LAZY = sorted(glob.glob(os.path.join(CONFIGS, "lazy", "*.py")))
+LAZY = sorted(glob.glob(os.path.join(CONFIGS, "lazy", "*.py"))) + [DEMO_LAZY]
 TWINS = [
     ("mask_rcnn_R50_NL.yaml", "mask_rcnn_R50_NL.py"),
     ("keypoint_rcnn_R50_NL.yaml", "keypoint_rcnn_R50_NL.py"),
-    ("demo/mask_rcnn_R18_NL_demo.yaml", "mask_rcnn_R18_NL_demo.py"),
+    (DEMO_YAML, "mask_rcnn_R18_NL_demo.py"),
     ("mask_rcnn_R50_GC_r16.yaml", "mask_rcnn_R50_GC_r16.py"),
 ]
 EXPECTED_BLOCKS = {
@@ -68,7 +68,8 @@ def datasets(tmp_path_factory):
 
 
 def load(name, overrides=()):
-    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", name))
+    path = next(p for p in LAZY if os.path.basename(p) == name)
+    cfg = LazyConfig.load(path)
     return LazyConfig.apply_overrides(cfg, list(overrides))
 
 
