@@ -3,14 +3,15 @@
 * CPU autocast (bf16, and fp16 where PyTorch's CPU autocast supports it) of the block with large
   activations (theta . phi beyond fp16's range: tests/test_nonlocal_block.py): finite and close to
   the float64 reference.
-* ``SOLVER.AMP.ENABLED`` on CPU trains (bf16 autocast of the forward; Detectron2's AMPTrainer
-  needs CUDA), and evaluates in fp32.
+* ``SOLVER.AMP.ENABLED`` (a LazyConfig's ``train.amp.enabled``) on CPU trains (bf16 autocast of
+  the forward; Detectron2's AMPTrainer needs CUDA), and evaluates in fp32.
 * CUDA fp16: Detectron2's AMPTrainer with non-local blocks (skipped without a GPU).
 
 Every block type of the family in float16 (autocast and half modules, gradients, against
 float64): tests/test_fp16_blocks.py.
 """
 
+import json
 import math
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 from coco_files import write_split
 from subproc import DEMO, TINY
 from test_nonlocal_block import _large_activation_block, _large_input, reference
-from utils import train_cfg
+from utils import lazy_demo_cfg, train_cfg
 
 from nonlocal_det.data import register_datasets_for_config
 from nonlocal_det.engine import CPUAutocast, NonLocalTrainer
@@ -95,6 +96,27 @@ def test_amp_training_on_cpu_runs_the_blocks_in_bf16(data, tmp_path):
     assert set(seen) == {torch.float32} and out[0]["instances"].pred_boxes.tensor.dtype == (
         torch.float32
     )
+
+
+@pytest.mark.slow
+def test_lazy_config_amp_training_on_cpu_runs_the_blocks_under_autocast(tmp_path, monkeypatch):
+    """A LazyConfig's ``train.amp.enabled`` on CPU trains under the same bfloat16 autocast."""
+    from nonlocal_det.engine import train
+
+    seen, forward = [], NonLocalBlock.forward
+
+    def recorded_forward(self, x):
+        if self.training:
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return forward(self, x)
+
+    monkeypatch.setattr(NonLocalBlock, "forward", recorded_forward)
+    monkeypatch.setattr(train, "do_test", lambda *a: None)  # no evaluation
+    train.do_train(lazy_demo_cfg(tmp_path, "train.max_iter=1", "train.amp.enabled=True"))
+    assert seen and set(seen) == {torch.bfloat16}
+    record = json.loads((tmp_path / "metrics.json").read_text().splitlines()[-1])
+    losses = {k: v for k, v in record.items() if "loss" in k}
+    assert "loss_keypoint" in losses and all(math.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.cuda
