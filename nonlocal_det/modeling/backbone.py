@@ -16,6 +16,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from ..layers._common import check_choice, check_value
 from .blocks import block_builder, config_block_spec, config_keys
 from .insertion import STAGES, insert_blocks, residual_network
 
@@ -46,27 +47,15 @@ _HEADS = {
 def _check_resnet_keys(cfg, base: str) -> None:
     """The ``MODEL.RESNETS`` / ``MODEL.FPN`` values Detectron2 rejects with bare asserts."""
     r = cfg.MODEL.RESNETS
-    if r.DEPTH not in _DEPTHS:
-        raise ValueError(
-            f"MODEL.RESNETS.DEPTH={r.DEPTH!r} is not supported; allowed: {list(_DEPTHS)}"
-        )
+    check_choice("", "MODEL.RESNETS.DEPTH", r.DEPTH, _DEPTHS)
     if r.DEPTH in (18, 34):
-        if r.RES2_OUT_CHANNELS != 64:
-            raise ValueError(
-                f"MODEL.RESNETS.RES2_OUT_CHANNELS={r.RES2_OUT_CHANNELS!r} is not supported with "
-                f"MODEL.RESNETS.DEPTH={r.DEPTH} (Detectron2's ResNet-18/34); allowed: 64"
-            )
-        if r.RES5_DILATION != 1:
-            raise ValueError(
-                f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION!r} is not supported with MODEL."
-                f"RESNETS.DEPTH={r.DEPTH} (basic blocks); allowed: 1"
-            )
+        basic = f"with MODEL.RESNETS.DEPTH={r.DEPTH} (Detectron2's ResNet-18/34)"
+        width, dilation = r.RES2_OUT_CHANNELS, r.RES5_DILATION
+        check_value("", "MODEL.RESNETS.RES2_OUT_CHANNELS", width, width == 64, f"64 {basic}")
+        check_value("", "MODEL.RESNETS.RES5_DILATION", dilation, dilation == 1, f"1 {basic}")
     outs = list(r.OUT_FEATURES)
-    if not outs or any(f not in _FEATURES for f in outs):
-        raise ValueError(
-            f"MODEL.RESNETS.OUT_FEATURES={outs} is not supported; allowed: a non-empty list of "
-            f"{list(_FEATURES)}"
-        )
+    ok = bool(outs) and all(f in _FEATURES for f in outs)
+    check_value("", "MODEL.RESNETS.OUT_FEATURES", outs, ok, f"a non-empty list of {list(_FEATURES)}")
     missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in outs]
     if base != "build_resnet_backbone" and missing:
         raise ValueError(
