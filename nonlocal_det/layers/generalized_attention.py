@@ -31,18 +31,7 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
-from ._common import (
-    check_block_args,
-    check_input,
-    check_int,
-    check_positive,
-    check_value,
-    conv1x1_fp32,
-    flat_query_indices,
-    matmul_fp32,
-    sdpa_fp32,
-    softmax_fp32,
-)
+from . import _common
 
 __all__ = ["GeneralizedAttention"]
 
@@ -111,7 +100,7 @@ class GeneralizedAttention(CNNBlockBase):
         q_stride: int = 1,
         attention_type: Union[str, Sequence[int]] = "1111",
     ):
-        check_block_args(GeneralizedAttention, locals())
+        _common.check_block_args(GeneralizedAttention, locals())
         attention_type = _flags(attention_type)
         terms = [c == "1" for c in attention_type]
         uses_position = terms[1] or terms[3]
@@ -161,20 +150,20 @@ class GeneralizedAttention(CNNBlockBase):
         """The checks of :func:`check_block_args` particular to this block."""
         c, heads = args["in_channels"], args["num_heads"]
         for name in ("spatial_range", "num_heads", "kv_stride", "q_stride"):
-            check_int(owner, key(name), args[name], -1 if name == "spatial_range" else 1)
+            _common.check_int(owner, key(name), args[name], -1 if name == "spatial_range" else 1)
         allowed = f"1 <= num_heads <= in_channels={c}"
-        check_value(owner, key("num_heads"), heads, heads <= c, allowed)
+        _common.check_value(owner, key("num_heads"), heads, heads <= c, allowed)
         t = _flags(args["attention_type"])
         ok = isinstance(t, str) and len(t) == 4 and set(t) <= set("01") and "1" in t
         allowed = "four '0'/'1' characters with at least one '1', e.g. '1111', '0010', '1000'"
-        check_value(owner, key("attention_type"), t, ok, allowed)
+        _common.check_value(owner, key("attention_type"), t, ok, allowed)
         d = args["position_embedding_dim"]
-        check_int(owner, key("position_embedding_dim"), d, -1)
+        _common.check_int(owner, key("position_embedding_dim"), d, -1)
         dim = d if d > 0 else c
         ok = d != 0 and (dim % 4 == 0 or (t[1], t[3]) == ("0", "0"))
         allowed = f"-1 (D = in_channels) or D > 0, a multiple of 4 with position terms (D = {dim})"
-        check_value(owner, key("position_embedding_dim"), d, ok, allowed)
-        check_positive(owner, key("position_magnitude"), args["position_magnitude"])
+        _common.check_value(owner, key("position_embedding_dim"), d, ok, allowed)
+        _common.check_positive(owner, key("position_magnitude"), args["position_magnitude"])
 
     def reset_parameters(self) -> None:
         """mmcv's initialisation (see the class docstring); gamma 0."""
@@ -220,11 +209,11 @@ class GeneralizedAttention(CNNBlockBase):
         k: Optional[torch.Tensor] = None
         query_conv = self.query_conv
         if query_conv is not None:
-            q = conv1x1_fp32(x_q, query_conv.weight, None)
+            q = _common.conv1x1_fp32(x_q, query_conv.weight, None)
             q = q.reshape(x_q.shape[0], self.num_heads, self.qk_embed_dim, -1).transpose(2, 3)
         key_conv = self.key_conv
         if key_conv is not None:
-            k = conv1x1_fp32(x_kv, key_conv.weight, None)
+            k = _common.conv1x1_fp32(x_kv, key_conv.weight, None)
             k = k.reshape(x_kv.shape[0], self.num_heads, self.qk_embed_dim, -1)
         return q, k
 
@@ -369,7 +358,7 @@ class GeneralizedAttention(CNNBlockBase):
                 return torch.softmax(energy, dim=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("GeneralizedAttention", x, self.in_channels)
+        _common.check_input("GeneralizedAttention", x, self.in_channels)
         x_q, x_kv = self._grids(x)
         n = x.shape[0]
         hq, wq = x_q.shape[2], x_q.shape[3]
@@ -387,10 +376,12 @@ class GeneralizedAttention(CNNBlockBase):
             if u is not None:
                 q = q + self._head_vector(u, q.dtype)
             # float32 at least (sdpa_fp32): q . k is not scaled; back in v's dtype
-            y = sdpa_fp32(q.contiguous(), k.transpose(2, 3).contiguous(), v.contiguous(), 1.0)
+            kt = k.transpose(2, 3).contiguous()
+            y = _common.sdpa_fp32(q.contiguous(), kt, v.contiguous(), 1.0)
         elif u is not None and k is not None:
             # '0010': one softmax over the keys, shared by every query
-            a = softmax_fp32(matmul_fp32(self._head_vector(u, k.dtype), k), 3)  # (N, h, 1, M)
+            head = self._head_vector(u, k.dtype)
+            a = _common.softmax_fp32(_common.matmul_fp32(head, k), 3)  # (N, h, 1, M)
             y = torch.matmul(a.to(v.dtype), v)  # (N, heads, 1, dv)
             hq, wq = 1, 1
         else:
@@ -419,11 +410,11 @@ class GeneralizedAttention(CNNBlockBase):
             Tensor (N, Q, H_kv, W_kv): the mean over heads of softmax_j(E_ij), summing to 1 over
             the keys (the key/value grid, every kv_stride-th pixel).
         """
-        check_input("GeneralizedAttention", x, self.in_channels)
+        _common.check_input("GeneralizedAttention", x, self.in_channels)
         x_q, x_kv = self._grids(x)
         hq, wq = x_q.shape[2], x_q.shape[3]
         hk, wk = x_kv.shape[2], x_kv.shape[3]
-        flat = flat_query_indices("GeneralizedAttention", queries, [hq, wq], x.device)
+        flat = _common.flat_query_indices("GeneralizedAttention", queries, [hq, wq], x.device)
         ys, xs = flat // wq, flat % wq
         n = x.shape[0]
         q, k = self._query_key(x_q, x_kv)
