@@ -22,7 +22,7 @@ from nonlocal_det.engine.launch import default_argument_parser  # train_net.py's
 from nonlocal_det.modeling import check_model_config
 
 D2_CHECKOUT = "~/detectron2/"  # where the docs put a Detectron2 source checkout
-PAGES = ["README.md"] + sorted(
+PAGES = ["README.md", "projects/demo/README.md"] + sorted(
     os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))
 )
 
