@@ -77,10 +77,12 @@ ROWS = {
     "ga_1111": [NL + "TYPE", "generalized_attention", NL + "PLACEMENT", "all_res4_res5"]
     + [NL + "POSITION", "after_conv2", NL + "GA.ATTENTION_TYPE", "[1, 1, 1, 1]"],
 }
-# The smoke test: the demo's ResNet-18 on 128 px images.
-QUICK_CONFIG = os.path.join(REPO, "configs", "demo", "mask_rcnn_R18_NL_demo.yaml")
+# The smoke test: Mask R-CNN with Detectron2's ResNet-18 and slim heads on 128 px images.
+QUICK_CONFIG = os.path.join(REPO, "configs", "mask_rcnn_R50_NL.yaml")
 QUICK_ROWS = ("baseline", "nl_paper_1", "naive_paper_1", "snl")
-QUICK_OPTS = ["MODEL.KEYPOINT_ON", "False"]
+QUICK_OPTS = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+QUICK_OPTS += ["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256"]
+QUICK_OPTS += ["MODEL.ROI_MASK_HEAD.CONV_DIM", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "4"]
 AMP_DTYPES = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
 # glibc malloc without mmap'd chunks and without trimming: freed memory stays in the process, as in
 # a caching allocator, so a train step does not page-fault (and zero) its large tensors afresh.

@@ -75,8 +75,8 @@ MACHINE_HAS = (
     "contourpy", "cycler", "fonttools", "kiwisolver", "pyparsing", "python-dateutil", "six",
     "execnet", "pygments", "absl-py", "grpcio", "markdown", "werkzeug", "psutil",
 )  # fmt: skip
-# The modules the steps' processes import at start (tests/ and benchmarks/ on the path).
-STEP_MODULES = ("train_net", "bench_nonlocal", "bench_model", "conftest")
+# The modules the steps' processes import at start (tests/, benchmarks/, projects/demo/ on the path).
+STEP_MODULES = ("train_net", "nonlocal_demo", "bench_nonlocal", "bench_model", "conftest")
 
 
 def _dist_name(spec: str) -> str:
@@ -173,6 +173,7 @@ def probe_imports(python: str = sys.executable, env: Optional[Dict[str, str]] = 
     ...]}, "missing": {module: error}}`` (modules of this repository map to no distribution)."""
     env = dict(env or os.environ)
     paths = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "benchmarks")]
+    paths.append(os.path.join(REPO, "projects", "demo"))  # nonlocal_demo: the AMP step's data
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths + [env.get("PYTHONPATH")]))
     modules = list(STEP_MODULES) + [os.path.basename(f)[:-3] for f in cuda_test_files()]
     proc = subprocess.run(
