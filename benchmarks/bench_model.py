@@ -77,12 +77,18 @@ ROWS = {
     "ga_1111": [NL + "TYPE", "generalized_attention", NL + "PLACEMENT", "all_res4_res5"]
     + [NL + "POSITION", "after_conv2", NL + "GA.ATTENTION_TYPE", "[1, 1, 1, 1]"],
 }
-# The smoke test: Mask R-CNN with Detectron2's ResNet-18 and slim heads on 128 px images.
+# The smoke test: Mask R-CNN with Detectron2's ResNet-18 up to res4 and slim heads, 128 px images.
 QUICK_CONFIG = os.path.join(REPO, "configs", "mask_rcnn_R50_NL.yaml")
 QUICK_ROWS = ("baseline", "nl_paper_1", "naive_paper_1", "snl")
+_RES2_4 = "['res2', 'res3', 'res4']"
 QUICK_OPTS = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
-QUICK_OPTS += ["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256"]
-QUICK_OPTS += ["MODEL.ROI_MASK_HEAD.CONV_DIM", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "4"]
+QUICK_OPTS += ["MODEL.RESNETS.OUT_FEATURES", _RES2_4, "MODEL.FPN.IN_FEATURES", _RES2_4]
+QUICK_OPTS += ["MODEL.RPN.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']"]  # p5: p4 max-pooled
+QUICK_OPTS += ["MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p3', 'p4']"]
+QUICK_OPTS += ["MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256]]"]
+QUICK_OPTS += ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64"]
+QUICK_OPTS += ["MODEL.ROI_MASK_HEAD.CONV_DIM", "16", "MODEL.ROI_HEADS.NUM_CLASSES", "4"]
+QUICK_OPTS += ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100"]
 AMP_DTYPES = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
 # glibc malloc without mmap'd chunks and without trimming: freed memory stays in the process, as in
 # a caching allocator, so a train step does not page-fault (and zero) its large tensors afresh.
