@@ -14,7 +14,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import yaml
@@ -359,16 +359,29 @@ def _keep_previous_config(output_dir: str, text: Optional[str]) -> List[Tuple[in
     return [(logging.INFO, f"Kept the previous run's config.yaml as {kept} (this run's differs)")]
 
 
-def _run_keys(cfg) -> Tuple[str, str, Optional[int]]:
-    """(output folder, the max-iteration key, its value) of a ``CfgNode`` or a LazyConfig."""
+class RunKeys(NamedTuple):
+    """What a run reads from a ``CfgNode`` or a LazyConfig, and the keys that say it."""
+
+    device: str
+    weights_key: str  # MODEL.WEIGHTS / train.init_checkpoint
+    weights: str
+    output_dir: str
+    max_iter_key: str  # SOLVER.MAX_ITER / train.max_iter
+    max_iter: Optional[int]
+
+
+def run_keys(cfg) -> RunKeys:
+    """The device, weights, output folder and length of a YAML config or a LazyConfig."""
     if isinstance(cfg, CfgNode):
-        return cfg.OUTPUT_DIR, "SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER
-    train = cfg.get("train") or {}
-    return train.get("output_dir", ""), "train.max_iter", train.get("max_iter")
+        return RunKeys(cfg.MODEL.DEVICE, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR,
+                       "SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER)  # fmt: skip
+    t = cfg.get("train") or {}
+    return RunKeys(t.get("device", "cuda"), "train.init_checkpoint", t.get("init_checkpoint", ""),
+                   t.get("output_dir", ""), "train.max_iter", t.get("max_iter"))  # fmt: skip
 
 
 def _claim(cfg, args) -> List[Tuple[int, str]]:
-    output_dir, key, max_iter = _run_keys(cfg)
+    _, _, _, output_dir, key, max_iter = run_keys(cfg)
     if not output_dir or "://" in output_dir:  # none, or a remote one: Detectron2's as it is
         return []
     lock = lock_output_dir(output_dir)

@@ -42,7 +42,7 @@ from ..data import (
 from ..modeling import check_model_config
 from .checkpoint import AtomicCheckpointer, check_weights_file
 from .launch import default_argument_parser, launch
-from .output_dir import RunConfig, setup_output_dir
+from .output_dir import RunConfig, run_keys, setup_output_dir
 from .preemption import SafeStop
 from .resume_state import TrainingResumeState, preserved_rng
 from .trainer import CPUAutocast, NonLocalTrainer, check_resumed, fall_back_to_cpu
@@ -65,14 +65,6 @@ class Trainer(NonLocalTrainer):
         )
 
 
-def _run_keys(cfg):
-    """The device, the weights' key and file, and the output folder of a YAML or LazyConfig."""
-    if isinstance(cfg, CfgNode):
-        return cfg.MODEL.DEVICE, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR
-    t = cfg.train
-    return t.get("device", "cuda"), "train.init_checkpoint", t.init_checkpoint, t.output_dir
-
-
 def setup(args):
     """The checked config of ``args.config_file`` with the overrides ``args.opts`` (a LazyConfig
     for a ``.py`` file), logging, the output folder (:func:`setup_output_dir`), and the registered
@@ -93,7 +85,7 @@ def setup(args):
         check_config_values(cfg, world)  # solver, input sizes, test, data loader
         cfg.freeze()
     setup_output_dir(cfg, args)  # one run per output folder; --resume checked; then default_setup
-    device, _, _, output_dir = _run_keys(cfg)
+    device, _, _, output_dir = run_keys(cfg)[:4]
     rank = comm.get_rank()
     setup_logger(output_dir, distributed_rank=rank, name="nonlocal_det", abbrev_name="nl")
     if device == "cpu":  # --num-gpus N: each process its share of the cores
@@ -168,7 +160,7 @@ def main(args) -> Optional[dict]:
     ``train.init_checkpoint``; with ``--resume`` the output folder's last checkpoint): only the
     model and the test data are built then. Returns the evaluation results, if any."""
     cfg = setup(args)
-    device, key, weights, output_dir = _run_keys(cfg)
+    device, key, weights, output_dir = run_keys(cfg)[:4]
     # the weights empty, truncated, not a checkpoint, from mmdetection: named before any work
     check_weights_file(weights, key, resume_from=output_dir if args.resume else "")
     lazy = not isinstance(cfg, CfgNode)
