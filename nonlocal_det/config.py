@@ -8,7 +8,7 @@ from typing import Tuple
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .layers._common import check_choice, check_int, check_positive, check_value
+from .layers._common import check_choice, check_int, check_positive, check_value, is_int
 
 __all__ = [
     "ALLOWED_STOP_SIGNALS",
@@ -227,7 +227,7 @@ def _unknown_key_error(cfg: CN, key: str, source: str) -> ConfigKeyError:
 
 
 def _ints(value, minimum: int) -> bool:
-    return all(not isinstance(v, bool) and isinstance(v, int) and v >= minimum for v in value)
+    return all(is_int(v) and v >= minimum for v in value)
 
 
 # (key, minimum) of the int keys of a YAML config and of a LazyConfig (``INPUT.MIN_SIZE_TEST`` 0:

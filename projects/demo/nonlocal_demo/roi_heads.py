@@ -29,6 +29,8 @@ from detectron2.modeling.roi_heads.roi_heads import (
 from detectron2.structures import Instances
 from torch import nn
 
+from nonlocal_det.layers._common import check_value, is_int
+
 from .roi_align import GatherROIAlign
 
 __all__ = ["HeadSampledROIHeads", "subsample_per_image"]
@@ -74,11 +76,9 @@ class HeadSampledROIHeads(StandardROIHeads):
             ("ROI_MASK_HEAD", mask_train_rois),
             ("ROI_KEYPOINT_HEAD", keypoint_train_rois),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
-                    f"MODEL.{key}.TRAIN_ROIS_PER_IMAGE={value!r} is not supported; allowed: an "
-                    "integer >= 0 (0: every foreground RoI, Detectron2's behaviour)"
-                )
+            allowed = "an integer >= 0 (0: every foreground RoI, Detectron2's behaviour)"
+            ok = is_int(value) and value >= 0
+            check_value("", f"MODEL.{key}.TRAIN_ROIS_PER_IMAGE", value, ok, allowed)
         super().__init__(**kwargs)
         self.mask_train_rois = mask_train_rois
         self.keypoint_train_rois = keypoint_train_rois
