@@ -1,6 +1,7 @@
 """Helpers shared by the blocks of the non-local family: argument and input checks, query
 indices for the attention maps, and products kept in float32 under autocast."""
 
+import functools
 import inspect
 import math
 from numbers import Real
@@ -14,6 +15,7 @@ from torch import nn
 __all__ = [
     "AttentionPooling",
     "check_block_args",
+    "key_name",
     "is_int",
     "is_number",
     "check_choice",
@@ -83,6 +85,11 @@ def check_ratio(owner: str, name: str, value, in_channels: int) -> int:
     return planes
 
 
+def key_name(keys: Optional[Mapping[str, str]], arg: str) -> str:
+    """The name errors give argument ``arg``: its entry in ``keys`` (a config key), else ``arg``."""
+    return keys.get(arg, arg) if keys else arg
+
+
 def check_block_args(
     cls: type, args: Mapping, owner: Optional[str] = None, keys: Optional[Mapping] = None
 ) -> None:
@@ -96,7 +103,7 @@ def check_block_args(
         keys (dict): argument -> the name errors give it (a config key); default the argument.
     """
     owner = cls.__name__ if owner is None else owner
-    key = (lambda arg: keys.get(arg, arg)) if keys else str
+    key = functools.partial(key_name, keys)
     check_int(owner, "in_channels", args["in_channels"], 1)
     for p in inspect.signature(cls).parameters.values():
         if isinstance(p.default, bool):

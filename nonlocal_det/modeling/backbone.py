@@ -55,7 +55,8 @@ def _check_resnet_keys(cfg, base: str) -> None:
         check_value("", "MODEL.RESNETS.RES5_DILATION", dilation, dilation == 1, f"1 {basic}")
     outs = list(r.OUT_FEATURES)
     ok = bool(outs) and all(f in _FEATURES for f in outs)
-    check_value("", "MODEL.RESNETS.OUT_FEATURES", outs, ok, f"a non-empty list of {list(_FEATURES)}")
+    allowed = f"a non-empty list of {list(_FEATURES)}"
+    check_value("", "MODEL.RESNETS.OUT_FEATURES", outs, ok, allowed)
     missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in outs]
     if base != "build_resnet_backbone" and missing:
         raise ValueError(

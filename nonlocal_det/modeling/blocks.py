@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 from torch import nn
 
 from ..layers import BLOCK_TYPES
-from ..layers._common import check_block_args, check_choice, check_value, is_number
+from ..layers._common import check_block_args, check_choice, check_value, is_number, key_name
 
 __all__ = [
     "CONFIG_NODES",
@@ -61,13 +61,11 @@ def block_builder(
         ValueError: naming the entry, its value and what is allowed.
     """
     spec = DEFAULT_SPEC if spec is None else spec
-    keys = keys or {}
     allowed = f"a mapping {{'type': one of {list(BLOCK_TYPES)}, 'options': {{keyword arguments}}}}"
     ok = isinstance(spec, Mapping) and "type" in spec and not set(spec) - {"type", "options"}
     check_value(owner, "nonlocal_spec", spec, ok, allowed)
     kind, options = spec["type"], spec.get("options") or {}
-    type_key = keys.get("nonlocal_spec['type']", "nonlocal_spec['type']")
-    check_choice(owner, type_key, kind, BLOCK_TYPES)
+    check_choice(owner, key_name(keys, "nonlocal_spec['type']"), kind, BLOCK_TYPES)
     check_value(owner, "nonlocal_spec['options']", options, isinstance(options, Mapping), allowed)
     cls = BLOCK_TYPES[kind]
     options = dict(options)
@@ -78,7 +76,7 @@ def block_builder(
     opt_owner = cls.__name__ if owner else ""
     if ratio is not None:
         ok = is_number(ratio) and 0 < ratio <= 1
-        ratio_key = keys.get("inner_ratio", "inner_ratio")
+        ratio_key = key_name(keys, "inner_ratio")
         check_value(opt_owner, ratio_key, ratio, ok, "a number in (0, 1]")
         both = f"inner_ratio or inner_channels={options.get('inner_channels')!r}, not both"
         check_value(opt_owner, "inner_ratio", ratio, "inner_channels" not in options, both)

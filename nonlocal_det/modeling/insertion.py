@@ -15,6 +15,7 @@ names. No existing name changes: checkpoints of the network without blocks load 
 keys missing.
 """
 
+import functools
 import logging
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -27,7 +28,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, Res
 from torch import nn
 
 from ..layers import BLOCK_TYPES
-from ..layers._common import check_choice, is_int
+from ..layers._common import check_choice, is_int, key_name
 from .blocks import block_builder
 
 __all__ = [
@@ -122,11 +123,7 @@ def placement_indices(
         lengths (dict): ``res2``.. -> number of residual blocks, for the stages the network builds.
         names (dict): ``res2``.. -> the network's name of that stage (RegNet: ``s1``..).
     """
-    keys = keys or {}
-
-    def key(arg: str) -> str:
-        return keys.get(arg, arg)
-
+    key = functools.partial(key_name, keys)
     check_choice(owner, key("nonlocal_placement"), placement, PLACEMENTS)
     alias = {v: k for k, v in (names or {}).items() if k != v}
     blocks = {alias.get(s, s): list(v) for s, v in (blocks or {}).items()}
@@ -306,9 +303,8 @@ def insert_blocks(
     Raises:
         ValueError: naming the argument, its value and what is allowed, before any change.
     """
-    keys = keys or {}
     make_block = block_builder(owner, nonlocal_spec, keys)
-    position_key = keys.get("nonlocal_position", "nonlocal_position")
+    position_key = key_name(keys, "nonlocal_position")
     check_choice(owner, position_key, nonlocal_position, POSITIONS)
     net, prefix = residual_network(backbone, owner)
     if any(isinstance(m, tuple(BLOCK_TYPES.values())) for m in net.modules()):

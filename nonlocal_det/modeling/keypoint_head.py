@@ -10,7 +10,7 @@ from detectron2.modeling.roi_heads.keypoint_head import keypoint_rcnn_inference
 from detectron2.structures import Instances, heatmaps_to_keypoints
 from torch import nn
 
-from ..layers._common import check_value, is_int
+from ..layers._common import check_value, is_int, key_name
 from .blocks import block_builder, config_block_spec, config_keys
 
 __all__ = ["NonLocalKRCNNHead", "decode_heatmaps", "decodable_heatmaps", "DECODABLE_SPREAD"]
@@ -113,9 +113,8 @@ class NonLocalKRCNNHead(KRCNNConvDeconvUpsampleHead):
         make_block = block_builder(owner, nonlocal_spec, keys)
         n, after = len(conv_dims), list(nonlocal_after)
         ok = all(is_int(k) and 1 <= k <= n for k in after)
-        key = (keys or {}).get
-        allowed = f"distinct integers in 1..{n} (the head's convs, {key('conv_dims', 'conv_dims')})"
-        after_key = key("nonlocal_after", "nonlocal_after")
+        allowed = f"distinct integers in 1..{n} (the head's convs, {key_name(keys, 'conv_dims')})"
+        after_key = key_name(keys, "nonlocal_after")
         check_value(owner, after_key, after, ok and len(set(after)) == len(after), allowed)
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
         children = list(self._modules.items())
